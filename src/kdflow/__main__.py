@@ -1,0 +1,3 @@
+from kdflow.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,117 @@
+"""`kdflow <verb> --config FILE [key=value ...]`: parse, validate, dispatch. Nothing else.
+
+Each verb names its typed config class and the function that runs it; heavy libraries are
+imported only once a verb runs, so `kdflow --help` is instant.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import textwrap
+from dataclasses import dataclass
+from typing import Callable
+
+from kdflow.config import describe, dump_yaml, load_config
+from kdflow.errors import KDFlowError
+
+
+@dataclass(frozen=True)
+class Verb:
+    config: str  # "module:Class"
+    runner: str  # "module:function"
+    summary: str
+
+
+VERBS: dict[str, Verb] = {
+    "distill": Verb("kdflow.config:DistillConfig", "kdflow.methods.kd:run_distill",
+                    "train a student from a teacher: sft, soft-label kd, hard_token or seqkd; evaluates and reports"),
+    "eval": Verb("kdflow.config:EvalRunConfig", "kdflow.evaluate:run_eval",
+                 "evaluate one model on a test split: answer NLL, perplexity, Rouge-L, exact match, sampled metrics"),
+}
+
+
+def _load(ref: str) -> Callable:
+    module, name = ref.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _usage() -> str:
+    width = max(len(v) for v in VERBS)
+    lines = ["usage: kdflow <verb> [--config FILE] [key=value ...] [--print-config] [--help]", "", "verbs:"]
+    lines += [f"  {name:<{width}}  {verb.summary}" for name, verb in VERBS.items()]
+    lines += ["", "`kdflow <verb> --help` lists every setting of that verb with its default."]
+    return "\n".join(lines)
+
+
+def _verb_help(name: str, verb: Verb) -> str:
+    cls = _load(verb.config)
+    lines = [f"usage: kdflow {name} [--config FILE] [key=value ...] [--print-config]", "", verb.summary, "",
+             "  --config FILE     YAML file of settings (see configs/)",
+             "  key=value         override one setting, dotted for sections: train.max_steps=10 kd.divergence=rkl",
+             "  --print-config    print the resolved settings and exit", "",
+             "settings (YAML keys):"]
+    for key, tp, default, help_text in describe(cls):
+        if tp == "section":
+            lines.append(f"\n  [{key}]  {help_text}")
+            continue
+        lines.append(f"  {key}  ({tp}; default {default})")
+        if help_text:
+            lines += textwrap.wrap(help_text, width=96, initial_indent="      ", subsequent_indent="      ")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from kdflow import __version__
+
+        print(f"kdflow {__version__}")
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in VERBS:
+        print(f"kdflow: error: unknown verb '{name}'; choose from {', '.join(VERBS)}", file=sys.stderr)
+        return 2
+    verb = VERBS[name]
+    if "-h" in rest or "--help" in rest:
+        print(_verb_help(name, verb))
+        return 0
+    config_path, overrides, print_only = None, [], False
+    it = iter(rest)
+    for arg in it:
+        if arg == "--config":
+            config_path = next(it, None)
+            if config_path is None:
+                print("kdflow: error: --config needs a file", file=sys.stderr)
+                return 2
+        elif arg.startswith("--config="):
+            config_path = arg.split("=", 1)[1]
+        elif arg == "--print-config":
+            print_only = True
+        elif arg.startswith("-"):
+            print(f"kdflow: error: unknown option '{arg}'; options are --config FILE, --print-config, --help", file=sys.stderr)
+            return 2
+        else:
+            overrides.append(arg)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        cfg = load_config(_load(verb.config), config_path, overrides)
+        if print_only:
+            print(dump_yaml(cfg), end="")
+            return 0
+        _load(verb.runner)(cfg)
+    except KDFlowError as e:
+        print(f"kdflow: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nkdflow: interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,368 @@
+"""Typed configuration: YAML files plus `key=value` overrides, validated up front.
+
+Every section is a dataclass whose fields are the YAML keys. Unknown or misspelled keys, wrong
+types and out-of-range choices stop the run with one sentence that names the key and lists what
+is valid. Below the CLI nothing reads raw dicts: methods receive these objects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from kdflow.errors import ConfigError
+
+
+def opt(default: Any = dataclasses.MISSING, help: str = "", factory: Any = None) -> Any:
+    """A dataclass field with a help text (shown by `kdflow <verb> --help`)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+# ----------------------------------------------------------------------------------------------
+# Sections shared by every method
+
+
+@dataclass
+class ModelSpec:
+    name: str | None = opt(None, "Hub id, local folder, path to a .gguf file, or 'bundled:smollm2-135m-instruct'")
+    revision: str | None = opt(None, "Hub revision (branch, tag or commit) when `name` is a Hub id")
+    gguf_file: str | None = opt(None, "GGUF file name inside the folder or Hub repo given by `name`")
+    dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "weights dtype; losses are always computed in float32")
+    trust_remote_code: bool = opt(False, "allow model code shipped with a Hub repo")
+
+
+@dataclass
+class LoraSpec:
+    enabled: bool = opt(False, "train a LoRA adapter (peft) instead of all weights")
+    r: int = opt(8, "LoRA rank")
+    alpha: int = opt(16, "LoRA alpha (scale = alpha / r)")
+    dropout: float = opt(0.05, "LoRA dropout")
+    target_modules: list[str] = opt(factory=lambda: ["q_proj", "v_proj"], help="module names that get adapters")
+
+
+@dataclass
+class StudentSpec(ModelSpec):
+    init: Literal["pretrained", "config", "prune_teacher"] = opt(
+        "pretrained",
+        "pretrained: load `name`; config: random weights from the teacher's (or `name`'s) config with "
+        "`config_overrides`; prune_teacher: copy the teacher keeping only some transformer layers")
+    keep_layers: list[int] | None = opt(None, "prune_teacher: indices of the teacher layers to keep, in order")
+    keep_every: int | None = opt(None, "prune_teacher: keep every n-th layer (0, n, 2n, ...) and always the last one")
+    config_overrides: dict[str, Any] = opt(factory=dict, help="init=config: model config fields to change, e.g. {num_hidden_layers: 4}")
+    lora: LoraSpec = opt(factory=LoraSpec, help="optional LoRA adapter on the student")
+
+
+@dataclass
+class DataConfig:
+    train: str | None = opt(None, "training rows: .jsonl/.json/.csv/.parquet file, a datasets folder, or hf:<id>[#config]@<split>")
+    validation: str | None = opt(None, "validation rows (same forms as `train`); used for eval during training when eval_steps > 0")
+    test: str | None = opt(None, "test rows, evaluated at the end of a run")
+    prompt_field: str = opt("prompt", "field holding the prompt text")
+    response_field: str = opt("response", "field holding the reference answer")
+    messages_field: str = opt("messages", "field holding a chat (list of {role, content}); used when a row has it")
+    system_prompt: str | None = opt(None, "system message added before the prompt when a chat template is used")
+    chat_template: Literal["auto", "always", "never"] = opt("auto", "use the tokenizer's chat template (auto: when it has one)")
+    prompt_template: str = opt("{prompt}\n", "without a chat template: how the prompt is written before the answer")
+    max_length: int = opt(256, "maximum tokens of prompt + answer; answers are cut at the end, prompts never")
+    min_response_tokens: int = opt(4, "a prompt that leaves fewer answer tokens than this is an error")
+    max_train_rows: int | None = opt(None, "use only the first N training rows")
+    max_eval_rows: int | None = opt(None, "use only the first N validation/test rows")
+
+
+@dataclass
+class TrainConfig:
+    learning_rate: float = opt(5e-5, "peak learning rate")
+    num_epochs: float = opt(1.0, "passes over the training data (ignored when max_steps > 0)")
+    max_steps: int = opt(-1, "optimizer steps; -1 uses num_epochs")
+    batch_size: int = opt(8, "sequences per micro-batch per device")
+    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    warmup_ratio: float = opt(0.0, "fraction of steps with linear warm-up")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    adam_beta1: float = opt(0.9, "AdamW beta1")
+    adam_beta2: float = opt(0.999, "AdamW beta2")
+    lr_scheduler: str = opt("linear", "transformers scheduler name: linear, cosine, constant, ...")
+    max_grad_norm: float = opt(1.0, "gradient clipping norm (0 disables)")
+    logging_steps: int = opt(5, "log losses every N optimizer steps")
+    save_steps: int = opt(50, "write a checkpoint every N optimizer steps (0: only at the end)")
+    save_total_limit: int = opt(2, "keep at most N checkpoints")
+    eval_steps: int = opt(0, "evaluate validation loss every N steps (0: never during training)")
+    bf16: bool = opt(False, "mixed precision bf16 for the student (losses stay float32)")
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
+    resume: str = opt("auto", "auto: continue from the newest checkpoint in output_dir; never; or a checkpoint path")
+    report_to: list[str] = opt(factory=lambda: ["tensorboard"], help="transformers loggers: tensorboard, wandb, none ...")
+    num_threads: int = opt(0, "torch CPU threads (0: leave torch's default)")
+
+
+@dataclass
+class EvalConfig:
+    max_rows: int | None = opt(100, "evaluate on the first N test rows (null: all)")
+    batch_size: int = opt(16, "sequences per batch for scoring and generation")
+    max_new_tokens: int = opt(48, "generation length limit")
+    greedy: bool = opt(True, "greedy generation: Rouge-L and exact match")
+    sample_seeds: list[int] = opt(factory=list, help="also sample once per seed and report mean Rouge-L, length and distinct-n")
+    sample_temperature: float = opt(1.0, "sampling temperature for sampled generation (not the KD temperature)")
+    sample_top_p: float = opt(1.0, "nucleus sampling threshold for sampled generation")
+    show_examples: int = opt(3, "generated examples written into the report")
+
+
+# ----------------------------------------------------------------------------------------------
+# Method sections
+
+
+@dataclass
+class KDConfig:
+    divergence: Literal["fkl", "rkl", "jsd", "skl", "srkl", "tv"] = opt(
+        "fkl", "fkl forward KL(p||q), rkl reverse KL(q||p), jsd generalized JSD(beta), skl skew KL, srkl skew reverse KL, tv total variation")
+    kd_weight: float = opt(0.5, "weight of the KD term; the CE term gets 1 - kd_weight")
+    temperature: float = opt(2.0, "KD temperature applied to teacher and student logits; the KD term is multiplied by temperature^2")
+    jsd_beta: float = opt(0.5, "beta of the generalized JSD (mixture m = beta p + (1 - beta) q)")
+    skew_alpha: float = opt(0.1, "alpha of skew KL / skew reverse KL")
+    token_scope: Literal["response", "all"] = opt("response", "positions in the KD term: response tokens, or all non-padding tokens")
+    chunk_tokens: int = opt(0, "compute the KD term over chunks of this many tokens (0: all at once)")
+
+
+@dataclass
+class SeqKDConfig:
+    cache_file: str | None = opt(None, "where the teacher's generated answers are stored (default: <output_dir>/seqkd_generations.jsonl)")
+    do_sample: bool = opt(False, "sample the teacher's answers instead of greedy decoding")
+    temperature: float = opt(1.0, "sampling temperature of the teacher's generation")
+    top_p: float = opt(1.0, "nucleus sampling threshold of the teacher's generation")
+    max_new_tokens: int = opt(64, "maximum answer length generated by the teacher")
+    batch_size: int = opt(16, "prompts per generation batch")
+    seed: int = opt(0, "sampling seed")
+
+
+@dataclass
+class DistillConfig:
+    method: Literal["sft", "kd", "hard_token", "seqkd"] = opt(
+        "kd", "sft: cross-entropy only; kd: soft-label KD; hard_token: CE on the teacher's argmax; seqkd: train on the teacher's generated answers")
+    output_dir: str = opt("runs/distill", "run folder: checkpoints, resolved config, metrics, report")
+    seed: int = opt(0, "random seed")
+    teacher: ModelSpec = opt(factory=lambda: ModelSpec(name="bundled:smollm2-135m-instruct"), help="the frozen teacher")
+    student: StudentSpec = opt(factory=StudentSpec, help="the model being trained")
+    data: DataConfig = opt(factory=DataConfig, help="rows and how they become tokens")
+    kd: KDConfig = opt(factory=KDConfig, help="soft- and hard-label KD settings")
+    seqkd: SeqKDConfig = opt(factory=SeqKDConfig, help="sequence-level KD: teacher generation settings")
+    train: TrainConfig = opt(factory=TrainConfig, help="optimisation (transformers.Trainer)")
+    eval: EvalConfig = opt(factory=EvalConfig, help="final evaluation on the test split")
+    evaluate_teacher: bool = opt(True, "evaluate the teacher at the end too")
+    evaluate_before: bool = opt(True, "evaluate the student before training")
+
+
+@dataclass
+class EvalRunConfig:
+    model: ModelSpec = opt(factory=ModelSpec, help="model to evaluate (a run's student folder, Hub id, .gguf, bundled:...)")
+    lora_adapter: str | None = opt(None, "folder of a peft adapter to put on the model")
+    data: DataConfig = opt(factory=DataConfig, help="the `test` rows are evaluated")
+    eval: EvalConfig = opt(factory=EvalConfig, help="what to measure")
+    output: str | None = opt(None, "write metrics JSON here (default: print only)")
+    seed: int = opt(0, "random seed")
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading, validation, overrides
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is not None:
+        args = ", ".join(_type_name(a) for a in typing.get_args(tp))
+        return f"{origin.__name__}[{args}]"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; return it (ints widened to floats)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        arms = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None and len(arms) < len(typing.get_args(tp)):
+            return None
+        if len(arms) == 1:  # Optional[X]: report X's own, more precise error
+            return _coerce(value, arms[0], key)
+        for arg in arms:
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"setting '{key}': {value!r} is not {_type_name(tp)}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"setting '{key}': expected null, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value
+        raise ConfigError(f"setting '{key}': {value!r} is not one of {', '.join(map(repr, choices))}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"setting '{key}': expected a list ({_type_name(tp)}), got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"setting '{key}': expected a mapping, got {value!r}")
+        return dict(value)
+    if _is_dataclass_type(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"setting '{key}': expected a mapping of {tp.__name__} keys, got {value!r}")
+        return from_dict(tp, value, prefix=f"{key}.")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"setting '{key}': expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"setting '{key}': expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"setting '{key}': expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"setting '{key}': expected a string, got {value!r}")
+    raise ConfigError(f"setting '{key}': unsupported type {tp}")
+
+
+def from_dict(cls: type, data: dict[str, Any] | None, prefix: str = "", base: Any = None) -> Any:
+    """Build dataclass `cls` from a mapping, on top of `base` (default: cls()).
+
+    A section given partially keeps the defaults of the keys it does not name (so
+    `teacher: {dtype: bfloat16}` keeps the default teacher). Unknown keys are errors that list
+    the valid ones.
+    """
+    base = cls() if base is None else base
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"setting '{prefix.rstrip('.') or 'config'}': expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        where = f" under '{prefix.rstrip('.')}'" if prefix else ""
+        import difflib
+
+        close = difflib.get_close_matches(unknown[0], names, n=1)
+        hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+        raise ConfigError(f"unknown setting '{prefix}{unknown[0]}'{hint}; valid keys{where}: {', '.join(names)}")
+    kwargs = {}
+    for k, v in data.items():
+        tp = hints[k]
+        if _is_dataclass_type(tp) and isinstance(v, dict):
+            kwargs[k] = from_dict(tp, v, prefix=f"{prefix}{k}.", base=getattr(base, k))
+        else:
+            kwargs[k] = _coerce(v, tp, prefix + k)
+    return dataclasses.replace(base, **kwargs)
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    return dataclasses.asdict(obj)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not key=value (for example train.max_steps=10)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{text}': the value is not valid YAML ({e.problem})") from None
+    return key.strip().split("."), value
+
+
+def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        nxt = node.get(part)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            node[part] = nxt
+        node = nxt
+    node[path[-1]] = value
+
+
+def load_config(cls: type, path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Any:
+    """Read YAML `path` (optional), apply `key=value` overrides, validate into `cls`."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} not found")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {p}: the top level must be a mapping of settings")
+    for ov in overrides or []:
+        keys, value = parse_override(ov)
+        _set_path(tree, keys, value)
+    cfg = from_dict(cls, tree)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Any) -> None:
+    """Range checks that types alone cannot express."""
+    def walk(obj: Any, prefix: str) -> None:
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            key = prefix + f.name
+            if dataclasses.is_dataclass(v):
+                walk(v, key + ".")
+            elif f.name in ("kd_weight", "jsd_beta", "skew_alpha", "warmup_ratio", "dropout", "top_p", "sample_top_p") and v is not None:
+                if not 0.0 <= v <= 1.0:
+                    raise ConfigError(f"setting '{key}' must lie in [0, 1], got {v}")
+            elif f.name in ("temperature", "sample_temperature", "learning_rate") and v is not None:
+                if v <= 0:
+                    raise ConfigError(f"setting '{key}' must be > 0, got {v}")
+            elif f.name in ("batch_size", "grad_accum", "max_length", "r", "max_new_tokens") and v is not None:
+                if v < 1:
+                    raise ConfigError(f"setting '{key}' must be >= 1, got {v}")
+    walk(cfg, "")
+
+
+def dump_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def describe(cls: type, prefix: str = "", defaults: Any = None) -> list[tuple[str, str, str, str]]:
+    """(key, type, default, help) for every leaf setting, for --help."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    inst = defaults if defaults is not None else cls()
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        value = getattr(inst, f.name)
+        if _is_dataclass_type(tp):
+            rows.append((prefix + f.name, "section", "", f.metadata.get("help", "")))
+            rows.extend(describe(tp, prefix + f.name + ".", value))
+        else:
+            rows.append((prefix + f.name, _type_name(tp), repr(value), f.metadata.get("help", "")))
+    return rows

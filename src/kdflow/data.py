@@ -1,0 +1,337 @@
+"""Rows -> token sequences with labels on response tokens only.
+
+A row is a prompt/response pair (field names configurable) or a chat (`messages`, the last turn
+being the assistant's answer). With a chat template the prompt is rendered with the generation
+prompt and the answer is tokenised after it, so that training sees exactly the token sequence
+that generation produces from the same prompt.
+
+Labels are built from spans, never by comparing ids with `pad_token_id`: many chat models use
+one id for padding and end-of-sequence, and an id-based mask silently drops every answer's EOS.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from kdflow.config import DataConfig
+from kdflow.errors import DataError
+
+IGNORE_INDEX = -100
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading rows
+
+
+@dataclass
+class Rows:
+    """Rows of one source plus where each came from, for error messages."""
+
+    source: str
+    items: list[dict[str, Any]]
+    locations: list[str]  # "file:line" or "source row N"
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def head(self, n: int | None) -> "Rows":
+        if n is None:
+            return self
+        return Rows(self.source, self.items[:n], self.locations[:n])
+
+
+def read_rows(spec: str, role: str = "data") -> Rows:
+    """Read rows from a local file (.jsonl/.json/.csv/.parquet), a saved datasets folder, or hf:<id>[#config]@<split>."""
+    if spec.startswith("hf:"):
+        return _read_hub(spec)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise DataError(f"{role} file {path} not found")
+    if path.is_dir():
+        return _read_saved_dataset(path)
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _read_jsonl(path)
+    if suffix == ".json":
+        return _read_json(path)
+    if suffix == ".csv":
+        return _read_csv(path)
+    if suffix == ".parquet":
+        return _read_parquet(path)
+    raise DataError(f"{role} file {path}: unsupported format '{suffix}'; use .jsonl, .json, .csv, .parquet, a datasets folder or hf:<id>@<split>")
+
+
+def _read_jsonl(path: Path) -> Rows:
+    items, locs = [], []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}); fix or remove the line") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{n}: expected a JSON object per line, got {type(obj).__name__}")
+            items.append(obj)
+            locs.append(f"{path}:{n}")
+    return Rows(str(path), items, locs)
+
+
+def _read_json(path: Path) -> Rows:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("data"), list):
+        obj = obj["data"]
+    if not isinstance(obj, list) or not all(isinstance(o, dict) for o in obj):
+        raise DataError(f"{path}: expected a JSON list of objects (or {{\"data\": [...]}})")
+    return Rows(str(path), obj, [f"{path} row {i + 1}" for i in range(len(obj))])
+
+
+def _read_csv(path: Path) -> Rows:
+    items, locs = [], []
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        for row in reader:
+            items.append(dict(row))
+            locs.append(f"{path}:{reader.line_num}")
+    return Rows(str(path), items, locs)
+
+
+def _read_parquet(path: Path) -> Rows:
+    import pyarrow.parquet as pq
+
+    items = pq.read_table(path).to_pylist()
+    return Rows(str(path), items, [f"{path} row {i + 1}" for i in range(len(items))])
+
+
+def _read_saved_dataset(path: Path) -> Rows:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except FileNotFoundError:
+        raise DataError(f"{path} is a folder but not a dataset saved with save_to_disk") from None
+    if isinstance(ds, datasets.DatasetDict):
+        raise DataError(f"{path} holds several splits ({', '.join(ds)}); point at one split's folder")
+    items = list(ds)
+    return Rows(str(path), items, [f"{path} row {i + 1}" for i in range(len(items))])
+
+
+def _read_hub(spec: str) -> Rows:
+    import datasets
+
+    body = spec[3:]
+    if "@" not in body:
+        raise DataError(f"dataset '{spec}' needs a split: hf:<id>[#config]@<split>, e.g. hf:org/name@train")
+    ident, split = body.rsplit("@", 1)
+    name, _, subset = ident.partition("#")
+    try:
+        ds = datasets.load_dataset(name, subset or None, split=split)
+    except Exception as e:  # datasets raises many types; all mean "cannot get it"
+        raise DataError(f"could not load dataset '{spec}': {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    items = list(ds)
+    return Rows(spec, items, [f"{spec} row {i + 1}" for i in range(len(items))])
+
+
+def rows_fingerprint(rows: Rows) -> str:
+    h = hashlib.sha256()
+    for item in rows.items:
+        h.update(json.dumps(item, sort_keys=True, ensure_ascii=False, default=str).encode())
+        h.update(b"\n")
+    return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------
+# Rows -> prompt / response text
+
+
+@dataclass
+class Turns:
+    """A row as chat turns: the prompt messages and the reference answer."""
+
+    messages: list[dict[str, str]]
+    response: str
+
+
+def row_turns(row: dict[str, Any], where: str, cfg: DataConfig) -> Turns:
+    if cfg.messages_field in row and row[cfg.messages_field] is not None:
+        msgs = row[cfg.messages_field]
+        if not isinstance(msgs, list) or not msgs:
+            raise DataError(f"{where}: field '{cfg.messages_field}' must be a non-empty list of {{role, content}}")
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise DataError(f"{where}: {cfg.messages_field}[{i}] must be an object with string 'role' and 'content'")
+        if msgs[-1]["role"] != "assistant":
+            raise DataError(f"{where}: the last message must be the assistant's answer (role 'assistant'), got '{msgs[-1]['role']}'")
+        if not msgs[-1]["content"].strip():
+            raise DataError(f"{where}: the assistant's answer is empty")
+        if len(msgs) < 2 or not any(m["content"].strip() for m in msgs[:-1]):
+            raise DataError(f"{where}: the chat has no prompt before the assistant's answer")
+        return Turns([{"role": m["role"], "content": m["content"]} for m in msgs[:-1]], msgs[-1]["content"])
+    for fname in (cfg.prompt_field, cfg.response_field):
+        if fname not in row:
+            raise DataError(
+                f"{where}: missing field '{fname}' (row has: {', '.join(map(str, row)) or 'nothing'}); "
+                f"set data.prompt_field / data.response_field, or give a '{cfg.messages_field}' chat")
+        if not isinstance(row[fname], str):
+            raise DataError(f"{where}: field '{fname}' must be text, got {type(row[fname]).__name__}")
+        if not row[fname].strip():
+            raise DataError(f"{where}: field '{fname}' is empty")
+    return Turns([{"role": "user", "content": row[cfg.prompt_field]}], row[cfg.response_field])
+
+
+def uses_chat_template(tok: Any, cfg: DataConfig) -> bool:
+    has = bool(getattr(tok, "chat_template", None))
+    if cfg.chat_template == "always" and not has:
+        raise DataError("data.chat_template=always but the tokenizer has no chat template; set it to auto or never")
+    return has if cfg.chat_template == "auto" else cfg.chat_template == "always"
+
+
+class Encoder:
+    """Turns rows into token ids the same way for training, scoring and generation."""
+
+    def __init__(self, tok: Any, cfg: DataConfig):
+        self.tok = tok
+        self.cfg = cfg
+        self.chat = uses_chat_template(tok, cfg)
+        self.eos_id = tok.eos_token_id
+        if self.eos_id is None:
+            raise DataError("the tokenizer has no EOS token, so answers cannot be terminated; set tokenizer.eos_token")
+        probe = tok("a").input_ids
+        self.add_bos = tok.bos_token_id is not None and len(probe) > 0 and probe[0] == tok.bos_token_id
+
+    def prompt_text(self, turns: Turns) -> str:
+        if self.chat:
+            msgs = list(turns.messages)
+            if self.cfg.system_prompt and msgs[0]["role"] != "system":
+                msgs = [{"role": "system", "content": self.cfg.system_prompt}] + msgs
+            return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        text = "\n".join(m["content"] for m in turns.messages)
+        return self.cfg.prompt_template.format(prompt=text)
+
+    def prompt_ids(self, turns: Turns) -> list[int]:
+        ids = self.tok(self.prompt_text(turns), add_special_tokens=False).input_ids
+        if not self.chat and self.add_bos:
+            ids = [self.tok.bos_token_id] + ids
+        return ids
+
+    def response_ids(self, turns: Turns) -> list[int]:
+        if self.chat:
+            msgs = list(turns.messages)
+            if self.cfg.system_prompt and msgs[0]["role"] != "system":
+                msgs = [{"role": "system", "content": self.cfg.system_prompt}] + msgs
+            prompt = self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            full = self.tok.apply_chat_template(msgs + [{"role": "assistant", "content": turns.response}], tokenize=False)
+            if full.startswith(prompt):
+                rest = full[len(prompt):]
+                # The answer ends at EOS; template whitespace after it is never generated.
+                eos = self.tok.eos_token
+                if rest.rstrip().endswith(eos):
+                    rest = rest.rstrip()
+                ids = self.tok(rest, add_special_tokens=False).input_ids
+                if not ids or ids[-1] != self.eos_id:
+                    ids = ids + [self.eos_id]
+                return ids
+            # A template that rewrites earlier turns when an answer is added: fall back to the
+            # answer text followed by EOS, which is what generation from the prompt must produce.
+        return self.tok(turns.response, add_special_tokens=False).input_ids + [self.eos_id]
+
+    def encode(self, row: dict[str, Any], where: str, row_index: int) -> dict[str, Any]:
+        turns = row_turns(row, where, self.cfg)
+        p = self.prompt_ids(turns)
+        r = self.response_ids(turns)
+        limit = self.cfg.max_length
+        if len(p) + self.cfg.min_response_tokens > limit:
+            raise DataError(
+                f"{where}: the prompt is {len(p)} tokens, which leaves fewer than data.min_response_tokens="
+                f"{self.cfg.min_response_tokens} answer tokens within data.max_length={limit}; raise data.max_length or shorten the prompt")
+        r = r[: limit - len(p)]  # answers are cut at the end, never removed
+        return {
+            "input_ids": p + r,
+            "labels": [IGNORE_INDEX] * len(p) + r,
+            "prompt_len": len(p),
+            "row_index": row_index,
+        }
+
+
+def encode_rows(rows: Rows, tok: Any, cfg: DataConfig) -> list[dict[str, Any]]:
+    enc = Encoder(tok, cfg)
+    return [enc.encode(row, where, i) for i, (row, where) in enumerate(zip(rows.items, rows.locations))]
+
+
+def reference_answers(rows: Rows, cfg: DataConfig) -> list[str]:
+    return [row_turns(row, where, cfg).response for row, where in zip(rows.items, rows.locations)]
+
+
+def prompts_of(rows: Rows, tok: Any, cfg: DataConfig) -> list[list[int]]:
+    enc = Encoder(tok, cfg)
+    return [enc.prompt_ids(row_turns(row, where, cfg)) for row, where in zip(rows.items, rows.locations)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Batching
+
+
+class ListDataset:
+    """A list of examples as a map-style dataset (what Trainer's DataLoader needs)."""
+
+    def __init__(self, examples: list[dict[str, Any]]):
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.examples[i]
+
+
+def collate(examples: Iterable[dict[str, Any]], pad_id: int) -> dict[str, Any]:
+    """Right-pad a list of examples. Padding gets attention 0 and label IGNORE_INDEX."""
+    import torch
+
+    examples = list(examples)
+    width = max(len(e["input_ids"]) for e in examples)
+    n = len(examples)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    attention = torch.zeros((n, width), dtype=torch.long)
+    labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+    for i, e in enumerate(examples):
+        L = len(e["input_ids"])
+        input_ids[i, :L] = torch.tensor(e["input_ids"])
+        attention[i, :L] = 1
+        labels[i, :L] = torch.tensor(e["labels"])
+    batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels,
+             "row_index": torch.tensor([e.get("row_index", -1) for e in examples])}
+    for key in examples[0]:
+        if key.startswith("teacher_"):  # per-example extras (e.g. cached teacher targets) stay lists
+            batch[key] = [e[key] for e in examples]
+    return batch
+
+
+class Collator:
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        return collate(examples, self.pad_id)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Any, Any]:
+    """Left-pad prompts for batched generation: (input_ids, attention_mask)."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    return ids, mask

@@ -1,0 +1,1 @@
+"""Training methods: one file each, built on kdflow.losses, kdflow.data and kdflow.models."""

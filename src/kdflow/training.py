@@ -1,0 +1,228 @@
+"""Training glue shared by every method: seeds, threads, run folders, resume, Trainer arguments.
+
+Methods that fit transformers' Trainer loop subclass `TokenNormalizedTrainer`, which divides
+each loss term by its token count over the whole optimizer step (all micro-batches, all ranks)
+instead of per micro-batch.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from kdflow.config import TrainConfig, dump_yaml
+from kdflow.errors import ConfigError
+from kdflow.report import write_atomic
+
+
+def setup_run(output_dir: str | os.PathLike, cfg: Any, seed: int, num_threads: int = 0) -> Path:
+    """Create the run folder, write the resolved config beside the outputs, seed everything.
+
+    A folder that already holds checkpoints of a run with other settings is refused when the
+    run would resume from them (train.resume=auto): resuming would mix two experiments.
+    """
+    import transformers
+    import yaml
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    new_text = dump_yaml(cfg)
+    old_path = out / "config.yaml"
+    train = getattr(cfg, "train", None)
+    if old_path.is_file() and last_checkpoint(out) and train is not None and train.resume == "auto":
+        changed = _changed_keys(yaml.safe_load(old_path.read_text()) or {}, yaml.safe_load(new_text))
+        changed = [k for k in changed if not k.startswith(("eval.", "train.resume", "evaluate_", "train.num_threads", "train.report_to"))]
+        if changed:
+            raise ConfigError(
+                f"{out} holds checkpoints of a run with other settings ({', '.join(changed[:5])} differ); "
+                "use another output_dir, or train.resume=never to start over there")
+    write_atomic(old_path, new_text)
+    if num_threads > 0:
+        import torch
+
+        torch.set_num_threads(num_threads)
+    transformers.set_seed(seed)
+    return out
+
+
+def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(set(old) | set(new))
+        return [k for key in keys for k in _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def last_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest complete `checkpoint-N` folder (one holding trainer_state.json)."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        return None
+    found = []
+    for p in out.iterdir():
+        m = re.fullmatch(r"checkpoint-(\d+)", p.name)
+        if m and p.is_dir() and (p / "trainer_state.json").is_file():
+            found.append((int(m.group(1)), p))
+    return str(max(found)[1]) if found else None
+
+
+def resolve_resume(train: TrainConfig, output_dir: str | os.PathLike) -> str | None:
+    if train.resume == "never":
+        return None
+    if train.resume == "auto":
+        return last_checkpoint(output_dir)
+    path = Path(train.resume)
+    if not (path / "trainer_state.json").is_file():
+        raise ConfigError(f"train.resume={train.resume}: no trainer_state.json there; give a checkpoint-N folder, 'auto' or 'never'")
+    return str(path)
+
+
+def training_arguments(train: TrainConfig, output_dir: str | os.PathLike, seed: int, has_eval: bool) -> Any:
+    from transformers import TrainingArguments
+
+    report_to = [r for r in train.report_to if r != "none"] or "none"
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=train.batch_size,
+        per_device_eval_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.grad_accum,
+        learning_rate=train.learning_rate,
+        num_train_epochs=train.num_epochs,
+        max_steps=train.max_steps,
+        warmup_steps=train.warmup_ratio,
+        weight_decay=train.weight_decay,
+        adam_beta1=train.adam_beta1,
+        adam_beta2=train.adam_beta2,
+        lr_scheduler_type=train.lr_scheduler,
+        max_grad_norm=train.max_grad_norm,
+        logging_steps=train.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps" if train.save_steps > 0 else "no",
+        save_steps=max(train.save_steps, 1),
+        save_total_limit=train.save_total_limit,
+        eval_strategy="steps" if (has_eval and train.eval_steps > 0) else "no",
+        eval_steps=train.eval_steps if train.eval_steps > 0 else None,
+        prediction_loss_only=True,
+        bf16=train.bf16,
+        report_to=report_to,
+        remove_unused_columns=False,
+        seed=seed,
+        dataloader_num_workers=0,
+        use_cpu=not _has_accelerator(),
+        disable_tqdm=False,
+    )
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or (hasattr(torch.backends, "mps") and torch.backends.mps.is_available())
+
+
+def make_token_normalized_trainer_class() -> type:
+    """Build the Trainer subclass lazily so importing kdflow does not import transformers."""
+    import torch
+    from transformers import Trainer
+
+    class TokenNormalizedTrainer(Trainer):
+        """A Trainer whose loss terms are normalised by step-level token counts.
+
+        Subclasses implement `loss_sums(model, inputs) -> {term: (sum, count)}` and
+        `count_tokens(batch) -> {term: count}`; `term_weights` gives each term's weight. Before
+        each optimizer step the counts of all its micro-batches (and all ranks) are summed; each
+        micro-batch then contributes weight * sum / step_count, so the accumulated gradient is
+        that of the whole batch, however it is split.
+        """
+
+        loss_is_scaled_for_ga = True
+        term_weights: dict[str, float] = {}
+
+        def __init__(self, *args: Any, **kwargs: Any):
+            super().__init__(*args, **kwargs)
+            self._term_logs: dict[str, list[float]] = {}
+
+        # -- hooks for subclasses
+        def loss_sums(self, model: Any, inputs: dict[str, Any]) -> dict[str, tuple[torch.Tensor, int]]:
+            raise NotImplementedError
+
+        def count_tokens(self, batch: dict[str, Any]) -> dict[str, int]:
+            raise NotImplementedError
+
+        # -- step-level counting
+        def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list, Any]:
+            batch_samples = []
+            for _ in range(num_batches):
+                try:
+                    batch_samples.append(next(epoch_iterator))
+                except StopIteration:
+                    break
+            totals: dict[str, int] = {}
+            for b in batch_samples:
+                for k, v in self.count_tokens(b).items():
+                    totals[k] = totals.get(k, 0) + int(v)
+            if self.args.world_size > 1 and totals:
+                keys = sorted(totals)
+                t = torch.tensor([totals[k] for k in keys], device=device)
+                t = self.accelerator.gather(t.unsqueeze(0)).sum(0)
+                totals = {k: int(v) for k, v in zip(keys, t.tolist())}
+            return batch_samples, totals
+
+        def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                         num_items_in_batch: Any = None) -> Any:
+            sums = self.loss_sums(model, inputs)
+            step_counts = num_items_in_batch if isinstance(num_items_in_batch, dict) else None
+            loss = None
+            for term, (value, count) in sums.items():
+                weight = self.term_weights.get(term, 1.0)
+                denom = step_counts.get(term, count) if step_counts is not None else count
+                part = value / max(denom, 1)
+                if weight != 0.0:
+                    loss = weight * part if loss is None else loss + weight * part
+                if model.training:
+                    self._term_logs.setdefault(term, []).append(float(part.detach()))
+            if loss is None:
+                loss = next(iter(sums.values()))[0] * 0.0
+            if model.training and self.args.world_size > 1:
+                # DDP averages gradients over ranks; the counts above already cover all ranks.
+                loss = loss * self.args.world_size
+            if not torch.isfinite(loss.detach()):
+                from kdflow.errors import KDFlowError
+
+                raise KDFlowError(
+                    f"the training loss became {float(loss.detach())} at step {self.state.global_step}; "
+                    "lower train.learning_rate, check the data, or disable train.bf16")
+            return (loss, {}) if return_outputs else loss
+
+        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+            if "loss" in logs and self._term_logs:
+                # per-term losses summed over the micro-batches of each step, averaged over steps
+                steps = max(self.state.global_step - getattr(self, "_last_term_log_step", 0), 1)
+                for term, values in self._term_logs.items():
+                    logs[term] = sum(values) / steps
+                self._term_logs = {}
+                self._last_term_log_step = self.state.global_step
+            super().log(logs, start_time)
+
+    return TokenNormalizedTrainer
+
+
+def train_or_restore(trainer: Any, resume: str | None) -> tuple[float | None, bool]:
+    """Run `trainer.train`, or, when `resume` is a checkpoint of a finished run, load it as is.
+
+    transformers' loop runs one more optimizer step before it checks max_steps, so resuming a
+    run that had already finished would silently train past its plan. Returns (training loss,
+    whether any step ran now).
+    """
+    import json
+
+    if resume:
+        from transformers import TrainerState
+
+        state = json.loads((Path(resume) / "trainer_state.json").read_text())
+        if state.get("max_steps") and state["global_step"] >= state["max_steps"]:
+            trainer._load_from_checkpoint(resume)
+            trainer.state = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json"))
+            losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+            return (sum(losses) / len(losses) if losses else None), False
+    return trainer.train(resume_from_checkpoint=resume).training_loss, True

@@ -1,0 +1,110 @@
+"""`kdflow` driven the way a user drives it, on tiny models and data."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kdflow.cli import main
+
+from conftest import write_jsonl
+
+
+def base_args(tiny_dirs, tiny_data, out):
+    return [f"teacher.name={tiny_dirs['teacher']}", f"student.name={tiny_dirs['student']}",
+            f"data.train={tiny_data['train']}", f"data.validation={tiny_data['validation']}",
+            f"data.test={tiny_data['test']}", f"output_dir={out}", "train.batch_size=4",
+            "train.report_to=[none]", "train.logging_steps=1", "eval.max_new_tokens=6", "eval.batch_size=4"]
+
+
+def test_two_step_kd_run_through_the_real_cli(tmp_path, tiny_dirs, tiny_data):
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-m", "kdflow", "distill", *base_args(tiny_dirs, tiny_data, out),
+                           "train.max_steps=2", "kd.divergence=jsd", "eval.sample_seeds=[1, 2]"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| teacher |" in proc.stdout and "| student (after) |" in proc.stdout
+    for name in ("config.yaml", "metrics.json", "report.md", "loss_curve.png", "student/config.json", "log_history.json"):
+        assert (out / name).exists(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train"]["steps"] == 2
+    after = metrics["eval"]["student (after)"]
+    for key in ("answer_nll", "perplexity", "rougeL", "exact_match", "sampled_rougeL", "sampled_distinct_2"):
+        assert key in after
+    assert set(metrics["eval"]) == {"teacher", "student (before)", "student (after)"}
+    hist = json.loads((out / "log_history.json").read_text())
+    assert any("kd" in h and "ce" in h for h in hist)
+    assert "kd.divergence" not in (out / "config.yaml").read_text()  # resolved config is nested YAML
+    assert "divergence: jsd" in (out / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("method", ["sft", "hard_token", "seqkd"])
+def test_other_methods_run(tmp_path, tiny_dirs, tiny_data, method, capsys):
+    out = tmp_path / method
+    rc = main(["distill", *base_args(tiny_dirs, tiny_data, out), f"method={method}", "train.max_steps=2",
+               "evaluate_before=false", "seqkd.max_new_tokens=5", "data.max_train_rows=8"])
+    assert rc == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["method"] == method and metrics["train"]["steps"] == 2
+    if method == "seqkd":
+        gens = (out / "seqkd_generations.jsonl").read_text().splitlines()
+        assert len(gens) == 8
+        manifest = json.loads((out / "seqkd_generations.manifest.json").read_text())
+        assert manifest["generation"]["max_new_tokens"] == 5
+        # a second run with other generation settings refuses the cache instead of reusing it
+        rc = main(["distill", *base_args(tiny_dirs, tiny_data, out), "method=seqkd", "train.max_steps=2",
+                   "seqkd.max_new_tokens=7", "data.max_train_rows=8", "train.resume=never"])
+        assert rc == 2
+        assert "generated with other settings (generation differ)" in capsys.readouterr().err
+
+
+def test_resume_continues_from_the_last_checkpoint(tmp_path, tiny_dirs, tiny_data, capsys):
+    out = tmp_path / "resume"
+    args = base_args(tiny_dirs, tiny_data, out) + ["train.save_steps=1", "evaluate_before=false", "evaluate_teacher=false"]
+    assert main(["distill", *args, "train.max_steps=2"]) == 0
+    assert (out / "checkpoint-2").is_dir()
+    capsys.readouterr()
+    assert main(["distill", *args, "train.max_steps=3"]) == 2  # max_steps changed: refuse to mix runs
+    assert "holds checkpoints of a run with other settings (train.max_steps differ)" in capsys.readouterr().err
+    # same settings after an interruption: picks up the checkpoint instead of starting over
+    import shutil
+
+    shutil.rmtree(out / "student")
+    (out / "metrics.json").unlink()
+    assert main(["distill", *args, "train.max_steps=2"]) == 0
+    assert "resuming from" in capsys.readouterr().out
+    assert json.loads((out / "metrics.json").read_text())["train"]["steps"] == 2
+
+
+def test_bad_data_stops_with_one_line_naming_file_and_row(tmp_path, tiny_dirs, tiny_data):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "ok", "response": "fine"}, {"prompt": "ok", "answer": "x"}])
+    args = base_args(tiny_dirs, tiny_data, tmp_path / "bad_run")
+    args = [a for a in args if not a.startswith("data.train=")] + [f"data.train={bad}"]
+    proc = subprocess.run([sys.executable, "-m", "kdflow", "distill", *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert f"{bad}:2: missing field 'response' (row has: prompt, answer)" in proc.stderr
+
+
+def test_help_lists_every_setting(capsys):
+    from kdflow.config import DistillConfig, describe
+
+    assert main(["distill", "--help"]) == 0
+    text = capsys.readouterr().out
+    for key, tp, _, _ in describe(DistillConfig):
+        if tp != "section":
+            assert f"  {key}  (" in text, key
+    assert main(["nonsense"]) == 2
+    assert main(["distill", "--bogus"]) == 2
+
+
+def test_eval_verb(tmp_path, tiny_dirs, tiny_data, capsys):
+    out = tmp_path / "eval.json"
+    rc = main(["eval", f"model.name={tiny_dirs['student']}", f"data.test={tiny_data['test']}", f"output={out}",
+               "eval.max_new_tokens=4", "eval.max_rows=5"])
+    assert rc == 0
+    m = json.loads(out.read_text())["metrics"]
+    assert m["rows"] == 5 and m["answer_nll"] > 0 and 0 <= m["rougeL"] <= 1

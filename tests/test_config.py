@@ -1,0 +1,68 @@
+"""Typed configs: unknown keys, types, ranges, overrides; every shipped YAML parses."""
+
+from pathlib import Path
+
+import pytest
+
+from kdflow.config import DistillConfig, EvalRunConfig, load_config
+from kdflow.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_unknown_key_lists_valid_keys_and_suggests(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown setting 'kd.divergance' \(did you mean 'kd.divergence'\?\); valid keys under 'kd': divergence, kd_weight"):
+        load_config(DistillConfig, None, ["kd.divergance=rkl"])
+    f = tmp_path / "c.yaml"
+    f.write_text("methd: kd\n")
+    with pytest.raises(ConfigError, match=r"unknown setting 'methd'.*valid keys: method, output_dir"):
+        load_config(DistillConfig, f)
+
+
+@pytest.mark.parametrize("override,match", [
+    ("train.max_steps=ten", r"'train.max_steps': expected an integer"),
+    ("kd.kd_weight=1.5", r"'kd.kd_weight' must lie in \[0, 1\]"),
+    ("method=distil", r"'method': 'distil' is not one of 'sft', 'kd'"),
+    ("kd.temperature=0", r"'kd.temperature' must be > 0"),
+    ("student.keep_layers=[0, x]", r"student.keep_layers\[1\]"),
+    ("train", r"not key=value"),
+])
+def test_bad_values_are_errors_that_name_the_setting(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(DistillConfig, None, [override])
+
+
+def test_overrides_and_partial_sections_keep_defaults(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("teacher:\n  dtype: bfloat16\ntrain:\n  learning_rate: 1\n")
+    cfg = load_config(DistillConfig, f, ["kd.divergence=jsd", "student.keep_layers=[0, 2]", "train.bf16=true"])
+    assert cfg.teacher.name == "bundled:smollm2-135m-instruct" and cfg.teacher.dtype == "bfloat16"
+    assert cfg.train.learning_rate == 1.0 and isinstance(cfg.train.learning_rate, float)
+    assert cfg.kd.divergence == "jsd" and cfg.student.keep_layers == [0, 2] and cfg.train.bf16 is True
+    assert cfg.student.lora.target_modules == ["q_proj", "v_proj"]
+
+
+def test_missing_config_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(DistillConfig, tmp_path / "none.yaml")
+    f = tmp_path / "bad.yaml"
+    f.write_text("a: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(DistillConfig, f)
+
+
+def test_every_shipped_config_parses():
+    from kdflow.cli import VERBS, _load
+
+    configs = sorted((ROOT / "configs").glob("*.yaml"))
+    assert configs
+    by_prefix = {name: _load(v.config) for name, v in VERBS.items()}
+    for path in configs:
+        text = path.read_text()
+        verb = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("# verb:")), "distill")
+        load_config(by_prefix[verb], path)
+
+
+def test_eval_config_defaults():
+    cfg = load_config(EvalRunConfig, None, ["model.name=x", "data.test=t.jsonl"])
+    assert cfg.model.name == "x" and cfg.eval.greedy

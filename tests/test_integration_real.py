@@ -1,0 +1,55 @@
+"""The real bundled SmolLM2-135M-Instruct, end to end (slower; one session-scoped load)."""
+
+import json
+
+import pytest
+import torch
+
+from kdflow.cli import main
+
+pytestmark = pytest.mark.integration
+
+
+def test_bundled_model_loads_from_gguf_once_and_matches(real_model):
+    tok, model = real_model
+    assert len(tok) == 49152 and model.config.num_hidden_layers == 30
+    assert tok.pad_token_id == tok.eos_token_id  # the pad = EOS case the masks must survive
+    assert not getattr(model, "is_quantized", False)
+    # greedy answer to a real prompt is sensible text, and the converted weights give finite logits
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, tokenize=False)
+    enc = tok(ids, return_tensors="pt", add_special_tokens=False)
+    out = model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert "Paris" in tok.decode(out[0, enc.input_ids.shape[1]:])
+
+
+def test_converted_folder_gives_the_same_logits_as_the_gguf_file(real_model):
+    from transformers import AutoModelForCausalLM
+
+    from kdflow.models import BUNDLED, bundled_gguf
+
+    tok, model = real_model
+    path = bundled_gguf("bundled:smollm2-135m-instruct")
+    direct = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name).eval()
+    x = tok("Knowledge distillation transfers", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.allclose(direct(x).logits, model(x).logits, atol=1e-5)
+
+
+def test_distill_cli_on_the_real_model(tmp_path, real_model, monkeypatch):
+    from conftest import ROOT
+
+    monkeypatch.chdir(ROOT)  # the shipped config names data relative to the repository
+    out = tmp_path / "real"
+    rc = main(["distill", "--config", "configs/demo.yaml", f"output_dir={out}", "student.keep_layers=[0, 29]",
+               "train.max_steps=2", "train.batch_size=2", "eval.max_rows=4", "eval.max_new_tokens=8",
+               "train.report_to=[none]", "data.max_train_rows=8"])
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    ev = m["eval"]
+    assert ev["teacher"]["answer_nll"] < ev["student (before)"]["answer_nll"]
+    assert ev["student (after)"]["answer_nll"] < ev["student (before)"]["answer_nll"]
+    assert (out / "student" / "model.safetensors").is_file()
+    # the saved student reloads through the public loading path
+    assert main(["eval", f"model.name={out / 'student'}", "data.test=data/wordnet_define/test.jsonl",
+                 "eval.max_rows=2", "eval.max_new_tokens=4"]) == 0

@@ -1,0 +1,110 @@
+"""Model loading paths, pruning, LoRA, logits at selected positions, tokenizer checks."""
+
+import pytest
+import torch
+
+from kdflow.config import LoraSpec, ModelSpec, StudentSpec
+from kdflow.errors import ConfigError, ModelError
+from kdflow.models import (apply_lora, build_student, load_model, load_tokenizer, prune_layers, require_same_tokenizer,
+                           resolve_source, selected_logits, tokenizer_fingerprint)
+
+from conftest import tiny_llama, train_tokenizer
+
+
+def test_local_folder_round_trip(tiny_dirs, bpe_tok):
+    spec = ModelSpec(name=str(tiny_dirs["teacher"]))
+    tok = load_tokenizer(spec)
+    assert tokenizer_fingerprint(tok) == tokenizer_fingerprint(bpe_tok)
+    m = load_model(spec)
+    assert m.config.num_hidden_layers == 4
+
+
+def test_hub_id_offline_gives_a_clear_error():
+    with pytest.raises(ModelError, match="could not load model 'no-such-org/no-such-model'.*offline"):
+        load_model(ModelSpec(name="no-such-org/no-such-model"))
+
+
+def test_source_resolution(tmp_path):
+    assert resolve_source(ModelSpec(name="org/name", revision="abc")).identity == "org/name@abc"
+    with pytest.raises(ModelError, match="GGUF file .* not found"):
+        resolve_source(ModelSpec(name=str(tmp_path / "x.gguf")))
+    (tmp_path / "w.bin").write_text("x")
+    with pytest.raises(ModelError, match="not a .gguf file"):
+        resolve_source(ModelSpec(name=str(tmp_path / "w.bin")))
+    with pytest.raises(ConfigError, match="unknown bundled model"):
+        resolve_source(ModelSpec(name="bundled:nope"))
+
+
+def test_pruning_keeps_chosen_layers_and_copies_weights(bpe_tok):
+    teacher = tiny_llama(bpe_tok, layers=4, seed=3).eval()
+    same = prune_layers(teacher, [0, 1, 2, 3]).eval()
+    x = torch.randint(0, len(bpe_tok), (2, 9))
+    assert torch.allclose(same(x).logits, teacher(x).logits, atol=1e-6)
+    student = prune_layers(teacher, [0, 3])
+    assert student.config.num_hidden_layers == 2
+    t_state, s_state = teacher.state_dict(), student.state_dict()
+    assert torch.equal(s_state["model.layers.1.mlp.up_proj.weight"], t_state["model.layers.3.mlp.up_proj.weight"])
+    assert [l.self_attn.layer_idx for l in student.model.layers] == [0, 1]  # KV cache slots renumbered
+    with torch.no_grad():
+        student.model.layers[0].mlp.up_proj.weight.add_(1.0)
+    assert not torch.equal(student.model.layers[0].mlp.up_proj.weight, teacher.model.layers[0].mlp.up_proj.weight)
+    # generation with a KV cache works on the pruned model
+    out = student.generate(x[:1, :4], max_new_tokens=3, do_sample=False, pad_token_id=bpe_tok.pad_token_id)
+    assert out.shape[1] == 7
+    with pytest.raises(ConfigError, match="distinct indices"):
+        prune_layers(teacher, [0, 9])
+
+
+def test_keep_every_always_keeps_the_last_layer(bpe_tok):
+    teacher = tiny_llama(bpe_tok, layers=5)
+    st = build_student(StudentSpec(init="prune_teacher", keep_every=2), teacher, None)
+    assert st.config.kdflow_pruned_from_layers == [0, 2, 4]
+    st = build_student(StudentSpec(init="prune_teacher", keep_every=3), teacher, None)
+    assert st.config.kdflow_pruned_from_layers == [0, 3, 4]
+
+
+def test_student_from_config_overrides(bpe_tok):
+    teacher = tiny_llama(bpe_tok, layers=4, hidden=48)
+    st = build_student(StudentSpec(init="config", config_overrides={"num_hidden_layers": 1, "hidden_size": 16,
+                                                                     "intermediate_size": 32}), teacher, None)
+    assert st.config.num_hidden_layers == 1 and st.config.vocab_size == teacher.config.vocab_size
+    with pytest.raises(ConfigError, match="has no field 'hiden_size'"):
+        build_student(StudentSpec(init="config", config_overrides={"hiden_size": 8}), teacher, None)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "llama+lora"])
+def test_selected_logits_equal_full_logits_at_positions(bpe_tok, arch):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    if arch == "gpt2":
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=len(bpe_tok), n_embd=32, n_layer=2, n_head=4))
+    else:
+        model = tiny_llama(bpe_tok)
+    if arch.endswith("lora"):
+        model = apply_lora(model, LoraSpec(enabled=True, r=4))
+        # move adapters away from their zero init so they matter
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.data.normal_()
+    model.eval()
+    ids = torch.randint(0, len(bpe_tok), (3, 10))
+    attn = torch.ones_like(ids)
+    attn[1, 7:] = 0
+    pos = torch.rand(3, 9) > 0.5
+    pos[1, 6:] = False
+    got = selected_logits(model, ids, attn, pos)
+    full = model(input_ids=ids, attention_mask=attn).logits[:, :-1][pos]
+    assert got.shape == full.shape and torch.allclose(got, full, atol=1e-5)
+
+
+def test_lora_bad_target_is_a_clear_error(bpe_tok):
+    with pytest.raises(ConfigError, match=r"lora.target_modules \['c_attn'\] are not modules"):
+        apply_lora(tiny_llama(bpe_tok), LoraSpec(enabled=True, target_modules=["c_attn"]))
+
+
+def test_different_tokenizers_are_refused_with_a_pointer_to_cross_tokenizer(bpe_tok):
+    other = train_tokenizer("wordpiece")
+    require_same_tokenizer(bpe_tok, train_tokenizer("bpe"), "t", "s")  # same training -> same ids
+    with pytest.raises(ModelError, match="different tokenizers.*cross-tokenizer distillation"):
+        require_same_tokenizer(bpe_tok, other, "t", "s")
