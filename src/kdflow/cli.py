@@ -27,6 +27,8 @@ class Verb:
 VERBS: dict[str, Verb] = {
     "distill": Verb("kdflow.config:DistillConfig", "kdflow.methods.kd:run_distill",
                     "train a student from a teacher: sft, soft-label kd, hard_token or seqkd; evaluates and reports"),
+    "cache-teacher": Verb("kdflow.config:DistillConfig", "kdflow.methods.kd:run_cache_teacher",
+                          "run the teacher once over data.train and store its top-k log-probs in teacher_cache.dir"),
     "eval": Verb("kdflow.config:EvalRunConfig", "kdflow.evaluate:run_eval",
                  "evaluate one model on a test split: answer NLL, perplexity, Rouge-L, exact match, sampled metrics"),
 }

@@ -127,7 +127,22 @@ class KDConfig:
     jsd_beta: float = opt(0.5, "beta of the generalized JSD (mixture m = beta p + (1 - beta) q)")
     skew_alpha: float = opt(0.1, "alpha of skew KL / skew reverse KL")
     token_scope: Literal["response", "all"] = opt("response", "positions in the KD term: response tokens, or all non-padding tokens")
-    chunk_tokens: int = opt(0, "compute the KD term over chunks of this many tokens (0: all at once)")
+    chunk_tokens: int = opt(0, "compute CE and KD from hidden states this many tokens at a time, recomputing each chunk's "
+                               "logits in backward: bounds memory to chunk x vocabulary (0: all at once, fastest)")
+    sparse_mode: Literal["tail", "renorm"] = opt(
+        "tail", "a top-k teacher (cache, cross-tokenizer): tail keeps its leftover mass as one bucket against the student's "
+                "mass outside the k ids; renorm renormalises the teacher over its k ids")
+
+
+@dataclass
+class TeacherCacheConfig:
+    dir: str | None = opt(None, "teacher cache folder: `kdflow cache-teacher` fills it, `kdflow distill` trains from it "
+                                "without running the teacher")
+    k: int = opt(64, "teacher tokens kept per position")
+    logp_dtype: Literal["float16", "bfloat16"] = opt("float16", "storage type of the cached log-probs")
+    store_tail: bool = opt(True, "also store the exact log of the mass outside the top k (float32, 4 bytes per position)")
+    shard_size: int = opt(512, "examples per shard file (an interrupted build resumes after the last complete shard)")
+    batch_size: int = opt(16, "sequences per teacher forward while caching")
 
 
 @dataclass
@@ -152,6 +167,7 @@ class DistillConfig:
     data: DataConfig = opt(factory=DataConfig, help="rows and how they become tokens")
     kd: KDConfig = opt(factory=KDConfig, help="soft- and hard-label KD settings")
     seqkd: SeqKDConfig = opt(factory=SeqKDConfig, help="sequence-level KD: teacher generation settings")
+    teacher_cache: TeacherCacheConfig = opt(factory=TeacherCacheConfig, help="offline teacher: top-k log-probs computed once")
     train: TrainConfig = opt(factory=TrainConfig, help="optimisation (transformers.Trainer)")
     eval: EvalConfig = opt(factory=EvalConfig, help="final evaluation on the test split")
     evaluate_teacher: bool = opt(True, "evaluate the teacher at the end too")
@@ -342,7 +358,7 @@ def validate(cfg: Any) -> None:
             elif f.name in ("temperature", "sample_temperature", "learning_rate") and v is not None:
                 if v <= 0:
                     raise ConfigError(f"setting '{key}' must be > 0, got {v}")
-            elif f.name in ("batch_size", "grad_accum", "max_length", "r", "max_new_tokens") and v is not None:
+            elif f.name in ("batch_size", "grad_accum", "max_length", "r", "max_new_tokens", "k", "shard_size") and v is not None:
                 if v < 1:
                     raise ConfigError(f"setting '{key}' must be >= 1, got {v}")
     walk(cfg, "")

@@ -13,6 +13,7 @@ are upcast to float32; log-probs come from `log_softmax`, never `log(softmax)`.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -175,3 +176,191 @@ def hard_token_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, v
         teacher_logits = teacher_logits[..., :vocab_size]
     targets = teacher_logits.argmax(-1)
     return ce_sum(student_logits, targets)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sparse (top-k) teachers
+
+
+SPARSE_MODES = ("renorm", "tail")
+
+
+@dataclass
+class TopKTargets:
+    """A teacher known only through its top-k tokens at each row.
+
+    ids:   [N, k] int64 token ids in the student's vocabulary; -1 marks an empty slot
+    logp:  [N, k] teacher log-probs at the KD temperature (any value in empty slots)
+    valid: [N] bool, rows that take part in the KD term (e.g. positions a cross-tokenizer
+           alignment could pair); None means all rows
+    tail_logp: [N] log of the teacher mass outside the k ids, when stored exactly; otherwise it is
+           derived from `logp`
+    """
+
+    ids: torch.Tensor
+    logp: torch.Tensor
+    valid: torch.Tensor | None = None
+    tail_logp: torch.Tensor | None = None
+
+    def rows(self, index: torch.Tensor) -> "TopKTargets":
+        return TopKTargets(self.ids[index], self.logp[index],
+                           None if self.valid is None else self.valid[index],
+                           None if self.tail_logp is None else self.tail_logp[index])
+
+    def count(self) -> int:
+        return int(self.ids.shape[0] if self.valid is None else self.valid.sum())
+
+
+def _log1mexp(logx: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(logx)) for logx <= 0, stable on both ends; -inf when exp(logx) reaches 1."""
+    logx = logx.clamp(max=0.0)
+    return torch.where(logx > -0.6931, torch.log(-torch.expm1(logx)), torch.log1p(-torch.exp(logx)))
+
+
+def sparse_pair(student_logp: torch.Tensor, targets: TopKTargets, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher and student as distributions over k + 1 outcomes: the k ids and "everything else".
+
+    mode "tail":   the teacher keeps its leftover mass 1 - sum_k p in the last bucket; the student's
+                   bucket holds its mass outside the k ids.
+    mode "renorm": the teacher is renormalised over its k ids (its bucket is empty); the student is
+                   compared as is, so mass it puts outside the k ids still costs it (for forward KL
+                   this is sum_k p_hat (log p_hat - log q), the usual top-k KD loss).
+    """
+    empty = targets.ids < 0
+    s_k = student_logp.gather(-1, targets.ids.clamp(min=0)).masked_fill(empty, -math.inf)
+    s_rest = _log1mexp(torch.logsumexp(s_k, -1))
+    t_k = targets.logp.float().masked_fill(empty, -math.inf)
+    if mode == "renorm":
+        t_k = t_k - torch.logsumexp(t_k, -1, keepdim=True)
+        t_rest = torch.full_like(s_rest, -math.inf)
+    elif mode == "tail":
+        t_rest = targets.tail_logp.float() if targets.tail_logp is not None else _log1mexp(torch.logsumexp(t_k, -1))
+    else:
+        raise ValueError(f"sparse mode must be one of {SPARSE_MODES}, got {mode!r}")
+    return torch.cat([t_k, t_rest.unsqueeze(-1)], -1), torch.cat([s_k, s_rest.unsqueeze(-1)], -1)
+
+
+def check_sparse_divergence(name: str, mode: str) -> None:
+    if name == "rkl" and mode == "renorm":
+        raise ValueError("reverse KL is undefined against a renormalised top-k teacher (infinite wherever the "
+                         "student puts mass outside the k ids); use the 'tail' sparse mode or another divergence")
+
+
+def topk_kd_sum(student_logits: torch.Tensor, targets: TopKTargets, divergence: Divergence, temperature: float = 1.0,
+                mode: str = "tail", vocab_size: int | None = None) -> tuple[torch.Tensor, int]:
+    """tau^2 * sum over valid rows of D(p_topk || q) — the sparse counterpart of `kd_sum`."""
+    if vocab_size is not None:
+        student_logits = student_logits[..., :vocab_size]
+    s = F.log_softmax(student_logits.float() / temperature, -1)
+    t, s2 = sparse_pair(s, targets, mode)
+    per_row = divergence(t, s2)
+    if targets.valid is not None:
+        per_row = torch.where(targets.valid, per_row, torch.zeros_like(per_row))
+    return per_row.sum() * temperature ** 2, targets.count()
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses straight from final hidden states, chunk by chunk
+
+
+@dataclass
+class DenseTeacher:
+    """An online teacher given by its final hidden states at the KD rows and its output head."""
+
+    hidden: torch.Tensor  # [N_kd, H_teacher]
+    head: torch.nn.Module
+
+    def logits(self, index: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.head(self.hidden[index]).float()
+
+    def count(self) -> int:
+        return int(self.hidden.shape[0])
+
+
+@dataclass
+class HeadLossSpec:
+    """What `head_losses` computes besides cross-entropy."""
+
+    kind: str = "none"  # "none" | "soft" | "hard"
+    divergence: Divergence | None = None
+    temperature: float = 1.0
+    sparse_mode: str = "tail"
+    vocab_size: int | None = None
+    chunk_tokens: int = 0
+
+
+def head_losses(hidden: torch.Tensor, head: torch.nn.Module, ce_targets: torch.Tensor, kd_rows: torch.Tensor,
+                teacher: "DenseTeacher | TopKTargets | None", spec: HeadLossSpec) -> dict[str, tuple[torch.Tensor, int]]:
+    """CE and KD sums computed from the student's final hidden states, `chunk_tokens` rows at a time.
+
+    hidden:     [N, H] student hidden states at the selected positions
+    ce_targets: [N] next-token ids, -100 on rows outside the CE term
+    kd_rows:    [N] bool, rows in the KD term (in order, they match the teacher's rows)
+    With chunking, each chunk's logits are recomputed in backward (activation checkpointing), so
+    at most chunk x vocabulary float32 values are alive at once for the student, and the same
+    for a dense teacher; without it the whole [N, V] is computed once.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    n = hidden.shape[0]
+    kd_index = torch.cumsum(kd_rows.long(), 0) - 1  # row -> teacher row
+    V = spec.vocab_size
+    T = spec.temperature
+
+    def chunk_fn(h: torch.Tensor, tgt: torch.Tensor, rows: torch.Tensor, t_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = head(h).float()
+        in_ce = tgt != -100
+        ce = F.cross_entropy(logits[in_ce], tgt[in_ce], reduction="sum") if bool(in_ce.any()) else logits.sum() * 0.0
+        kd = logits.sum() * 0.0
+        if spec.kind != "none" and bool(rows.any()):
+            s_logits = logits[rows]
+            s_logits = s_logits[..., :V] if V is not None else s_logits
+            idx = t_index[rows]
+            if spec.kind == "hard":
+                if isinstance(teacher, TopKTargets):
+                    sub = teacher.rows(idx)
+                    best = sub.logp.float().masked_fill(sub.ids < 0, -math.inf).argmax(-1)
+                    hard = sub.ids.gather(-1, best.unsqueeze(-1)).squeeze(-1)
+                    keep = sub.valid if sub.valid is not None else torch.ones_like(hard, dtype=torch.bool)
+                    kd = F.cross_entropy(s_logits[keep], hard[keep], reduction="sum") if bool(keep.any()) else kd
+                else:
+                    t_logits = teacher.logits(idx)
+                    t_logits = t_logits[..., :V] if V is not None else t_logits
+                    kd = F.cross_entropy(s_logits, t_logits.argmax(-1), reduction="sum")
+            else:
+                s_logp = F.log_softmax(s_logits / T, -1)
+                if isinstance(teacher, TopKTargets):
+                    sub = teacher.rows(idx)
+                    t, s = sparse_pair(s_logp, sub, spec.sparse_mode)
+                    per_row = spec.divergence(t, s)
+                    if sub.valid is not None:
+                        per_row = torch.where(sub.valid, per_row, torch.zeros_like(per_row))
+                    kd = per_row.sum() * T ** 2
+                else:
+                    t_logits = teacher.logits(idx)
+                    t_logits = t_logits[..., :V] if V is not None else t_logits
+                    if t_logits.shape[-1] != s_logp.shape[-1]:
+                        raise ValueError(f"teacher and student heads differ in width ({t_logits.shape[-1]} vs "
+                                         f"{s_logp.shape[-1]}); pass vocab_size=len(tokenizer)")
+                    kd = spec.divergence(F.log_softmax(t_logits / T, -1), s_logp).sum() * T ** 2
+        return ce, kd
+
+    step = spec.chunk_tokens if spec.chunk_tokens > 0 else max(n, 1)
+    ce_total = hidden.new_zeros((), dtype=torch.float32)
+    kd_total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, n, step):
+        sl = slice(start, start + step)
+        args = (hidden[sl], ce_targets[sl], kd_rows[sl], kd_index[sl])
+        if spec.chunk_tokens > 0 and torch.is_grad_enabled() and hidden.requires_grad:
+            ce, kd = checkpoint(chunk_fn, *args, use_reentrant=False)
+        else:
+            ce, kd = chunk_fn(*args)
+        ce_total = ce_total + ce
+        kd_total = kd_total + kd
+    out = {"ce": (ce_total, int((ce_targets != -100).sum()))}
+    if spec.kind != "none":
+        if teacher is None:
+            raise ValueError("a KD term needs a teacher")
+        out["kd"] = (kd_total, teacher.count() if isinstance(teacher, TopKTargets) else int(kd_rows.sum()))
+    return out

@@ -393,15 +393,20 @@ def selected_logits(model: Any, input_ids: Any, attention_mask: Any, positions: 
     states only. Prompt and padding positions never reach the vocabulary-sized matmul, which
     dominates the cost of a small model with a large vocabulary.
     """
-    if not has_plain_head(model):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
-        return logits[positions]
-    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, logits_to_keep=1)
-    hidden = out.hidden_states[-1][:, :-1]
-    return unwrap(model).get_output_embeddings()(hidden[positions])
+    hidden, head = selected_hidden(model, input_ids, attention_mask, positions)
+    return head(hidden)
 
 
 def selected_hidden(model: Any, input_ids: Any, attention_mask: Any, positions: Any) -> tuple[Any, Any]:
-    """(final hidden states [N, H] at `positions`, output head) for chunked loss computation."""
+    """(final hidden states [N, H] at `positions`, output head), for losses computed chunk by chunk.
+
+    For a model whose logits are not a plain head over the hidden state (soft-capping, scaling),
+    returns the logits themselves and an identity head, so callers need no special case.
+    """
+    import torch.nn as nn
+
+    if not has_plain_head(model):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+        return logits[positions], nn.Identity()
     out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, logits_to_keep=1)
     return out.hidden_states[-1][:, :-1][positions], unwrap(model).get_output_embeddings()

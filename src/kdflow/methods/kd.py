@@ -6,7 +6,8 @@
     L = CE(y, q)                                                                  (method sft)
 
 Each term is a (sum, count) pair normalised by its token count over the whole optimizer step.
-The run ends by evaluating the teacher, the student before and the student after training on
+The teacher runs online, or not at all when `teacher_cache.dir` holds its top-k log-probs
+(`kdflow cache-teacher` computes them once). The run ends by evaluating the teacher, the student before and the student after training on
 the test split, and writes config.yaml, metrics.json, report.md and loss_curve.png.
 """
 
@@ -23,9 +24,10 @@ from kdflow.config import DistillConfig, to_dict
 from kdflow.data import Collator, ListDataset, Rows, encode_rows, prompts_of, read_rows, rows_fingerprint, row_turns
 from kdflow.errors import ConfigError, DataError
 from kdflow.evaluate import EvalResult, evaluate_model, format_table, generate
-from kdflow.losses import ce_sum, get_divergence, hard_token_sum, kd_sum, shifted_masks
+from kdflow.losses import DenseTeacher, HeadLossSpec, check_sparse_divergence, get_divergence, head_losses, shifted_masks
 from kdflow.models import (apply_lora, build_student, count_parameters, freeze, load_model, load_tokenizer,
-                           model_identity, require_same_tokenizer, save_model, selected_logits, tokenizer_fingerprint)
+                           model_identity, require_same_tokenizer, save_model, selected_hidden, tokenizer_fingerprint)
+from kdflow.teacher_cache import TeacherCache, batch_targets, build_cache, manifest_key, same_tokenizer_targets
 from kdflow.report import loss_series, plot_curves, write_atomic, write_json
 from kdflow.training import (make_token_normalized_trainer_class, resolve_resume, setup_run, train_or_restore,
                              training_arguments)
@@ -35,49 +37,54 @@ def make_distill_trainer_class() -> type:
     Base = make_token_normalized_trainer_class()
 
     class DistillTrainer(Base):
-        """Trainer for sft / kd / hard_token; the teacher runs online under no_grad."""
+        """Trainer for sft / kd / hard_token. The teacher runs online under no_grad, or its top-k
+        log-probs come with each example from the teacher cache (`teacher=None`)."""
 
         def __init__(self, *args: Any, cfg: DistillConfig, teacher: Any | None, vocab_size: int, **kwargs: Any):
             super().__init__(*args, **kwargs)
             self.cfg = cfg
             self.teacher = teacher
-            self.vocab_size = vocab_size
-            self.divergence = get_divergence(cfg.kd.divergence, cfg.kd.jsd_beta, cfg.kd.skew_alpha)
             uses_teacher = cfg.method in ("kd", "hard_token")
             w = cfg.kd.kd_weight if uses_teacher else 0.0
             self.term_weights = {"ce": 1.0 - w, "kd": w}
-            if uses_teacher and teacher is None:
-                raise ConfigError(f"method {cfg.method} needs a teacher")
+            self.spec = HeadLossSpec(
+                kind={"kd": "soft", "hard_token": "hard"}.get(cfg.method, "none") if w > 0 else "none",
+                divergence=get_divergence(cfg.kd.divergence, cfg.kd.jsd_beta, cfg.kd.skew_alpha),
+                temperature=cfg.kd.temperature, sparse_mode=cfg.kd.sparse_mode, vocab_size=vocab_size,
+                chunk_tokens=cfg.kd.chunk_tokens)
             if teacher is not None:
                 teacher.to(self.args.device)
 
         def count_tokens(self, batch: dict[str, Any]) -> dict[str, int]:
             ce_mask, kd_mask = shifted_masks(batch["labels"], batch["attention_mask"], self.cfg.kd.token_scope)
             counts = {"ce": int(ce_mask.sum())}
-            if self.term_weights["kd"] > 0:
-                counts["kd"] = int(kd_mask.sum())
+            if self.spec.kind != "none":
+                if "teacher_valid" in batch:  # cross-tokenizer targets: only aligned positions count
+                    counts["kd"] = int(sum(int(v.sum()) for v in batch["teacher_valid"]))
+                else:
+                    counts["kd"] = int(kd_mask.sum())
             return counts
 
         def loss_sums(self, model: Any, inputs: dict[str, Any]) -> dict[str, tuple[torch.Tensor, int]]:
             input_ids, attention = inputs["input_ids"], inputs["attention_mask"]
             labels = inputs["labels"]
             ce_mask, kd_mask = shifted_masks(labels, attention, self.cfg.kd.token_scope)
-            use_kd = self.term_weights["kd"] > 0
-            # One position set covers both terms: response tokens (or all tokens for token_scope=all).
-            positions = kd_mask | ce_mask if use_kd else ce_mask
-            logits = selected_logits(model, input_ids, attention, positions)
-            in_ce = ce_mask[positions]
-            sums = {"ce": ce_sum(logits[in_ce], labels[:, 1:][ce_mask])}
+            use_kd = self.spec.kind != "none" and (self.teacher is not None or "teacher_ids" in inputs)
+            # One set of positions serves both terms: response tokens (and all tokens for token_scope=all).
+            positions = (kd_mask | ce_mask) if use_kd else ce_mask
+            hidden, head = selected_hidden(model, input_ids, attention, positions)
+            ce_targets = labels[:, 1:][positions].masked_fill(~ce_mask[positions], -100)
+            teacher = None
             if use_kd:
-                in_kd = kd_mask[positions]
-                with torch.no_grad():
-                    t_logits = selected_logits(self.teacher, input_ids, attention, kd_mask)
-                if self.cfg.method == "kd":
-                    sums["kd"] = kd_sum(logits[in_kd], t_logits, self.divergence, self.cfg.kd.temperature,
-                                        self.vocab_size, self.cfg.kd.chunk_tokens)
+                if self.teacher is not None:
+                    with torch.no_grad():
+                        t_hidden, t_head = selected_hidden(self.teacher, input_ids, attention, kd_mask)
+                    teacher = DenseTeacher(t_hidden, t_head)
                 else:
-                    sums["kd"] = hard_token_sum(logits[in_kd], t_logits, self.vocab_size)
-            return sums
+                    teacher = batch_targets(inputs)
+            spec = self.spec if use_kd else HeadLossSpec(chunk_tokens=self.spec.chunk_tokens)
+            # Validation batches without cached targets score CE only.
+            return head_losses(hidden, head, ce_targets, kd_mask[positions], teacher, spec)
 
     return DistillTrainer
 
@@ -163,38 +170,92 @@ def _eval_cached(out: Path, name: str, model: Any, tok: Any, rows: Rows, cfg: Di
     return res
 
 
-def run_distill(cfg: DistillConfig) -> dict[str, Any]:
-    out = setup_run(cfg.output_dir, cfg, cfg.seed, cfg.train.num_threads)
-    t_start = time.time()
+def _data_settings(cfg: DistillConfig) -> dict[str, Any]:
+    """The data settings that decide which tokens an example has (part of a cache's identity)."""
+    d = cfg.data
+    return {"prompt_field": d.prompt_field, "response_field": d.response_field, "messages_field": d.messages_field,
+            "system_prompt": d.system_prompt, "chat_template": d.chat_template, "prompt_template": d.prompt_template,
+            "max_length": d.max_length, "min_response_tokens": d.min_response_tokens}
+
+
+def _student_tokenizer(cfg: DistillConfig, teacher_tok: Any) -> Any:
+    if cfg.student.init == "pretrained" or (cfg.student.init == "config" and cfg.student.name):
+        return load_tokenizer(cfg.student)
+    if teacher_tok is None:
+        raise ConfigError("no tokenizer: set teacher.name or student.name")
+    return teacher_tok
+
+
+def _read_splits(cfg: DistillConfig) -> tuple[Rows, Rows | None, Rows | None]:
+    # Read every data file first: a bad row should stop the run before minutes of model loading.
     if cfg.data.train is None:
         raise ConfigError("data.train is not set: give the training rows (a .jsonl/.csv/.parquet file or hf:<id>@<split>)")
-    if not 0.0 <= cfg.kd.kd_weight <= 1.0:
-        raise ConfigError("kd.kd_weight must lie in [0, 1]")
-
-    # Read every data file first: a bad row should stop the run before minutes of model loading.
     train_rows = read_rows(cfg.data.train, "data.train").head(cfg.data.max_train_rows)
     val_rows = read_rows(cfg.data.validation, "data.validation").head(cfg.data.max_eval_rows) if cfg.data.validation else None
     test_rows = read_rows(cfg.data.test, "data.test").head(cfg.data.max_eval_rows) if cfg.data.test else None
     if len(train_rows) == 0:
         raise DataError(f"{cfg.data.train} has no rows")
+    return train_rows, val_rows, test_rows
 
-    needs_teacher_model = (cfg.method in ("kd", "hard_token", "seqkd") or cfg.student.init in ("prune_teacher",)
-                           or (cfg.evaluate_teacher and test_rows is not None))
-    teacher_tok = load_tokenizer(cfg.teacher) if cfg.teacher.name else None
-    teacher = freeze(load_model(cfg.teacher)) if (needs_teacher_model and cfg.teacher.name) else None
-    if cfg.method != "sft" and teacher is None:
+
+def _cache_key(cfg: DistillConfig, train_rows: Rows, teacher_tok: Any, tok: Any) -> dict[str, Any]:
+    c = cfg.teacher_cache
+    return manifest_key(teacher=model_identity(cfg.teacher), teacher_tokenizer=tokenizer_fingerprint(teacher_tok),
+                        student_tokenizer=tokenizer_fingerprint(tok), data=rows_fingerprint(train_rows),
+                        data_settings=_data_settings(cfg), k=c.k, temperature=cfg.kd.temperature,
+                        token_scope=cfg.kd.token_scope, logp_dtype=c.logp_dtype, store_tail=c.store_tail)
+
+
+def run_cache_teacher(cfg: DistillConfig) -> dict[str, Any]:
+    """`kdflow cache-teacher`: run the teacher once over data.train, store its top-k per KD position."""
+    if not cfg.teacher_cache.dir:
+        raise ConfigError("teacher_cache.dir is not set: say where the cache should be written")
+    if not cfg.teacher.name:
+        raise ConfigError("teacher.name is not set")
+    import transformers
+
+    transformers.set_seed(cfg.seed)
+    train_rows, _, _ = _read_splits(cfg)
+    teacher_tok = load_tokenizer(cfg.teacher)
+    tok = _student_tokenizer(cfg, teacher_tok)
+    require_same_tokenizer(teacher_tok, tok, cfg.teacher.name, cfg.student.name or cfg.student.init)
+    examples = encode_rows(train_rows, tok, cfg.data)
+    teacher = freeze(load_model(cfg.teacher))
+    c = cfg.teacher_cache
+    manifest = build_cache(c.dir, _cache_key(cfg, train_rows, teacher_tok, tok), examples, tok.pad_token_id,
+                           same_tokenizer_targets(teacher, len(tok), c.k, cfg.kd.temperature, cfg.kd.token_scope),
+                           batch_size=c.batch_size, shard_size=c.shard_size, vocab_size=len(tok))
+    print(f"[kdflow] teacher cache {c.dir}: {manifest['examples']} examples, {manifest['positions']} positions, "
+          f"k={c.k}, {manifest['bytes_per_position']:.0f} bytes per position, {len(manifest['shards'])} shards")
+    return manifest
+
+
+def run_distill(cfg: DistillConfig) -> dict[str, Any]:
+    out = setup_run(cfg.output_dir, cfg, cfg.seed, cfg.train.num_threads)
+    t_start = time.time()
+    train_rows, val_rows, test_rows = _read_splits(cfg)
+    use_cache = cfg.teacher_cache.dir is not None and cfg.method in ("kd", "hard_token") and cfg.kd.kd_weight > 0
+    if use_cache and cfg.method == "kd":
+        try:
+            check_sparse_divergence(cfg.kd.divergence, cfg.kd.sparse_mode)
+        except ValueError as e:
+            raise ConfigError(f"kd.divergence={cfg.kd.divergence} with kd.sparse_mode={cfg.kd.sparse_mode}: {e}") from None
+
+    if cfg.method != "sft" and not cfg.teacher.name:
         raise ConfigError(f"method {cfg.method} needs teacher.name")
-
-    student = build_student(cfg.student, teacher, cfg.teacher if cfg.teacher.name else None)
-    if cfg.student.init == "pretrained" or (cfg.student.init == "config" and cfg.student.name):
-        tok = load_tokenizer(cfg.student)
-    else:
-        tok = teacher_tok
-    if tok is None:
-        raise ConfigError("no tokenizer: set teacher.name or student.name")
+    teacher_tok = load_tokenizer(cfg.teacher) if cfg.teacher.name else None
+    tok = _student_tokenizer(cfg, teacher_tok)
     if cfg.method in ("kd", "hard_token"):
         require_same_tokenizer(teacher_tok, tok, cfg.teacher.name or "", cfg.student.name or cfg.student.init)
     vocab_size = len(tok)
+    cache = TeacherCache(cfg.teacher_cache.dir, _cache_key(cfg, train_rows, teacher_tok, tok)) if use_cache else None
+
+    # The teacher's weights are loaded only when something needs them: online KD, generation,
+    # a student pruned from it, or its own evaluation. With a teacher cache, training never does.
+    needs_teacher = ((cfg.method in ("kd", "hard_token") and not use_cache) or cfg.method == "seqkd"
+                     or cfg.student.init == "prune_teacher" or (cfg.evaluate_teacher and test_rows is not None))
+    teacher = freeze(load_model(cfg.teacher)) if (needs_teacher and cfg.teacher.name) else None
+    student = build_student(cfg.student, teacher, cfg.teacher if cfg.teacher.name else None)
 
     # Encode (validates every row: missing fields, empty text, prompts over the limit).
     if cfg.method == "seqkd":
@@ -203,6 +264,9 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
     val_examples = encode_rows(val_rows, tok, cfg.data) if val_rows is not None else None
     if test_rows is not None:
         encode_rows(test_rows.head(cfg.eval.max_rows), tok, cfg.data)
+    if cache is not None:
+        cache.attach(train_examples, cfg.kd.token_scope)
+        print(f"[kdflow] training from teacher cache {cfg.teacher_cache.dir} (k={cfg.teacher_cache.k}); the teacher is not run")
 
     total, _ = count_parameters(student)
     print(f"[kdflow] method={cfg.method} student={total / 1e6:.1f}M params, teacher="
@@ -227,7 +291,7 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
         eval_dataset=ListDataset(val_examples) if val_examples else None,
         data_collator=Collator(tok.pad_token_id),
         cfg=cfg,
-        teacher=teacher if cfg.method in ("kd", "hard_token") else None,
+        teacher=teacher if (cfg.method in ("kd", "hard_token") and not use_cache) else None,
         vocab_size=vocab_size,
     )
     if resume:

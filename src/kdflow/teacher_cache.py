@@ -1,0 +1,259 @@
+"""Teacher cache: top-k teacher log-probs computed once, stored in shards with a manifest.
+
+Layout of a cache folder:
+    manifest.json            settings that must match a run, the shard list, `complete`
+    shard-00000.safetensors  ids [P, k] (uint16 when the vocabulary fits, else int32),
+                             logp [P, k] (float16 or bfloat16), tail_logp [P] (float32, optional),
+                             offsets [M + 1] (int64: example m owns rows offsets[m]:offsets[m+1]),
+                             row_index [M] (int64: the example's row in the dataset)
+
+Rows are the KD positions of each example (response tokens, or all tokens for
+token_scope=all), in order. Log-probs are taken after the teacher's temperature, which the
+manifest records: a run with another temperature, teacher, tokenizer, dataset, k or data
+settings refuses the cache instead of silently using it. Shards are written atomically and the
+manifest is updated after each one, so an interrupted run resumes from the last complete shard.
+Nothing is pickled: safetensors holds plain arrays, the manifest is JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from kdflow.errors import DataError
+from kdflow.losses import TopKTargets, shifted_masks
+from kdflow.report import write_atomic, write_json
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def manifest_key(*, teacher: str, teacher_tokenizer: str, student_tokenizer: str, data: str, data_settings: dict,
+                 k: int, temperature: float, token_scope: str, logp_dtype: str, store_tail: bool,
+                 alignment: dict | None = None) -> dict[str, Any]:
+    """Everything a cached target depends on. Two runs may share a cache only if these are equal."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "teacher": teacher,
+        "teacher_tokenizer": teacher_tokenizer,
+        "student_tokenizer": student_tokenizer,
+        "data": data,
+        "data_settings": data_settings,
+        "k": k,
+        "temperature": temperature,
+        "token_scope": token_scope,
+        "logp_dtype": logp_dtype,
+        "store_tail": store_tail,
+        "alignment": alignment,
+    }
+
+
+def _read_manifest(folder: Path) -> dict[str, Any] | None:
+    path = folder / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise DataError(f"{path} is not valid JSON; delete the cache folder and run kdflow cache-teacher again") from None
+
+
+def _diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    return [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# Computing top-k targets
+
+
+def topk_from_logits(logits: torch.Tensor, k: int, temperature: float, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids [N, k], log-probs [N, k], tail log-mass [N]) of softmax(logits / temperature), in float32."""
+    ids, lps, tails = [], [], []
+    for start in range(0, logits.shape[0], chunk):
+        lp = F.log_softmax(logits[start:start + chunk].float() / temperature, -1)
+        top = lp.topk(min(k, lp.shape[-1]), dim=-1)
+        covered = torch.logsumexp(top.values, -1).clamp(max=0.0)
+        tails.append(torch.log(-torch.expm1(covered)))  # log(1 - covered mass), -inf when it is all covered
+        ids.append(top.indices)
+        lps.append(top.values)
+    return torch.cat(ids), torch.cat(lps), torch.cat(tails)
+
+
+def same_tokenizer_targets(teacher: Any, vocab_size: int, k: int, temperature: float, token_scope: str) -> Callable:
+    """Per-batch function computing the teacher's top-k at each example's KD positions."""
+    from kdflow.models import selected_hidden
+
+    @torch.no_grad()
+    def targets(batch: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
+        _, kd_mask = shifted_masks(batch["labels"], batch["attention_mask"], token_scope)
+        hidden, head = selected_hidden(teacher, batch["input_ids"], batch["attention_mask"], kd_mask)
+        logits = torch.cat([head(hidden[s:s + 512])[..., :vocab_size].float() for s in range(0, hidden.shape[0], 512)]) \
+            if hidden.shape[0] else hidden.new_zeros((0, vocab_size))
+        ids, lp, tail = topk_from_logits(logits, k, temperature)
+        out, start = [], 0
+        for n in kd_mask.sum(-1).tolist():
+            out.append({"ids": ids[start:start + n], "logp": lp[start:start + n], "tail_logp": tail[start:start + n]})
+            start += n
+        return out
+
+    return targets
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+
+
+def build_cache(folder: str | os.PathLike, key: dict[str, Any], examples: list[dict[str, Any]], pad_id: int,
+                compute: Callable[[dict[str, Any]], list[dict[str, torch.Tensor]]], batch_size: int = 16,
+                shard_size: int = 512, vocab_size: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Compute and store targets for every example, resuming after the last complete shard."""
+    from tqdm.auto import tqdm
+
+    from kdflow.data import collate
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = _read_manifest(folder)
+    if manifest is not None:
+        changed = _diff(manifest["key"], key)
+        if changed:
+            raise DataError(f"teacher cache {folder} was built with other settings ({', '.join(changed)} differ); "
+                            "use another teacher_cache.dir or delete this one")
+        if manifest.get("shard_size") != shard_size:
+            raise DataError(f"teacher cache {folder} uses shard_size {manifest.get('shard_size')}; keep it to resume")
+    else:
+        manifest = {"key": key, "shard_size": shard_size, "examples": len(examples), "shards": [], "complete": False}
+        write_json(folder / MANIFEST, manifest)
+    done = sum(s["examples"] for s in manifest["shards"])
+    if manifest["complete"] and done == len(examples):
+        return manifest
+    id_dtype = torch.uint16 if 0 < vocab_size <= 65536 else torch.int32
+    lp_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[key["logp_dtype"]]
+    bar = tqdm(total=len(examples), initial=done, desc="teacher cache", disable=not progress)
+    t0 = time.time()
+    from safetensors.torch import save_file
+
+    for shard_start in range(done, len(examples), shard_size):
+        shard = examples[shard_start:shard_start + shard_size]
+        per_example: list[dict[str, torch.Tensor]] = []
+        for b in range(0, len(shard), batch_size):
+            batch = collate(shard[b:b + batch_size], pad_id)
+            per_example.extend(compute(batch))
+            bar.update(min(batch_size, len(shard) - b))
+        counts = [int(t["ids"].shape[0]) for t in per_example]
+        tensors = {
+            "ids": torch.cat([t["ids"] for t in per_example]).to(id_dtype),
+            "logp": torch.cat([t["logp"] for t in per_example]).to(lp_dtype),
+            "offsets": torch.tensor([0] + list(torch.tensor(counts).cumsum(0).tolist()), dtype=torch.int64),
+            "row_index": torch.tensor([e["row_index"] for e in shard], dtype=torch.int64),
+        }
+        if key["store_tail"]:
+            tensors["tail_logp"] = torch.cat([t["tail_logp"] for t in per_example]).float()
+        if key.get("alignment") is not None:
+            tensors["valid"] = torch.cat([t["valid"] for t in per_example]).to(torch.uint8)
+        name = f"shard-{len(manifest['shards']):05d}.safetensors"
+        tmp = folder / (name + ".tmp")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, folder / name)
+        manifest["shards"].append({"file": name, "examples": len(shard), "positions": sum(counts),
+                                   "sha256": _sha256(folder / name), "bytes": (folder / name).stat().st_size})
+        write_json(folder / MANIFEST, manifest)
+    bar.close()
+    manifest["complete"] = True
+    manifest["build_seconds"] = manifest.get("build_seconds", 0.0) + (time.time() - t0)
+    positions = sum(s["positions"] for s in manifest["shards"])
+    manifest["positions"] = positions
+    manifest["bytes_per_position"] = sum(s["bytes"] for s in manifest["shards"]) / max(positions, 1)
+    write_json(folder / MANIFEST, manifest)
+    return manifest
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+
+
+class TeacherCache:
+    """A complete cache whose manifest matches the run; hands out per-example targets."""
+
+    def __init__(self, folder: str | os.PathLike, key: dict[str, Any]):
+        self.folder = Path(folder)
+        manifest = _read_manifest(self.folder)
+        if manifest is None:
+            raise DataError(f"no teacher cache at {self.folder}: run `kdflow cache-teacher` with the same config first")
+        changed = _diff(manifest["key"], key)
+        if changed:
+            detail = "; ".join(f"{c}: cache {manifest['key'].get(c)!r} vs run {key.get(c)!r}" for c in changed[:3])
+            raise DataError(f"teacher cache {self.folder} does not match this run ({detail}); "
+                            "rebuild it with `kdflow cache-teacher` or point teacher_cache.dir elsewhere")
+        if not manifest.get("complete"):
+            raise DataError(f"teacher cache {self.folder} is incomplete ({sum(s['examples'] for s in manifest['shards'])}"
+                            f" of {manifest['examples']} examples); run `kdflow cache-teacher` again to finish it")
+        self.manifest = manifest
+
+    def load(self, verify: bool = False) -> dict[int, dict[str, torch.Tensor]]:
+        """row_index -> {ids [n, k] int64, logp [n, k] float32, tail_logp [n], valid [n]}."""
+        from safetensors.torch import load_file
+
+        out: dict[int, dict[str, torch.Tensor]] = {}
+        k = self.manifest["key"]["k"]
+        for shard in self.manifest["shards"]:
+            path = self.folder / shard["file"]
+            if not path.is_file():
+                raise DataError(f"teacher cache shard {path} is missing; rebuild the cache")
+            if verify and _sha256(path) != shard["sha256"]:
+                raise DataError(f"teacher cache shard {path} is corrupted (checksum differs); rebuild the cache")
+            t = load_file(str(path))
+            ids, logp, offsets = t["ids"], t["logp"], t["offsets"]
+            if ids.dim() != 2 or ids.shape != logp.shape or ids.shape[1] > k or offsets[-1] != ids.shape[0]:
+                raise DataError(f"teacher cache shard {path} has inconsistent shapes; rebuild the cache")
+            ids = ids.long() if ids.dtype != torch.uint16 else ids.to(torch.int32).long()
+            for m, row in enumerate(t["row_index"].tolist()):
+                a, b = int(offsets[m]), int(offsets[m + 1])
+                entry = {"ids": ids[a:b], "logp": logp[a:b].float()}
+                if "tail_logp" in t:
+                    entry["tail_logp"] = t["tail_logp"][a:b]
+                if "valid" in t:
+                    entry["valid"] = t["valid"][a:b].bool()
+                out[row] = entry
+        return out
+
+    def attach(self, examples: list[dict[str, Any]], token_scope: str) -> None:
+        """Add `teacher_*` fields to each example; check each example's KD positions match the cache."""
+        targets = self.load()
+        for e in examples:
+            t = targets.get(e["row_index"])
+            if t is None:
+                raise DataError(f"teacher cache {self.folder} has no entry for training row {e['row_index'] + 1}; rebuild it")
+            labels = torch.tensor([e["labels"]])
+            attn = torch.ones_like(labels)
+            _, kd_mask = shifted_masks(labels, attn, token_scope)
+            n = int(kd_mask.sum())
+            if t["ids"].shape[0] != n:
+                raise DataError(f"teacher cache {self.folder}: training row {e['row_index'] + 1} has {n} KD positions but "
+                                f"the cache holds {t['ids'].shape[0]}; the data changed, rebuild the cache")
+            for name, value in t.items():
+                e[f"teacher_{name}"] = value
+
+
+def batch_targets(batch: dict[str, Any]) -> TopKTargets:
+    """Concatenate the per-example cached targets of a collated batch, in row-major position order."""
+    ids = torch.cat(batch["teacher_ids"])
+    logp = torch.cat(batch["teacher_logp"])
+    tail = torch.cat(batch["teacher_tail_logp"]) if "teacher_tail_logp" in batch else None
+    valid = torch.cat(batch["teacher_valid"]) if "teacher_valid" in batch else None
+    return TopKTargets(ids, logp, valid, tail)
