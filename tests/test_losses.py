@@ -169,3 +169,120 @@ def test_shifted_masks_response_and_all():
     assert torch.equal(ce, kd)
     _, kd_all = shifted_masks(labels, attn, "all")
     assert kd_all.tolist() == [[True, True, True, True, False], [True, True, False, False, False]]
+
+
+# ----------------------------------------------------------------------------------------------
+# Sparse (top-k) teachers and the fused, chunked head losses
+
+from kdflow.losses import (DenseTeacher, HeadLossSpec, TopKTargets, check_sparse_divergence, head_losses,
+                           sparse_pair, topk_kd_sum)
+
+
+def topk_of(t_logits, k, temperature=1.0):
+    lp = F.log_softmax(t_logits / temperature, -1)
+    top = lp.topk(k, -1)
+    return TopKTargets(top.indices, top.values)
+
+
+@pytest.mark.parametrize("name", list(DIVERGENCES))
+@pytest.mark.parametrize("mode", ["tail", "renorm"])
+def test_topk_with_the_whole_vocabulary_equals_the_dense_loss(name, mode):
+    t, s = torch.randn(6, 19) * 2, torch.randn(6, 19) * 2
+    fn = get_divergence(name)
+    dense, _ = kd_sum(s, t, fn, 2.0)
+    sparse, n = topk_kd_sum(s, topk_of(t, 19, 2.0), fn, 2.0, mode)
+    assert n == 6 and torch.allclose(dense, sparse, atol=1e-4, rtol=1e-4)
+
+
+def naive_sparse(name, t_logits, s_logits, k, mode):
+    """k + 1 buckets built by hand in float64 from full softmaxes."""
+    out = []
+    for tl, sl in zip(t_logits.double(), s_logits.double()):
+        p, q = torch.softmax(tl, -1), torch.softmax(sl, -1)
+        ids = p.topk(k).indices
+        pk, qk = p[ids], q[ids]
+        if mode == "renorm":
+            pk = pk / pk.sum()
+            P = torch.cat([pk, torch.zeros(1, dtype=torch.float64)])
+        else:
+            P = torch.cat([pk, (1 - pk.sum()).reshape(1)])
+        Q = torch.cat([qk, (1 - qk.sum()).reshape(1)])
+        out.append(float(get_divergence(name)(torch.log(P).unsqueeze(0), torch.log(Q).unsqueeze(0))))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("name", list(DIVERGENCES))
+@pytest.mark.parametrize("mode", ["tail", "renorm"])
+def test_topk_losses_against_a_hand_built_bucket_reference(name, mode):
+    if name == "rkl" and mode == "renorm":
+        with pytest.raises(ValueError, match="undefined"):
+            check_sparse_divergence(name, mode)
+        return
+    t, s = torch.randn(5, 30) * 2, torch.randn(5, 30) * 2
+    targets = topk_of(t, 7)
+    ts, ss = sparse_pair(F.log_softmax(s, -1), targets, mode)
+    got = get_divergence(name)(ts, ss)
+    assert torch.allclose(got.double(), naive_sparse(name, t, s, 7, mode), atol=1e-5, rtol=1e-4)
+
+
+def test_empty_slots_and_invalid_rows_contribute_nothing():
+    t, s = torch.randn(4, 12), torch.randn(4, 12)
+    full = topk_of(t, 5)
+    ids, lp = full.ids.clone(), full.logp.clone()
+    ids[:, 3:] = -1  # only 3 real slots
+    padded = TopKTargets(ids, lp.masked_fill(ids < 0, 0.0))
+    three = topk_of(t, 3)
+    a, _ = topk_kd_sum(s, padded, get_divergence("fkl"), 1.0, "tail")
+    b, _ = topk_kd_sum(s, three, get_divergence("fkl"), 1.0, "tail")
+    assert torch.allclose(a, b, atol=1e-6)
+    masked = TopKTargets(three.ids, three.logp, valid=torch.tensor([True, False, True, False]))
+    c, n = topk_kd_sum(s, masked, get_divergence("fkl"), 1.0, "tail")
+    d0, _ = topk_kd_sum(s[[0]], three.rows(torch.tensor([0])), get_divergence("fkl"), 1.0, "tail")
+    d2, _ = topk_kd_sum(s[[2]], three.rows(torch.tensor([2])), get_divergence("fkl"), 1.0, "tail")
+    assert n == 2 and torch.allclose(c, d0 + d2)
+
+
+def _head_setup(n=23, h=8, v=40, kd_every=2):
+    torch.manual_seed(5)
+    head = torch.nn.Linear(h, v, bias=False)
+    t_head = torch.nn.Linear(12, v + 3, bias=False)  # a teacher head padded to another size
+    hidden = torch.randn(n, h, requires_grad=True)
+    targets = torch.randint(0, v, (n,))
+    targets[::5] = -100  # rows outside CE
+    kd_rows = torch.arange(n) % kd_every == 0
+    t_hidden = torch.randn(int(kd_rows.sum()), 12)
+    return head, t_head, hidden, targets, kd_rows, t_hidden
+
+
+@pytest.mark.parametrize("kind", ["soft", "hard"])
+@pytest.mark.parametrize("teacher_kind", ["dense", "topk"])
+def test_head_losses_chunked_equal_reference_values_and_gradients(kind, teacher_kind):
+    head, t_head, hidden, targets, kd_rows, t_hidden = _head_setup()
+    V = 40
+    t_logits = t_head(t_hidden).detach()[:, :V]
+    fn = get_divergence("jsd")
+    # reference: plain full logits and the simple loss functions
+    logits = head(hidden)
+    in_ce = targets != -100
+    ce_ref, _ = ce_sum(logits[in_ce], targets[in_ce])
+    if teacher_kind == "dense":
+        teacher = DenseTeacher(t_hidden, t_head)
+        kd_ref = (kd_sum(logits[kd_rows], t_logits, fn, 2.0)[0] if kind == "soft"
+                  else hard_token_sum(logits[kd_rows], t_logits)[0])
+    else:
+        teacher = topk_of(t_logits, 6, 2.0 if kind == "soft" else 1.0)
+        kd_ref = (topk_kd_sum(logits[kd_rows], teacher, fn, 2.0, "tail")[0] if kind == "soft"
+                  else F.cross_entropy(logits[kd_rows], teacher.ids[:, 0], reduction="sum"))
+    (ce_ref + 0.3 * kd_ref).backward()
+    g_ref = hidden.grad.clone()
+    w_ref = head.weight.grad.clone()
+    for chunk in (0, 4, 7):
+        hidden.grad = None
+        head.weight.grad = None
+        spec = HeadLossSpec(kind=kind, divergence=fn, temperature=2.0, sparse_mode="tail", vocab_size=V, chunk_tokens=chunk)
+        out = head_losses(hidden, head, targets, kd_rows, teacher, spec)
+        assert out["ce"][1] == int(in_ce.sum()) and out["kd"][1] == int(kd_rows.sum())
+        assert torch.allclose(out["ce"][0], ce_ref, atol=1e-4) and torch.allclose(out["kd"][0], kd_ref, atol=1e-4)
+        (out["ce"][0] + 0.3 * out["kd"][0]).backward()
+        assert torch.allclose(hidden.grad, g_ref, atol=1e-5), chunk
+        assert torch.allclose(head.weight.grad, w_ref, atol=1e-5), chunk

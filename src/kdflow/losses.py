@@ -227,8 +227,16 @@ def sparse_pair(student_logp: torch.Tensor, targets: TopKTargets, mode: str) -> 
                    this is sum_k p_hat (log p_hat - log q), the usual top-k KD loss).
     """
     empty = targets.ids < 0
-    s_k = student_logp.gather(-1, targets.ids.clamp(min=0)).masked_fill(empty, -math.inf)
-    s_rest = _log1mexp(torch.logsumexp(s_k, -1))
+    safe_ids = targets.ids.clamp(min=0)
+    s_k = student_logp.gather(-1, safe_ids).masked_fill(empty, -math.inf)
+    # The student's mass outside the k ids, summed directly rather than as 1 - sum_k q: the
+    # subtraction loses everything below float32 resolution, and a zero that should be 1e-9
+    # makes reverse KL infinite.
+    outside = student_logp.scatter(-1, safe_ids, -math.inf)
+    if bool(empty.any()):  # empty slots point at id 0 above; put id 0 back unless it is a real slot
+        real0 = ((targets.ids == 0) & ~empty).any(-1, keepdim=True)
+        outside[..., :1] = torch.where(real0, outside[..., :1], student_logp[..., :1])
+    s_rest = torch.logsumexp(outside, -1)
     t_k = targets.logp.float().masked_fill(empty, -math.inf)
     if mode == "renorm":
         t_k = t_k - torch.logsumexp(t_k, -1, keepdim=True)

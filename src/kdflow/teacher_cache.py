@@ -87,8 +87,8 @@ def topk_from_logits(logits: torch.Tensor, k: int, temperature: float, chunk: in
     for start in range(0, logits.shape[0], chunk):
         lp = F.log_softmax(logits[start:start + chunk].float() / temperature, -1)
         top = lp.topk(min(k, lp.shape[-1]), dim=-1)
-        covered = torch.logsumexp(top.values, -1).clamp(max=0.0)
-        tails.append(torch.log(-torch.expm1(covered)))  # log(1 - covered mass), -inf when it is all covered
+        # the mass outside the top k, summed directly (1 - covered loses it to rounding)
+        tails.append(torch.logsumexp(lp.scatter(-1, top.indices, -float("inf")), -1))
         ids.append(top.indices)
         lps.append(top.values)
     return torch.cat(ids), torch.cat(lps), torch.cat(tails)
