@@ -175,6 +175,60 @@ class DistillConfig:
 
 
 @dataclass
+class MiniLLMSettings:
+    """MiniLLM (methods.md §5): rollouts, the loss and its optimisation."""
+
+    mix_alpha: float = opt(0.2, "teacher share of the sampling mixture: tokens are drawn from mix_alpha p + (1 - mix_alpha) q")
+    sample_temperature: float = opt(1.0, "temperature of the rollout sampling only (not of any loss); the importance "
+                                         "weights correct towards the untempered student")
+    max_new_tokens: int = opt(48, "longest sampled response (tokens, EOS included)")
+    rollout_batch_size: int = opt(16, "prompts sampled per rollout; each rollout is trained on for inner_epochs passes")
+    batch_size: int = opt(8, "rollout sequences per optimizer step (must divide rollout_batch_size)")
+    micro_batch_size: int = opt(0, "sequences per forward/backward inside one optimizer step (0: batch_size); "
+                                   "losses are normalised by the whole step's token count")
+    inner_epochs: int = opt(2, "passes over each rollout batch (PPO-style inner epochs)")
+    clip_ratio: float = opt(0.2, "PPO clipping of the ratio q_theta / q_rollout to [1 - clip_ratio, 1 + clip_ratio]")
+    single_step_weight: float = opt(1.0, "weight of the single-step term: the exact token-level reverse KL at each sampled prefix")
+    pg_weight: float = opt(1.0, "weight of the long-term policy-gradient term (length-normalised returns of the later tokens)")
+    single_step_importance: bool = opt(True, "weight the single-step term by the importance weight q/p~ like the "
+                                             "paper's Eq. 6 (false: unweighted, like the authors' code)")
+    lm_coef: float = opt(0.0, "coefficient of the optional language-modelling loss on lm_data (0: off)")
+    lm_data: str | None = opt(None, "rows for the language-modelling loss: a `text` field (plain text, every token) "
+                                    "or prompt/response rows (answer tokens); same file forms as data.train")
+    lm_text_field: str = opt("text", "field of lm_data rows holding plain text")
+    lm_batch_size: int = opt(8, "lm_data rows per optimizer step")
+    learning_rate: float = opt(5e-6, "peak learning rate (AdamW)")
+    max_steps: int = opt(100, "optimizer steps; a rollout is drawn whenever the previous one is used up")
+    warmup_ratio: float = opt(0.0, "fraction of steps with linear warm-up")
+    lr_scheduler: str = opt("constant", "transformers scheduler name: constant, linear, cosine, ...")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    adam_beta1: float = opt(0.9, "AdamW beta1")
+    adam_beta2: float = opt(0.999, "AdamW beta2")
+    max_grad_norm: float = opt(1.0, "gradient clipping norm (0 disables)")
+    bf16: bool = opt(False, "autocast student and teacher forwards to bf16 (rollouts and training); losses stay float32")
+    logging_steps: int = opt(1, "log losses and rollout statistics every N optimizer steps")
+    save_steps: int = opt(20, "checkpoint at the first rollout boundary at or after every N optimizer steps (0: only at the end)")
+    save_total_limit: int = opt(2, "keep at most N checkpoints")
+    resume: str = opt("auto", "auto: continue from the newest checkpoint in output_dir; never; or a checkpoint path")
+    num_threads: int = opt(0, "torch CPU threads (0: leave torch's default)")
+
+
+@dataclass
+class MiniLLMConfig:
+    output_dir: str = opt("runs/minillm", "run folder: checkpoints, resolved config, metrics, report")
+    seed: int = opt(0, "random seed (data order, rollouts, minibatches)")
+    teacher: ModelSpec = opt(factory=lambda: ModelSpec(name="bundled:smollm2-135m-instruct"), help="the frozen teacher p")
+    student: StudentSpec = opt(factory=StudentSpec, help="the student q; start it from an SFT checkpoint (init: pretrained, "
+                                                          "name: runs/<sft run>/student)")
+    data: DataConfig = opt(factory=DataConfig, help="prompts for rollouts come from data.train; data.test is evaluated")
+    minillm: MiniLLMSettings = opt(factory=MiniLLMSettings, help="rollouts, loss and optimisation")
+    eval: EvalConfig = opt(factory=EvalConfig, help="final evaluation on the test split (set sample_seeds: MiniLLM's "
+                                                    "claims are about sampled generations)")
+    evaluate_teacher: bool = opt(True, "evaluate the teacher at the end too")
+    evaluate_before: bool = opt(True, "evaluate the student before training")
+
+
+@dataclass
 class EvalRunConfig:
     model: ModelSpec = opt(factory=ModelSpec, help="model to evaluate (a run's student folder, Hub id, .gguf, bundled:...)")
     lora_adapter: str | None = opt(None, "folder of a peft adapter to put on the model")
@@ -352,13 +406,14 @@ def validate(cfg: Any) -> None:
             key = prefix + f.name
             if dataclasses.is_dataclass(v):
                 walk(v, key + ".")
-            elif f.name in ("kd_weight", "jsd_beta", "skew_alpha", "warmup_ratio", "dropout", "top_p", "sample_top_p") and v is not None:
+            elif f.name in ("kd_weight", "jsd_beta", "skew_alpha", "warmup_ratio", "dropout", "top_p", "sample_top_p", "mix_alpha") and v is not None:
                 if not 0.0 <= v <= 1.0:
                     raise ConfigError(f"setting '{key}' must lie in [0, 1], got {v}")
-            elif f.name in ("temperature", "sample_temperature", "learning_rate") and v is not None:
+            elif f.name in ("temperature", "sample_temperature", "learning_rate", "clip_ratio") and v is not None:
                 if v <= 0:
                     raise ConfigError(f"setting '{key}' must be > 0, got {v}")
-            elif f.name in ("batch_size", "grad_accum", "max_length", "r", "max_new_tokens", "k", "shard_size") and v is not None:
+            elif f.name in ("batch_size", "grad_accum", "max_length", "r", "max_new_tokens", "k", "shard_size",
+                            "rollout_batch_size", "inner_epochs", "lm_batch_size") and v is not None:
                 if v < 1:
                     raise ConfigError(f"setting '{key}' must be >= 1, got {v}")
     walk(cfg, "")

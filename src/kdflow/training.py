@@ -17,11 +17,13 @@ from kdflow.errors import ConfigError
 from kdflow.report import write_atomic
 
 
-def setup_run(output_dir: str | os.PathLike, cfg: Any, seed: int, num_threads: int = 0) -> Path:
+def setup_run(output_dir: str | os.PathLike, cfg: Any, seed: int, num_threads: int = 0, resume: str | None = None) -> Path:
     """Create the run folder, write the resolved config beside the outputs, seed everything.
 
     A folder that already holds checkpoints of a run with other settings is refused when the
-    run would resume from them (train.resume=auto): resuming would mix two experiments.
+    run would resume from them (`resume`, default `cfg.train.resume`, is "auto"): resuming would
+    mix two experiments. Evaluation settings and `resume` / `num_threads` / `report_to` of any
+    section may change.
     """
     import transformers
     import yaml
@@ -31,9 +33,12 @@ def setup_run(output_dir: str | os.PathLike, cfg: Any, seed: int, num_threads: i
     new_text = dump_yaml(cfg)
     old_path = out / "config.yaml"
     train = getattr(cfg, "train", None)
-    if old_path.is_file() and last_checkpoint(out) and train is not None and train.resume == "auto":
+    if resume is None:
+        resume = train.resume if train is not None else "never"
+    if old_path.is_file() and last_checkpoint(out) and resume == "auto":
         changed = _changed_keys(yaml.safe_load(old_path.read_text()) or {}, yaml.safe_load(new_text))
-        changed = [k for k in changed if not k.startswith(("eval.", "train.resume", "evaluate_", "train.num_threads", "train.report_to"))]
+        changed = [k for k in changed if not k.startswith(("eval.", "evaluate_"))
+                   and k.rsplit(".", 1)[-1] not in ("resume", "num_threads", "report_to")]
         if changed:
             raise ConfigError(
                 f"{out} holds checkpoints of a run with other settings ({', '.join(changed[:5])} differ); "
