@@ -33,5 +33,9 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -m "not integration" tests
 
+# Benchmarks print ratios measured side by side in one run; they are not part of `make test`.
+bench: install
+	$(PY) bench/bench_rollout.py
+
 clean:
 	rm -rf runs .pytest_cache

@@ -66,3 +66,13 @@ def test_every_shipped_config_parses():
 def test_eval_config_defaults():
     cfg = load_config(EvalRunConfig, None, ["model.name=x", "data.test=t.jsonl"])
     assert cfg.model.name == "x" and cfg.eval.greedy
+
+
+def test_exponent_without_a_dot_is_a_number():
+    # YAML 1.1 reads 1e-5 as a string; a learning rate written that way must still work
+    from kdflow.config import MiniLLMConfig
+
+    cfg = load_config(MiniLLMConfig, None, ["minillm.learning_rate=1e-5", "minillm.clip_ratio=2E-1"])
+    assert cfg.minillm.learning_rate == 1e-5 and cfg.minillm.clip_ratio == 0.2
+    with pytest.raises(ConfigError, match="expected a number"):
+        load_config(MiniLLMConfig, None, ["minillm.learning_rate=fast"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -311,6 +312,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"setting '{key}': expected an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # YAML 1.1 reads "1e-5" (no dot in the mantissa) as a string; it is meant as a number.
+        if isinstance(value, str) and re.fullmatch(r"[+-]?\d+(\.\d*)?[eE][+-]?\d+", value.strip()):
             return float(value)
         raise ConfigError(f"setting '{key}': expected a number, got {value!r}")
     if tp is str:
