@@ -53,3 +53,36 @@ def test_distill_cli_on_the_real_model(tmp_path, real_model, monkeypatch):
     # the saved student reloads through the public loading path
     assert main(["eval", f"model.name={out / 'student'}", "data.test=data/wordnet_define/test.jsonl",
                  "eval.max_rows=2", "eval.max_new_tokens=4"]) == 0
+
+
+def test_minillm_sampler_on_the_real_model_matches_unpadded_uncached_forwards(real_model):
+    """Left padding, explicit positions and both KV caches on the real 135M teacher and a pruned student."""
+    import torch.nn.functional as F
+
+    from kdflow.config import DataConfig
+    from kdflow.data import left_pad, prompts_of, read_rows
+    from kdflow.models import prune_layers
+    from kdflow.rollout import mixed_sample
+
+    from conftest import DATA
+
+    tok, teacher = real_model
+    student = prune_layers(teacher, [0, 14, 29]).eval()
+    rows = read_rows(str(DATA / "test.jsonl")).head(3)
+    prompts = prompts_of(rows, tok, DataConfig())
+    prompts[1] = prompts[1][:-9] + prompts[1][-5:]  # make the lengths differ so that left padding matters
+    assert len({len(p) for p in prompts}) > 1
+    ids, mask = left_pad(prompts, tok.pad_token_id)
+    kw = dict(max_new_tokens=5, mix_alpha=0.2, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, vocab_size=len(tok),
+              stop_at_eos=False, keep_teacher_logprobs=True)
+    cached = mixed_sample(student, teacher, ids, mask, generator=torch.Generator().manual_seed(0), **kw)
+    plain = mixed_sample(student, teacher, ids, mask, generator=torch.Generator().manual_seed(0), use_cache=False, **kw)
+    assert torch.equal(cached.response_ids, plain.response_ids)
+    assert torch.allclose(cached.teacher_logprobs, plain.teacher_logprobs, atol=1e-3)
+    for i, p in enumerate(prompts):
+        y = cached.response_ids[i].tolist()
+        with torch.no_grad():
+            t = F.log_softmax(teacher(torch.tensor([p + y])).logits[0, len(p) - 1:-1].float(), -1)
+            s = F.log_softmax(student(torch.tensor([p + y])).logits[0, len(p) - 1:-1].float(), -1)
+        assert torch.allclose(cached.teacher_logprobs[i], t, atol=1e-3)
+        assert torch.allclose(cached.student_logp[i], s.gather(-1, torch.tensor(y)[:, None]).squeeze(-1), atol=1e-3)

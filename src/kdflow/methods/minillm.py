@@ -419,10 +419,11 @@ def run_minillm(cfg: MiniLLMConfig) -> dict[str, Any]:
     write_json(out / "log_history.json", history)
     curves = {k: [(h["step"], h[k]) for h in history if k in h] for k in ("loss", "single_step", "pg", "lm")}
     curves = {k: v for k, v in curves.items() if v}
-    rewards = {"rollout reward (mean log p - log q per token)": [(h["step"], h["rollout_reward"]) for h in history]}
+    rewards = {"rollout reward (mean log p - log q per token)": [(h["step"], h["rollout_reward"]) for h in history],
+               "rollout rows ending with EOS (fraction)": [(h["step"], h["rollout_ended_with_eos"]) for h in history]}
     if history:
         plot_curves(out / "loss_curve.png", curves, "kdflow minillm: loss terms")
-        plot_curves(out / "reward_curve.png", rewards, "kdflow minillm: rollout reward", ylabel="reward")
+        plot_curves(out / "reward_curve.png", rewards, "kdflow minillm: rollouts", ylabel="reward / fraction")
     write_atomic(out / "report.md", _report(cfg, metrics, results, bool(history)))
     print()
     print(format_table({k: v.metrics for k, v in results.items()}))
