@@ -33,5 +33,9 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -m "not integration" tests
 
+# Every benchmark in bench/ (each prints its times and its ratio to a reference measured in the same run).
+bench: install
+	@for f in bench/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+
 clean:
 	rm -rf runs .pytest_cache

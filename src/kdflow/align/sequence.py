@@ -77,13 +77,16 @@ def dtw_path_matrix(cost: np.ndarray) -> np.ndarray:
     """
     n, m = cost.shape
     D = np.empty((n, m), dtype=np.float64)
-    D[0] = np.cumsum(cost[0])
+    P = np.cumsum(cost, axis=1)
+    before = P - cost  # P[k - 1], the running sum up to the previous column
+    D[0] = P[0]
+    best_in = np.empty(m, dtype=np.float64)
     for i in range(1, n):
         prev = D[i - 1]
-        best_in = np.minimum(prev, np.concatenate(([np.inf], prev[:-1])))
-        P = np.cumsum(cost[i])
-        shifted = np.concatenate(([0.0], P[:-1]))
-        D[i] = P + np.minimum.accumulate(best_in - shifted)
+        best_in[0] = prev[0]
+        np.minimum(prev[1:], prev[:-1], out=best_in[1:])
+        best_in -= before[i]
+        D[i] = P[i] + np.minimum.accumulate(best_in)
     return D
 
 

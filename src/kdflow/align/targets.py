@@ -153,11 +153,13 @@ class CrossTokenizer:
         from kdflow.models import selected_hidden
         from kdflow.teacher_cache import topk_from_logits
 
-        labels = batch["labels"]
+        # built on the CPU (the batch may already sit on an accelerator), returned where the labels are
+        out_device = batch["labels"].device
+        labels = batch["labels"].cpu()
         next_tokens = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]
-        srcs = batch["teacher_src"]
+        srcs = [s.cpu() for s in batch["teacher_src"]]
         src = torch.cat(srcs) if srcs else torch.zeros(0, dtype=torch.long)
-        valid = torch.cat(batch["teacher_valid"]) if srcs else torch.zeros(0, dtype=torch.bool)
+        valid = torch.cat([v.cpu() for v in batch["teacher_valid"]]) if srcs else torch.zeros(0, dtype=torch.bool)
         if src.numel() != next_tokens.numel():
             raise ValueError(f"cross-tokenizer batch has {src.numel()} aligned rows for {next_tokens.numel()} KD rows")
         N = src.numel()
@@ -191,7 +193,7 @@ class CrossTokenizer:
             out_ids[onehot, 0] = next_tokens[onehot]
             out_lp[onehot, 0] = 0.0
             out_tail[onehot] = -math.inf
-        return TopKTargets(out_ids, out_lp, valid, out_tail)
+        return TopKTargets(out_ids.to(out_device), out_lp.to(out_device), valid.to(out_device), out_tail.to(out_device))
 
     def cache_compute(self, teacher: Any, k: int, temperature: float):
         """The per-batch function `teacher_cache.build_cache` calls: one dict of targets per example."""
