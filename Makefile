@@ -36,9 +36,9 @@ test-fast: install
 # Each benchmark prints ratios measured side by side in one run; figures go to docs/performance.md.
 bench: install
 	$(PIP) install -q -e ".[dev,bench]"
-	cd bench && ../$(PY) bench_kd_step.py
-	cd bench && ../$(PY) bench_kd_memory.py
-	cd bench && ../$(PY) bench_vs_trl.py
+	$(PY) bench/bench_kd_step.py
+	$(PY) bench/bench_kd_memory.py
+	$(PY) bench/bench_vs_trl.py
 
 clean:
 	rm -rf runs .pytest_cache
