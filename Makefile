@@ -33,9 +33,14 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -m "not integration" tests
 
-# Every benchmark in bench/ (each prints its times and its ratio to a reference measured in the same run).
+# Each benchmark prints ratios measured side by side in one run; figures go to docs/performance.md.
 bench: install
-	@for f in bench/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+	$(PIP) install -q -e ".[dev,bench]"
+	$(PY) bench/bench_kd_step.py
+	$(PY) bench/bench_kd_memory.py
+	$(PY) bench/bench_vs_trl.py
+	$(PY) bench/bench_vocab_map.py
+	$(PY) bench/bench_align.py
 
 clean:
 	rm -rf runs .pytest_cache

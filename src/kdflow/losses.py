@@ -195,17 +195,18 @@ class TopKTargets:
            alignment could pair); None means all rows
     tail_logp: [N] log of the teacher mass outside the k ids, when stored exactly; otherwise it is
            derived from `logp`
+    row_weight: [N] optional weight of each row's divergence (soft selection); counts are unchanged
     """
 
     ids: torch.Tensor
     logp: torch.Tensor
     valid: torch.Tensor | None = None
     tail_logp: torch.Tensor | None = None
+    row_weight: torch.Tensor | None = None
 
     def rows(self, index: torch.Tensor) -> "TopKTargets":
-        return TopKTargets(self.ids[index], self.logp[index],
-                           None if self.valid is None else self.valid[index],
-                           None if self.tail_logp is None else self.tail_logp[index])
+        pick = lambda t: None if t is None else t[index]
+        return TopKTargets(self.ids[index], self.logp[index], pick(self.valid), pick(self.tail_logp), pick(self.row_weight))
 
     def count(self) -> int:
         return int(self.ids.shape[0] if self.valid is None else self.valid.sum())
@@ -262,6 +263,8 @@ def topk_kd_sum(student_logits: torch.Tensor, targets: TopKTargets, divergence: 
     s = F.log_softmax(student_logits.float() / temperature, -1)
     t, s2 = sparse_pair(s, targets, mode)
     per_row = divergence(t, s2)
+    if targets.row_weight is not None:
+        per_row = per_row * targets.row_weight
     if targets.valid is not None:
         per_row = torch.where(targets.valid, per_row, torch.zeros_like(per_row))
     return per_row.sum() * temperature ** 2, targets.count()
@@ -360,6 +363,8 @@ def head_losses(hidden: torch.Tensor, head: torch.nn.Module, ce_targets: torch.T
             sub = teacher.rows(idx)
             t, s = sparse_pair(s_logp, sub, spec.sparse_mode)
             per_row = spec.divergence(t, s)
+            if sub.row_weight is not None:
+                per_row = per_row * sub.row_weight
             if sub.valid is not None:
                 per_row = torch.where(sub.valid, per_row, torch.zeros_like(per_row))
         else:
