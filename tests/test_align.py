@@ -501,6 +501,37 @@ def test_teacher_targets_equal_a_naive_recomputation(toks, tiny_data):
         assert row == got.ids.shape[0]
 
 
+def test_precomputed_teacher_rows_carry_over_like_the_online_targets(toks, tiny_data):
+    """carry_rows (for FedMKT-style payloads computed on the sender's own encoding) agrees with the
+    online path, which runs the teacher on the student's aligned positions."""
+    from kdflow.data import read_rows
+    from kdflow.teacher_cache import topk_from_logits
+
+    teacher_tok, student_tok = toks["unigram"], toks["bpe"]
+    teacher = tiny_llama(teacher_tok, layers=2, hidden=32, seed=4).eval()
+    rows = read_rows(str(tiny_data["train"])).head(4)
+    for unpaired in ("mask", "onehot_next"):
+        ct = cross(teacher_tok, student_tok, unpaired=unpaired)
+        s_ex = [Encoder(student_tok, DataConfig()).encode(r, w, i) for i, (r, w) in enumerate(zip(rows.items, rows.locations))]
+        t_ex = [Encoder(teacher_tok, DataConfig()).encode(r, w, i) for i, (r, w) in enumerate(zip(rows.items, rows.locations))]
+        ct.prepare(s_ex, rows)
+        online = ct.targets(teacher, collate(s_ex, student_tok.pad_token_id), k=8, temperature=1.0)
+        start = 0
+        for row, se, te in zip(rows.items, s_ex, t_ex):
+            with torch.no_grad():
+                logits = teacher(torch.tensor([te["input_ids"]])).logits[0, te["prompt_len"] - 1:-1, :len(teacher_tok)]
+            ids, lp, tail = topk_from_logits(logits, 8, 1.0)
+            got = ct.carry_rows(row_turns(row, "t", DataConfig()), se, te, ids, lp, tail)
+            n = got.ids.shape[0]
+            ref_ids, ref_lp = online.ids[start:start + n], online.logp[start:start + n]
+            assert torch.equal(got.valid, online.valid[start:start + n])
+            v = got.valid
+            assert torch.equal(got.ids[v], ref_ids[v])
+            assert torch.allclose(got.logp[v], ref_lp[v], atol=1e-4)
+            start += n
+        assert start == online.ids.shape[0]
+
+
 # ----------------------------------------------------------------------------------------------
 # Through the CLI
 

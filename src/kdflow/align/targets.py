@@ -14,6 +14,8 @@ only (`kd.token_scope=response`):
    paired positions (after the KD temperature), projects them into the student's vocabulary
    and returns `TopKTargets` whose rows match the student's KD rows — what `head_losses`
    consumes, online or written to the teacher cache.
+3. `CrossTokenizer.carry_rows` does the same for top-k rows that arrive precomputed on the
+   sender's own encoding of a row (FedMKT's payloads), without running any model.
 """
 
 from __future__ import annotations
@@ -67,6 +69,24 @@ def _dtw_strings(vocab: CanonicalVocab, ids: list[int], lowercase: bool) -> list
     return out
 
 
+def _assemble(paired: torch.Tensor, projected: tuple | None, next_tokens: torch.Tensor, valid: torch.Tensor,
+              k: int) -> TopKTargets:
+    """TopKTargets over all rows: projected teacher rows where paired; a one-hot on the row's own next
+    token where unpaired but valid (unpaired=onehot_next) — never the current token; empty elsewhere."""
+    N = paired.shape[0]
+    out_ids = torch.full((N, k), -1, dtype=torch.long)
+    out_lp = torch.full((N, k), -math.inf)
+    out_tail = torch.zeros(N)
+    if projected is not None:
+        out_ids[paired], out_lp[paired], out_tail[paired] = projected
+    onehot = valid & ~paired
+    if bool(onehot.any()):
+        out_ids[onehot, 0] = next_tokens[onehot]
+        out_lp[onehot, 0] = 0.0
+        out_tail[onehot] = -math.inf
+    return TopKTargets(out_ids, out_lp, valid, out_tail)
+
+
 class CrossTokenizer:
     """Alignment between one teacher tokenizer and one student tokenizer, for soft-label KD."""
 
@@ -110,7 +130,8 @@ class CrossTokenizer:
         P_s = example["prompt_len"]
         n = len(example["input_ids"]) - P_s  # answer tokens the student keeps (cut at data.max_length)
         if example["input_ids"][P_s:] != s.ids[:n]:
-            raise AssertionError("student answer tokens differ from the encoder's")  # a bug, not a user error
+            raise RuntimeError("the example's answer tokens differ from its re-encoding; was it encoded with "
+                               "another tokenizer or data settings?")
         pairs = self.pair_tokens(s, t, turns.response)
         located = pairs is not None
         pairs = pairs[:n] if located else np.full(n, -1, dtype=np.int64)
@@ -162,13 +183,10 @@ class CrossTokenizer:
         valid = torch.cat([v.cpu() for v in batch["teacher_valid"]]) if srcs else torch.zeros(0, dtype=torch.bool)
         if src.numel() != next_tokens.numel():
             raise ValueError(f"cross-tokenizer batch has {src.numel()} aligned rows for {next_tokens.numel()} KD rows")
-        N = src.numel()
         k_eff = min(k, len(self.teacher_to_student))
-        out_ids = torch.full((N, k_eff), -1, dtype=torch.long)
-        out_lp = torch.full((N, k_eff), -math.inf)
-        out_tail = torch.zeros(N)
         owner = torch.cat([torch.full((len(s),), b, dtype=torch.long) for b, s in enumerate(srcs)]) if srcs else src
         paired = src >= 0
+        projected = None
         if bool(paired.any()):
             seqs = batch["teacher_input_ids"]
             W = max(len(x) for x in seqs)
@@ -184,16 +202,39 @@ class CrossTokenizer:
             V = len(self.teacher_to_student)
             logits = torch.cat([head(hidden[s:s + 512])[..., :V].float().cpu() for s in range(0, hidden.shape[0], 512)])
             t_ids, t_lp, t_tail = topk_from_logits(logits, k_eff, temperature)
-            p_ids, p_lp, p_tail = project_topk(t_ids, t_lp, self.teacher_to_student, t_tail)
             row_of = (torch.cumsum(where.flatten().long(), 0) - 1).view(where.shape)
             rows = row_of[owner[paired], src[paired]]
-            out_ids[paired], out_lp[paired], out_tail[paired] = p_ids[rows], p_lp[rows], p_tail[rows]
-        onehot = valid & ~paired  # unpaired=onehot_next: the student's own next token, never the current one
-        if bool(onehot.any()):
-            out_ids[onehot, 0] = next_tokens[onehot]
-            out_lp[onehot, 0] = 0.0
-            out_tail[onehot] = -math.inf
-        return TopKTargets(out_ids.to(out_device), out_lp.to(out_device), valid.to(out_device), out_tail.to(out_device))
+            projected = project_topk(t_ids[rows], t_lp[rows], self.teacher_to_student, t_tail[rows])
+        out = _assemble(paired, projected, next_tokens, valid, k_eff)
+        return TopKTargets(*(x.to(out_device) for x in (out.ids, out.logp, out.valid, out.tail_logp)))
+
+    def carry_rows(self, turns: Turns, student_example: dict[str, Any], teacher_example: dict[str, Any],
+                   ids: torch.Tensor, logp: torch.Tensor, tail_logp: torch.Tensor | None = None) -> TopKTargets:
+        """Top-k rows the teacher side computed on its own encoding of a row -> the student's rows.
+
+        For distributions that arrive precomputed (FedMKT's payloads): row k of `ids`/`logp` is the
+        sender's position predicting its answer token k, as `teacher_example` (the row encoded by the
+        sender's tokenizer and template) has it. Returns one row per student answer token, projected
+        into the student's vocabulary, with `valid` as `unpaired` says.
+        """
+        offsets = self.cfg.sequence == "offsets"
+        s = self.student_enc.response_encoding(turns, spans=offsets)
+        t = self.teacher_enc.response_encoding(turns, spans=offsets)
+        n = len(student_example["input_ids"]) - student_example["prompt_len"]
+        m = len(teacher_example["input_ids"]) - teacher_example["prompt_len"]
+        if teacher_example["input_ids"][teacher_example["prompt_len"]:] != t.ids[:m] or ids.shape[0] != m:
+            raise ValueError(f"teacher rows ({ids.shape[0]}) do not match the teacher's encoding of the row ({m} answer tokens)")
+        pairs = self.pair_tokens(s, t, turns.response)
+        pairs = torch.from_numpy(pairs[:n] if pairs is not None else np.full(n, -1, dtype=np.int64))
+        pairs[pairs >= m] = -1  # the teacher's answer was cut earlier than the student's
+        paired = pairs >= 0
+        projected = None
+        if bool(paired.any()):
+            k = pairs[paired]
+            projected = project_topk(ids[k], logp[k], self.teacher_to_student, None if tail_logp is None else tail_logp[k])
+        answer = torch.tensor(student_example["input_ids"][student_example["prompt_len"]:], dtype=torch.long)
+        valid = torch.ones(n, dtype=torch.bool) if self.cfg.unpaired == "onehot_next" else paired
+        return _assemble(paired, projected, answer, valid, ids.shape[1])
 
     def cache_compute(self, teacher: Any, k: int, temperature: float):
         """The per-batch function `teacher_cache.build_cache` calls: one dict of targets per example."""
