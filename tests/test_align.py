@@ -177,6 +177,52 @@ def test_canonical_text_makes_word_starts_and_bytes_comparable(toks):
     assert token_text("##ing", wp)[0] == "ing" and token_text("walk", wp)[0] == MARKER + "walk"
 
 
+class SlowTokenizer:
+    """A tokenizer without a tokenizers pipeline and without offsets (like a Python "slow" one)."""
+
+    def __init__(self, tokens, unk="<unk>", eos="</s>"):
+        self.tokens = tokens
+        self.unk_token_id, self.eos_token_id = tokens.index(unk), tokens.index(eos)
+        self.all_special_ids = [self.unk_token_id, self.eos_token_id]
+
+    def __len__(self):
+        return len(self.tokens)
+
+    def convert_ids_to_tokens(self, ids):
+        return [self.tokens[i] for i in ids]
+
+
+def test_a_tokenizer_without_pipeline_gets_its_scheme_from_the_vocabulary():
+    tokens = ["<unk>", "</s>", "▁the", "▁a", "s", "▁cat", "<0xF0>", "<0x41>", "A"]
+    v = canonical_vocab(SlowTokenizer(tokens))
+    assert v.scheme.space_char == MARKER and v.scheme.byte_fallback
+    assert v.texts[2] == MARKER + "the" and v.texts[6] == chr(BYTE_BASE + 0xF0)
+    assert v.byte_fallback[7] and not v.byte_fallback[8] and v.texts[7] == v.texts[8] == "A"
+    assert v.roles == {"eos": 1, "unk": 0}
+    # two tokens spell "A": an ordinary sender "A" lands on the ordinary one, not the byte token
+    m = build_map(canonical_vocab(make_tok("bpe", vocab=300)), v)
+    assert m[make_tok("bpe", vocab=300).convert_tokens_to_ids("A")] == 8
+
+
+def test_offsets_need_a_fast_tokenizer_and_the_error_says_what_to_do(toks, monkeypatch):
+    from kdflow.errors import AlignmentError
+
+    student = make_tok("unigram", UTIL_IZE, 400)
+    original = type(student).__call__
+
+    def no_offsets(self, *a, **kw):
+        if kw.get("return_offsets_mapping"):
+            raise NotImplementedError("offsets are only available with fast tokenizers")
+        return original(self, *a, **kw)
+
+    monkeypatch.setattr(type(student), "__call__", no_offsets)
+    row, e = example(student, "Use it.", "we utilize the land")
+    with pytest.raises(AlignmentError, match="no character offsets.*align.sequence=dtw"):
+        cross(toks["bpe"], student).pair_example(row_turns(row, "t", DataConfig()), e)
+    _, src, _, located = cross(toks["bpe"], student, sequence="dtw").pair_example(row_turns(row, "t", DataConfig()), e)
+    assert located and sum(p >= 0 for p in src) >= 4
+
+
 # ----------------------------------------------------------------------------------------------
 # MinED
 
