@@ -639,8 +639,10 @@ def test_cross_tokenizer_distill_online_and_from_the_cache(toks, tiny_data, tmp_
     # a setting the alignment cannot honour is a clear error
     assert main(["distill", *common, "kd.token_scope=all", "output_dir=" + str(tmp_path / "bad")]) == 2
     assert "kd.token_scope=all needs teacher and student to share a tokenizer" in capsys.readouterr().err
-    assert main(["distill", *common, "method=hard_token", "output_dir=" + str(tmp_path / "bad2")]) == 2
-    assert "only method=kd supports" in capsys.readouterr().err
+    # hard_token: CE on the argmax of the carried distribution, online
+    assert main(["distill", *common, "method=hard_token", "output_dir=" + str(tmp_path / "hard")]) == 0
+    hist = json.loads((tmp_path / "hard" / "log_history.json").read_text())
+    assert any("kd" in h for h in hist)
 
 
 def test_cross_tokenizer_kd_lowers_the_students_held_out_loss(toks, tmp_path, monkeypatch, one_thread):

@@ -11,9 +11,10 @@ Token text is made comparable first (`canonical_vocab`):
   matching (a WordPiece vocabulary has no capitals to match).
 
 Then, for every ordinary sender token: an exact text match maps to it; otherwise the receiver
-token at minimum Levenshtein distance. Ties are broken by the receiver token's text
-(lexicographic, code-point order), then by byte-fallback tokens ranking after ordinary ones,
-then by id — one total order, so the map is deterministic. Special tokens never take part in
+token at minimum Levenshtein distance. Ties are broken first in favour of a token that differs
+only by the word-start marker (`.` -> `▁.`), then by the receiver token's text (lexicographic,
+code-point order), then by byte-fallback tokens ranking after ordinary ones, then by id — one
+total order, so the map is deterministic. Special tokens never take part in
 edit-distance matching: BOS/EOS/UNK/PAD (and SEP/CLS/MASK) map to the receiver's token of the
 same role, other special tokens to a receiver token with the same content; a special token with
 no counterpart maps to -1 (projection drops its probability, see `project.py`).

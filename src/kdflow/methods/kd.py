@@ -83,7 +83,7 @@ def make_distill_trainer_class() -> type:
             teacher = None
             if use_kd:
                 if self.cross is not None and self.teacher is not None:
-                    teacher = self.cross.targets(self.teacher, inputs, self.cfg.align.top_k, self.cfg.kd.temperature)
+                    teacher = self.cross.targets(self.teacher, inputs, self.cfg.align.top_k, _target_temperature(self.cfg))
                 elif self.teacher is not None:
                     with torch.no_grad():
                         t_hidden, t_head = selected_hidden(self.teacher, input_ids, attention, kd_mask)
@@ -210,16 +210,24 @@ def _cache_key(cfg: DistillConfig, train_rows: Rows, teacher_tok: Any, tok: Any,
     c = cfg.teacher_cache
     return manifest_key(teacher=model_identity(cfg.teacher), teacher_tokenizer=tokenizer_fingerprint(teacher_tok),
                         student_tokenizer=tokenizer_fingerprint(tok), data=rows_fingerprint(train_rows),
-                        data_settings=_data_settings(cfg), k=c.k, temperature=cfg.kd.temperature,
+                        data_settings=_data_settings(cfg), k=c.k,
+                        temperature=_target_temperature(cfg) if cross is not None else cfg.kd.temperature,
                         token_scope=cfg.kd.token_scope, logp_dtype=c.logp_dtype, store_tail=c.store_tail,
                         alignment=cross.key() if cross is not None else None)
+
+
+def _target_temperature(cfg: DistillConfig) -> float:
+    """Temperature of cross-tokenizer targets: hard_token takes the argmax of the carried distribution
+    at temperature 1 (probabilities of teacher tokens that land on one student token are added, so
+    the temperature could change which one wins)."""
+    return 1.0 if cfg.method == "hard_token" else cfg.kd.temperature
 
 
 def _cross_tokenizer(cfg: DistillConfig, teacher_tok: Any, tok: Any) -> Any:
     """None when teacher and student share a tokenizer; else the alignment for cross-tokenizer KD."""
     if tokenizer_fingerprint(teacher_tok) == tokenizer_fingerprint(tok):
         return None
-    if cfg.method != "kd":
+    if cfg.method not in ("kd", "hard_token"):
         require_same_tokenizer(teacher_tok, tok, cfg.teacher.name or "", cfg.student.name or cfg.student.init)
     if cfg.kd.token_scope != "response":
         raise ConfigError(
@@ -255,7 +263,7 @@ def run_cache_teacher(cfg: DistillConfig) -> dict[str, Any]:
     c = cfg.teacher_cache
     if cross is not None:  # targets in the student's vocabulary, at the student's positions
         print(f"[kdflow] alignment: {cross.prepare(examples, train_rows).summary()}")
-        compute = cross.cache_compute(teacher, c.k, cfg.kd.temperature)
+        compute = cross.cache_compute(teacher, c.k, _target_temperature(cfg))
     else:
         compute = same_tokenizer_targets(teacher, len(tok), c.k, cfg.kd.temperature, cfg.kd.token_scope)
     manifest = build_cache(c.dir, _cache_key(cfg, train_rows, teacher_tok, tok, cross), examples, tok.pad_token_id,
