@@ -610,6 +610,7 @@ def test_cross_tokenizer_distill_online_and_from_the_cache(toks, tiny_data, tmp_
     assert metrics["train"]["steps"] == 2 and metrics["cross_tokenizer"]["alignment"]["paired"] > 0
     assert any("kd" in h for h in json.loads((tmp_path / "online" / "log_history.json").read_text()))
     assert "sequence: offsets" in (tmp_path / "online" / "config.yaml").read_text()
+    assert "cross-tokenizer: positions paired by offsets" in (tmp_path / "online" / "report.md").read_text()
 
     cache = tmp_path / "cache"
     args = _args(teacher, student, tiny_data, tmp_path / "cached", "train.max_steps=2", f"teacher_cache.dir={cache}",

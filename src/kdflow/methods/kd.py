@@ -7,7 +7,9 @@
 
 Each term is a (sum, count) pair normalised by its token count over the whole optimizer step.
 The teacher runs online, or not at all when `teacher_cache.dir` holds its top-k log-probs
-(`kdflow cache-teacher` computes them once). The run ends by evaluating the teacher, the student before and the student after training on
+(`kdflow cache-teacher` computes them once). A teacher with another tokenizer works for kd and
+hard_token: `kdflow.align` pairs positions over the answer and carries the teacher's top-k into the
+student's vocabulary (the `align` settings). The run ends by evaluating the teacher, the student before and the student after training on
 the test split, and writes config.yaml, metrics.json, report.md and loss_curve.png.
 """
 
@@ -409,6 +411,11 @@ def _report(cfg: DistillConfig, metrics: dict[str, Any], results: dict[str, Eval
     t = metrics["train"]
     speed = f" ({t['tokens_per_second']:.0f} tokens/s)" if t["tokens_per_second"] else " (resumed)"
     lines.append(f"- training: {t['steps']} steps in {t['seconds']:.0f} s{speed}, data `{cfg.data.train}`")
+    x = metrics.get("cross_tokenizer")
+    if x:
+        a = x["alignment"]
+        paired = f", {a['paired']} of {a['positions']} answer positions paired" if a else " (targets from the teacher cache)"
+        lines.append(f"- cross-tokenizer: positions paired by {x['sequence']}{paired}, unpaired positions: {x['unpaired']}")
     lines += ["", f"## Test split (`{cfg.data.test}`, first {cfg.eval.max_rows} rows)", "",
               format_table({k: v.metrics for k, v in results.items()}) or "(no test split)", ""]
     if series:
