@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench fedmkt-demo clean
 
 install: $(STAMP)
 
@@ -27,14 +27,26 @@ $(STAMP): pyproject.toml
 demo: install
 	$(VENV)/bin/kdflow distill --config configs/demo.yaml
 
+# FedMKT on this machine: builds the two client bases once (about 10 minutes), then runs the rounds.
+fedmkt-demo: install
+	test -f runs/small_lm/pretrain/student/config.json || $(PY) scripts/make_small_lm.py --out runs/small_lm --steps 500
+	test -f runs/smol10/student/config.json || $(VENV)/bin/kdflow distill --config configs/client_smol10.yaml
+	$(VENV)/bin/kdflow fedmkt --config configs/fedmkt.yaml
+
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 test-fast: install
 	$(PY) -m pytest -q -m "not integration" tests
 
-# Benchmarks print ratios measured side by side in one run; they are not part of `make test`.
+# Each benchmark prints ratios measured side by side in one run; figures go to docs/performance.md.
 bench: install
+	$(PIP) install -q -e ".[dev,bench]"
+	$(PY) bench/bench_kd_step.py
+	$(PY) bench/bench_kd_memory.py
+	$(PY) bench/bench_vs_trl.py
+	$(PY) bench/bench_vocab_map.py
+	$(PY) bench/bench_align.py
 	$(PY) bench/bench_rollout.py
 
 clean:

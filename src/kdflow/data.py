@@ -195,6 +195,13 @@ def uses_chat_template(tok: Any, cfg: DataConfig) -> bool:
     return has if cfg.chat_template == "auto" else cfg.chat_template == "always"
 
 
+@dataclass
+class ResponseEncoding:
+    ids: list[int]
+    text: str  # what `ids` tokenise: the answer, plus the template's end marker when it writes one
+    spans: list[tuple[int, int]] | None  # character span of each id in `text`, when asked for
+
+
 class Encoder:
     """Turns rows into token ids the same way for training, scoring and generation."""
 
@@ -224,6 +231,16 @@ class Encoder:
         return ids
 
     def response_ids(self, turns: Turns) -> list[int]:
+        return self.response_encoding(turns).ids
+
+    def response_encoding(self, turns: Turns, spans: bool = False) -> "ResponseEncoding":
+        """The answer's token ids, the text they tokenise, and (optionally) each id's character span.
+
+        The text is the answer followed by the template's end marker when the chat template writes
+        one, else the answer alone (EOS is then appended as an id with the empty span (n, n)).
+        Spans come from a fast tokenizer's offset mapping; cross-tokenizer alignment needs them.
+        """
+        rest, templated = turns.response, False
         if self.chat:
             msgs = list(turns.messages)
             if self.cfg.system_prompt and msgs[0]["role"] != "system":
@@ -231,18 +248,30 @@ class Encoder:
             prompt = self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
             full = self.tok.apply_chat_template(msgs + [{"role": "assistant", "content": turns.response}], tokenize=False)
             if full.startswith(prompt):
-                rest = full[len(prompt):]
+                rest, templated = full[len(prompt):], True
                 # The answer ends at EOS; template whitespace after it is never generated.
                 eos = self.tok.eos_token
                 if rest.rstrip().endswith(eos):
                     rest = rest.rstrip()
-                ids = self.tok(rest, add_special_tokens=False).input_ids
-                if not ids or ids[-1] != self.eos_id:
-                    ids = ids + [self.eos_id]
-                return ids
-            # A template that rewrites earlier turns when an answer is added: fall back to the
+            # else: a template that rewrites earlier turns when an answer is added: fall back to the
             # answer text followed by EOS, which is what generation from the prompt must produce.
-        return self.tok(turns.response, add_special_tokens=False).input_ids + [self.eos_id]
+        if spans:
+            try:
+                enc = self.tok(rest, add_special_tokens=False, return_offsets_mapping=True)
+            except NotImplementedError:
+                from kdflow.errors import AlignmentError
+
+                raise AlignmentError(
+                    f"tokenizer {type(self.tok).__name__} gives no character offsets (it is not a fast tokenizer); "
+                    "set align.sequence=dtw to align by token strings instead") from None
+            ids, offsets = list(enc.input_ids), [tuple(o) for o in enc.offset_mapping]
+        else:
+            ids, offsets = self.tok(rest, add_special_tokens=False).input_ids, None
+        if not templated or not ids or ids[-1] != self.eos_id:
+            ids = ids + [self.eos_id]
+            if offsets is not None:
+                offsets.append((len(rest), len(rest)))
+        return ResponseEncoding(ids, rest, offsets)
 
     def encode(self, row: dict[str, Any], where: str, row_index: int) -> dict[str, Any]:
         turns = row_turns(row, where, self.cfg)
@@ -335,3 +364,59 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Any, Any]:
         ids[i, width - len(p):] = torch.tensor(p)
         mask[i, width - len(p):] = 1
     return ids, mask
+
+
+# ----------------------------------------------------------------------------------------------
+# Federated partitions
+
+
+def partition_rows(rows: Rows, public_rows: int, clients: int, private_rows: int | None = None,
+                   scheme: str = "equal", field: str | None = None, alpha: float = 0.5, seed: int = 0) -> tuple[Rows, list[Rows]]:
+    """Split rows into one public part (same order for everyone) and `clients` private parts.
+
+    scheme "equal": shuffled rows dealt into equal parts. scheme "dirichlet": for each value of
+    `field` (e.g. part of speech), the rows with that value are shared among clients in
+    proportions drawn from Dirichlet(alpha) — small alpha gives each client a skewed mix.
+    """
+    import numpy as np
+
+    n = len(rows)
+    if public_rows < 0 or clients < 1:
+        raise DataError("public_rows must be >= 0 and there must be at least one client")
+    if public_rows >= n:
+        raise DataError(f"{rows.source} has {n} rows: not enough for {public_rows} public rows and {clients} clients")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n)
+    public_idx = sorted(order[:public_rows].tolist())  # sorted: the public set keeps the file's order
+    rest = order[public_rows:]
+    if private_rows is not None:
+        rest = rest[: private_rows * clients]
+    if scheme == "equal":
+        parts = [sorted(p.tolist()) for p in np.array_split(rest, clients)]
+    elif scheme == "dirichlet":
+        if not field:
+            raise DataError("partition scheme 'dirichlet' needs a field to skew by (e.g. pos)")
+        groups: dict[str, list[int]] = {}
+        for i in rest.tolist():
+            row = rows.items[i]
+            if field not in row:
+                raise DataError(f"{rows.locations[i]}: missing field '{field}' used to partition the clients")
+            groups.setdefault(str(row[field]), []).append(i)
+        parts = [[] for _ in range(clients)]
+        for key in sorted(groups):
+            idx = groups[key]
+            props = rng.dirichlet([alpha] * clients)
+            cuts = (np.cumsum(props)[:-1] * len(idx)).astype(int)
+            for c, chunk in enumerate(np.split(np.array(idx), cuts)):
+                parts[c].extend(chunk.tolist())
+        parts = [sorted(p) for p in parts]
+    else:
+        raise DataError(f"unknown partition scheme '{scheme}'; use equal or dirichlet")
+    for c, p in enumerate(parts):
+        if not p:
+            raise DataError(f"client {c} received no private rows; use more rows, more even partitions or a larger alpha")
+
+    def take(idx: list[int], tag: str) -> Rows:
+        return Rows(f"{rows.source} [{tag}]", [rows.items[i] for i in idx], [rows.locations[i] for i in idx])
+
+    return take(public_idx, "public"), [take(p, f"client {c}") for c, p in enumerate(parts)]
