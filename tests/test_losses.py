@@ -187,6 +187,9 @@ def topk_of(t_logits, k, temperature=1.0):
 @pytest.mark.parametrize("name", list(DIVERGENCES))
 @pytest.mark.parametrize("mode", ["tail", "renorm"])
 def test_topk_with_the_whole_vocabulary_equals_the_dense_loss(name, mode):
+    # seed 0 gives a teacher whose k = V log-probs sum to slightly less than 1 in float32: the
+    # rounding residue must not become tail mass (it made forward KL infinite)
+    torch.manual_seed(0)
     t, s = torch.randn(6, 19) * 2, torch.randn(6, 19) * 2
     fn = get_divergence(name)
     dense, _ = kd_sum(s, t, fn, 2.0)
