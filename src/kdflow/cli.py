@@ -29,6 +29,8 @@ VERBS: dict[str, Verb] = {
                     "train a student from a teacher: sft, soft-label kd, hard_token or seqkd; evaluates and reports"),
     "cache-teacher": Verb("kdflow.config:DistillConfig", "kdflow.methods.kd:run_cache_teacher",
                           "run the teacher once over data.train and store its top-k log-probs in teacher_cache.dir"),
+    "codistill": Verb("kdflow.config:CoDistillConfig", "kdflow.methods.codistill:run_codistill",
+                      "train N >= 2 models together, each distilling from the others; evaluates every peer and reports"),
     "eval": Verb("kdflow.config:EvalRunConfig", "kdflow.evaluate:run_eval",
                  "evaluate one model on a test split: answer NLL, perplexity, Rouge-L, exact match, sampled metrics"),
 }

@@ -17,11 +17,14 @@ from kdflow.errors import ConfigError
 from kdflow.report import write_atomic
 
 
-def setup_run(output_dir: str | os.PathLike, cfg: Any, seed: int, num_threads: int = 0) -> Path:
+def setup_run(output_dir: str | os.PathLike, cfg: Any, seed: int, num_threads: int = 0,
+              has_checkpoints: Any = None, ignore: tuple[str, ...] = ()) -> Path:
     """Create the run folder, write the resolved config beside the outputs, seed everything.
 
     A folder that already holds checkpoints of a run with other settings is refused when the
     run would resume from them (train.resume=auto): resuming would mix two experiments.
+    `has_checkpoints(out) -> bool` finds a method's own checkpoints (default: Trainer's
+    checkpoint-N folders); keys starting with an `ignore` prefix may change between runs.
     """
     import transformers
     import yaml
@@ -31,9 +34,11 @@ def setup_run(output_dir: str | os.PathLike, cfg: Any, seed: int, num_threads: i
     new_text = dump_yaml(cfg)
     old_path = out / "config.yaml"
     train = getattr(cfg, "train", None)
-    if old_path.is_file() and last_checkpoint(out) and train is not None and train.resume == "auto":
+    found = (has_checkpoints or last_checkpoint)(out)
+    if old_path.is_file() and found and train is not None and train.resume == "auto":
         changed = _changed_keys(yaml.safe_load(old_path.read_text()) or {}, yaml.safe_load(new_text))
-        changed = [k for k in changed if not k.startswith(("eval.", "train.resume", "evaluate_", "train.num_threads", "train.report_to"))]
+        changed = [k for k in changed if not k.startswith(("eval.", "train.resume", "evaluate_", "train.num_threads",
+                                                           "train.report_to") + tuple(ignore))]
         if changed:
             raise ConfigError(
                 f"{out} holds checkpoints of a run with other settings ({', '.join(changed[:5])} differ); "
@@ -120,6 +125,30 @@ def _has_accelerator() -> bool:
     return torch.cuda.is_available() or (hasattr(torch.backends, "mps") and torch.backends.mps.is_available())
 
 
+def step_normalized(sums: dict[str, tuple[Any, int]], step_counts: dict[str, int] | None,
+                    weights: dict[str, float]) -> tuple[Any, dict[str, float]]:
+    """One micro-batch's share of a step's loss: sum_term weight * sum / (term's tokens in the step).
+
+    `sums` holds each term's (sum over this micro-batch, count in this micro-batch); `step_counts`
+    the term's count over every micro-batch of the optimizer step (and every rank). Summing the
+    returned losses over the micro-batches gives weight * (total sum / total count) whatever the
+    split; dividing by each micro-batch's own count would not. Without `step_counts` (evaluation)
+    a micro-batch is its own step. Also returns each term's normalised value, for logging.
+    """
+    loss = None
+    parts: dict[str, float] = {}
+    for term, (value, count) in sums.items():
+        weight = weights.get(term, 1.0)
+        denom = step_counts.get(term, count) if step_counts is not None else count
+        part = value / max(denom, 1)
+        if weight != 0.0:
+            loss = weight * part if loss is None else loss + weight * part
+        parts[term] = float(part.detach())
+    if loss is None:
+        loss = next(iter(sums.values()))[0] * 0.0
+    return loss, parts
+
+
 def make_token_normalized_trainer_class() -> type:
     """Build the Trainer subclass lazily so importing kdflow does not import transformers."""
     import torch
@@ -172,17 +201,10 @@ def make_token_normalized_trainer_class() -> type:
                          num_items_in_batch: Any = None) -> Any:
             sums = self.loss_sums(model, inputs)
             step_counts = num_items_in_batch if isinstance(num_items_in_batch, dict) else None
-            loss = None
-            for term, (value, count) in sums.items():
-                weight = self.term_weights.get(term, 1.0)
-                denom = step_counts.get(term, count) if step_counts is not None else count
-                part = value / max(denom, 1)
-                if weight != 0.0:
-                    loss = weight * part if loss is None else loss + weight * part
-                if model.training:
-                    self._term_logs.setdefault(term, []).append(float(part.detach()))
-            if loss is None:
-                loss = next(iter(sums.values()))[0] * 0.0
+            loss, parts = step_normalized(sums, step_counts, self.term_weights)
+            if model.training:
+                for term, part in parts.items():
+                    self._term_logs.setdefault(term, []).append(part)
             if model.training and self.args.world_size > 1:
                 # DDP averages gradients over ranks; the counts above already cover all ranks.
                 loss = loss * self.args.world_size
@@ -226,3 +248,125 @@ def train_or_restore(trainer: Any, resume: str | None) -> tuple[float | None, bo
             losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
             return (sum(losses) / len(losses) if losses else None), False
     return trainer.train(resume_from_checkpoint=resume).training_loss, True
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints of custom training loops (methods that train several models, or not on Trainer)
+
+LOOP_STATE = "loop_state.json"
+
+
+def loop_checkpoints(folder: str | os.PathLike) -> dict[int, Path]:
+    """Complete `checkpoint-N` folders under `folder` (those holding loop_state.json), by step."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return {}
+    found = {}
+    for p in folder.iterdir():
+        m = re.fullmatch(r"checkpoint-(\d+)", p.name)
+        if m and p.is_dir() and (p / LOOP_STATE).is_file():
+            found[int(m.group(1))] = p
+    return found
+
+
+def _rng_state() -> tuple[dict[str, Any], dict[str, Any]]:
+    import random
+
+    import numpy as np
+    import torch
+
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, t in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda_{i}"] = t
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    plain = {"python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+             "numpy": [kind, keys.tolist(), pos, has_gauss, cached]}
+    return tensors, plain
+
+
+def _set_rng_state(tensors: dict[str, Any], plain: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda_"))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    version, state, gauss = plain["python"]
+    random.setstate((version, tuple(state), gauss))
+    kind, keys, pos, has_gauss, cached = plain["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def save_loop_checkpoint(folder: str | os.PathLike, model: Any, optimizer: Any, scheduler: Any, state: dict[str, Any]) -> Path:
+    """Write one model's trainable weights (all weights, or only a LoRA adapter's), its optimizer and
+    scheduler, the RNG states and `state` (step, logs, ...) to `folder`, atomically: the folder
+    appears complete or not at all, so an interruption never leaves a checkpoint that resumes wrong.
+    """
+    import json
+    import shutil
+    import tempfile
+
+    import torch
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+    try:
+        # named_parameters() lists a tied weight once, so shared tensors never reach safetensors twice
+        weights = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(weights, str(tmp / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        tensors, plain = _rng_state()
+        save_file(tensors, str(tmp / "rng.safetensors"))
+        (tmp / LOOP_STATE).write_text(json.dumps({**state, "rng": plain}))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def load_loop_checkpoint(folder: str | os.PathLike, model: Any, optimizer: Any, scheduler: Any,
+                         restore_rng: bool = True) -> dict[str, Any]:
+    """Load what `save_loop_checkpoint` wrote into `model`, `optimizer`, `scheduler`; return the state."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    weights = load_file(str(folder / "trainable.safetensors"))
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(weights) != set(params):
+        extra, missing = sorted(set(weights) - set(params)), sorted(set(params) - set(weights))
+        raise ConfigError(f"{folder} does not fit this model (missing {missing[:3]}, unexpected {extra[:3]}); "
+                          "use another output_dir or train.resume=never")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(weights[n].to(p.device, p.dtype))
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
+    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", map_location="cpu", weights_only=True))
+    state = json.loads((folder / LOOP_STATE).read_text())
+    if restore_rng:
+        _set_rng_state(load_file(str(folder / "rng.safetensors")), state["rng"])
+    return state
+
+
+def prune_loop_checkpoints(folder: str | os.PathLike, keep: int, protect: set[int] = frozenset()) -> None:
+    """Delete all but the newest `keep` checkpoints (never those in `protect`)."""
+    import shutil
+
+    if keep <= 0:
+        return
+    found = loop_checkpoints(folder)
+    for step in sorted(found)[:-keep]:
+        if step not in protect:
+            shutil.rmtree(found[step], ignore_errors=True)
