@@ -170,40 +170,48 @@ def peer_loss_sums(i: int, peers: list[Peer], outs: list[PeerOutputs], spec: Hea
     return sums
 
 
+def loss_spec(cfg: CoDistillConfig, peers: list[Peer], kd_weight: float) -> HeadLossSpec:
+    kd = cfg.kd
+    kind = kd.variant if any(k.startswith("kd:") for k in term_weights(peers, kd_weight)) else "none"
+    return HeadLossSpec(kind=kind, divergence=get_divergence(kd.divergence, kd.jsd_beta, kd.skew_alpha),
+                        temperature=kd.temperature, sparse_mode=kd.sparse_mode, chunk_tokens=kd.chunk_tokens)
+
+
+def micro_batch_losses(peers: list[Peer], rows: list[int], counts: list[dict[str, int]], cfg: CoDistillConfig,
+                       kd_weight: float, device: torch.device) -> list[tuple[torch.Tensor, dict[str, float]]]:
+    """Each peer's share L_i of the step loss from one micro-batch, and its normalised terms.
+
+    `counts` are the step-level token counts (`step_counts`); every peer runs forward once and
+    its outputs serve as its own predictions and, detached, as the other peers' targets.
+    """
+    spec = loss_spec(cfg, peers, kd_weight)
+    weights = term_weights(peers, kd_weight)
+    batches = _batches(peers, rows)
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16):
+        outs = [forward_peer(p, batches[p.group], cfg.kd.token_scope, device) for p in peers]
+        return [step_normalized(peer_loss_sums(i, peers, outs, spec), counts[i], weights) for i in range(len(peers))]
+
+
 def accumulate_step(peers: list[Peer], micro_batches: list[list[int]], cfg: CoDistillConfig, kd_weight: float,
                     device: torch.device) -> list[dict[str, float]]:
-    """Backward of L_total over the micro-batches of one step (gradients add up in `.grad`).
-
-    Returns each peer's normalised terms for logging: loss, ce, kd (mean over peers).
-    """
-    kd = cfg.kd
-    weights = [term_weights(peers, kd_weight) for _ in peers]
-    kind = kd.variant if any(k.startswith("kd:") for k in weights[0]) else "none"
-    spec = HeadLossSpec(kind=kind, divergence=get_divergence(kd.divergence, kd.jsd_beta, kd.skew_alpha),
-                        temperature=kd.temperature, sparse_mode=kd.sparse_mode, chunk_tokens=kd.chunk_tokens)
-    counts = step_counts(peers, micro_batches, kd.token_scope)
-    logs = [{"loss": 0.0, "ce": 0.0, "kd": 0.0} for _ in peers]
+    """Backward of L_total = sum_i L_i over the micro-batches of one step (gradients add up in
+    `.grad`). Returns each peer's normalised terms for logging: loss, ce, kd (mean over peers)."""
+    counts = step_counts(peers, micro_batches, cfg.kd.token_scope)
+    logs = [{"loss": 0.0, "ce": 0.0} for _ in peers]
     for rows in micro_batches:
-        batches = _batches(peers, rows)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16):
-            outs = [forward_peer(p, batches[p.group], kd.token_scope, device) for p in peers]
-            total = None
-            for i, p in enumerate(peers):
-                loss_i, parts = step_normalized(peer_loss_sums(i, peers, outs, spec), counts[i], weights[i])
-                total = loss_i if total is None else total + loss_i
-                logs[i]["loss"] += float(loss_i.detach())
-                logs[i]["ce"] += parts["ce"]
-                kd_parts = [v for k, v in parts.items() if k.startswith("kd:")]
-                if kd_parts:
-                    logs[i]["kd"] += sum(kd_parts) / len(kd_parts)
+        losses = micro_batch_losses(peers, rows, counts, cfg, kd_weight, device)
+        for lg, (loss_i, parts) in zip(logs, losses):
+            lg["loss"] += float(loss_i.detach())
+            lg["ce"] += parts["ce"]
+            kd_parts = [v for k, v in parts.items() if k.startswith("kd:")]
+            if kd_parts:
+                lg["kd"] = lg.get("kd", 0.0) + sum(kd_parts) / len(kd_parts)
+        total = sum(loss_i for loss_i, _ in losses)
         if not torch.isfinite(total.detach()):
-            bad = [p.name for p, lg in zip(peers, logs) if not math.isfinite(lg["loss"])]
+            bad = [p.name for p, (loss_i, _) in zip(peers, losses) if not torch.isfinite(loss_i.detach())]
             raise KDFlowError(f"the training loss of peer(s) {', '.join(bad)} became non-finite; lower their "
                               "learning_rate, check the data, or disable train.bf16")
-        total.backward()
-    if kind == "none":
-        for lg in logs:
-            lg.pop("kd")
+        total.backward()  # peers share no parameters and targets are detached: each gets dL_i/dθ_i
     return logs
 
 
