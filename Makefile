@@ -33,5 +33,12 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -m "not integration" tests
 
+# Each benchmark prints ratios measured side by side in one run; figures go to docs/performance.md.
+bench: install
+	$(PIP) install -q -e ".[dev,bench]"
+	$(PY) bench/bench_kd_step.py
+	$(PY) bench/bench_kd_memory.py
+	$(PY) bench/bench_vs_trl.py
+
 clean:
 	rm -rf runs .pytest_cache

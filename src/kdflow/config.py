@@ -219,6 +219,66 @@ class EvalRunConfig:
     seed: int = opt(0, "random seed")
 
 
+@dataclass
+class PartyConfig:
+    name: str = opt("", "party name used in reports, checkpoints and payload errors")
+    model: StudentSpec = opt(factory=lambda: StudentSpec(lora=LoraSpec(enabled=True)),
+                             help="the party's model; its base weights stay frozen and a LoRA adapter is trained")
+    prune_from: str | None = opt(None, "model.init=prune_teacher or config: the model (a name as in model.name) to take "
+                                       "layers or the config from")
+    learning_rate: float = opt(3e-4, "this party's learning rate")
+
+
+@dataclass
+class FedDataConfig(DataConfig):
+    public_rows: int = opt(256, "rows of data.train that form the public set, shared by every party in the same order")
+    private_rows: int | None = opt(256, "private rows per client (null: split all remaining rows)")
+    partition: Literal["equal", "dirichlet"] = opt("equal", "equal parts, or skewed per value of partition_field")
+    partition_field: str | None = opt("pos", "row field whose values are skewed across clients (dirichlet)")
+    dirichlet_alpha: float = opt(0.5, "Dirichlet concentration: small values give each client a skewed mix")
+
+
+@dataclass
+class FedMKTSection:
+    rounds: int = opt(3, "communication rounds")
+    top_k: int = opt(64, "top-k log-probs exchanged per position (the paper uses 128)")
+    temperature: float = opt(1.0, "temperature of the exchanged distributions and of the KD term")
+    ce_weight: float = opt(0.9, "lambda: weight of the CE on public labels; the KD term gets 1 - lambda")
+    divergence: Literal["fkl", "rkl", "jsd", "skl", "srkl", "tv"] = opt("fkl", "KD divergence D(sender || receiver)")
+    sparse_mode: Literal["tail", "renorm"] = opt("tail", "how a top-k distribution is compared (see kd.sparse_mode)")
+    selection: Literal["dualmince", "reference", "none", "weighted"] = opt(
+        "dualmince", "dualmince: the lowest-CE sender, only where it beats the receiver (others leave the KD term); "
+                     "reference: as dualmince but others distil towards the receiver's own earlier distribution; "
+                     "none: always the lowest-CE sender; weighted: senders mixed by softmax(-CE), KD weighted by the "
+                     "chance the mix beats the receiver")
+    private_epochs: int = opt(1, "client epochs on its private data per round")
+    public_epochs: int = opt(1, "client epochs on the public set with the server's knowledge per round")
+    server_epochs: int = opt(1, "server epochs on the public set per round")
+    fedavg: bool = opt(False, "homogeneous clients: average client adapters (FedAvg) after each round")
+    reset_optimizer: bool = opt(False, "start every phase with a fresh optimizer, as the reference code does")
+    eval_every: int = opt(1, "evaluate every party on the test split every N rounds (and after the last)")
+
+
+@dataclass
+class FedMKTConfig:
+    output_dir: str = opt("runs/fedmkt", "run folder: per-round checkpoints, metrics, report")
+    seed: int = opt(0, "random seed (partitions, shuffling, LoRA init)")
+    server: PartyConfig = opt(factory=lambda: PartyConfig(
+        name="server", model=StudentSpec(name="bundled:smollm2-135m-instruct", lora=LoraSpec(enabled=True))),
+        help="the server LLM")
+    clients: list[PartyConfig] = opt(factory=list, help="the client small models (one: the one-to-one setting)")
+    data: FedDataConfig = opt(factory=FedDataConfig, help="data.train is split into the public set and private parts")
+    fedmkt: FedMKTSection = opt(factory=FedMKTSection, help="the FedMKT round")
+    train: TrainConfig = opt(factory=lambda: TrainConfig(weight_decay=0.1, adam_beta2=0.95, report_to=["none"]),
+                             help="optimisation shared by every party (learning rates are per party)")
+    eval: EvalConfig = opt(factory=EvalConfig, help="per-round evaluation on data.test")
+    baselines: list[Literal["zero_shot", "standalone", "public_only", "centralized", "private_public", "llm2slm", "fedavg"]] = opt(
+        factory=lambda: ["zero_shot", "standalone", "public_only", "centralized"],
+        help="comparisons run from the same config: zero_shot, standalone (clients on private data), public_only "
+             "(server on the public set), centralized (server on all data), private_public (clients on private + "
+             "public), llm2slm (server frozen, one-way), fedavg (homogeneous clients, adapters averaged)")
+
+
 # ----------------------------------------------------------------------------------------------
 # Loading, validation, overrides
 
@@ -293,6 +353,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"setting '{key}': expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
@@ -410,16 +475,18 @@ def validate(cfg: Any) -> None:
             key = prefix + f.name
             if dataclasses.is_dataclass(v):
                 walk(v, key + ".")
-            elif isinstance(v, list) and v and all(dataclasses.is_dataclass(x) for x in v):
+            elif isinstance(v, list) and v and dataclasses.is_dataclass(v[0]):
                 for i, item in enumerate(v):
                     walk(item, f"{key}[{i}].")
-            elif f.name in ("kd_weight", "jsd_beta", "skew_alpha", "warmup_ratio", "dropout", "top_p", "sample_top_p") and v is not None:
+            elif f.name in ("kd_weight", "jsd_beta", "skew_alpha", "warmup_ratio", "dropout", "top_p", "sample_top_p",
+                            "ce_weight") and v is not None:
                 if not 0.0 <= v <= 1.0:
                     raise ConfigError(f"setting '{key}' must lie in [0, 1], got {v}")
             elif f.name in ("temperature", "sample_temperature", "learning_rate") and v is not None:
                 if v <= 0:
                     raise ConfigError(f"setting '{key}' must be > 0, got {v}")
-            elif f.name in ("batch_size", "grad_accum", "max_length", "r", "max_new_tokens", "k", "shard_size") and v is not None:
+            elif f.name in ("batch_size", "grad_accum", "max_length", "r", "max_new_tokens", "k", "shard_size", "rounds",
+                            "top_k") and v is not None:
                 if v < 1:
                     raise ConfigError(f"setting '{key}' must be >= 1, got {v}")
     walk(cfg, "")

@@ -335,3 +335,59 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Any, Any]:
         ids[i, width - len(p):] = torch.tensor(p)
         mask[i, width - len(p):] = 1
     return ids, mask
+
+
+# ----------------------------------------------------------------------------------------------
+# Federated partitions
+
+
+def partition_rows(rows: Rows, public_rows: int, clients: int, private_rows: int | None = None,
+                   scheme: str = "equal", field: str | None = None, alpha: float = 0.5, seed: int = 0) -> tuple[Rows, list[Rows]]:
+    """Split rows into one public part (same order for everyone) and `clients` private parts.
+
+    scheme "equal": shuffled rows dealt into equal parts. scheme "dirichlet": for each value of
+    `field` (e.g. part of speech), the rows with that value are shared among clients in
+    proportions drawn from Dirichlet(alpha) — small alpha gives each client a skewed mix.
+    """
+    import numpy as np
+
+    n = len(rows)
+    if public_rows < 0 or clients < 1:
+        raise DataError("public_rows must be >= 0 and there must be at least one client")
+    if public_rows >= n:
+        raise DataError(f"{rows.source} has {n} rows: not enough for {public_rows} public rows and {clients} clients")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n)
+    public_idx = sorted(order[:public_rows].tolist())  # sorted: the public set keeps the file's order
+    rest = order[public_rows:]
+    if private_rows is not None:
+        rest = rest[: private_rows * clients]
+    if scheme == "equal":
+        parts = [sorted(p.tolist()) for p in np.array_split(rest, clients)]
+    elif scheme == "dirichlet":
+        if not field:
+            raise DataError("partition scheme 'dirichlet' needs a field to skew by (e.g. pos)")
+        groups: dict[str, list[int]] = {}
+        for i in rest.tolist():
+            row = rows.items[i]
+            if field not in row:
+                raise DataError(f"{rows.locations[i]}: missing field '{field}' used to partition the clients")
+            groups.setdefault(str(row[field]), []).append(i)
+        parts = [[] for _ in range(clients)]
+        for key in sorted(groups):
+            idx = groups[key]
+            props = rng.dirichlet([alpha] * clients)
+            cuts = (np.cumsum(props)[:-1] * len(idx)).astype(int)
+            for c, chunk in enumerate(np.split(np.array(idx), cuts)):
+                parts[c].extend(chunk.tolist())
+        parts = [sorted(p) for p in parts]
+    else:
+        raise DataError(f"unknown partition scheme '{scheme}'; use equal or dirichlet")
+    for c, p in enumerate(parts):
+        if not p:
+            raise DataError(f"client {c} received no private rows; use more rows, more even partitions or a larger alpha")
+
+    def take(idx: list[int], tag: str) -> Rows:
+        return Rows(f"{rows.source} [{tag}]", [rows.items[i] for i in idx], [rows.locations[i] for i in idx])
+
+    return take(public_idx, "public"), [take(p, f"client {c}") for c, p in enumerate(parts)]

@@ -195,17 +195,18 @@ class TopKTargets:
            alignment could pair); None means all rows
     tail_logp: [N] log of the teacher mass outside the k ids, when stored exactly; otherwise it is
            derived from `logp`
+    row_weight: [N] optional weight of each row's divergence (soft selection); counts are unchanged
     """
 
     ids: torch.Tensor
     logp: torch.Tensor
     valid: torch.Tensor | None = None
     tail_logp: torch.Tensor | None = None
+    row_weight: torch.Tensor | None = None
 
     def rows(self, index: torch.Tensor) -> "TopKTargets":
-        return TopKTargets(self.ids[index], self.logp[index],
-                           None if self.valid is None else self.valid[index],
-                           None if self.tail_logp is None else self.tail_logp[index])
+        pick = lambda t: None if t is None else t[index]
+        return TopKTargets(self.ids[index], self.logp[index], pick(self.valid), pick(self.tail_logp), pick(self.row_weight))
 
     def count(self) -> int:
         return int(self.ids.shape[0] if self.valid is None else self.valid.sum())
@@ -262,6 +263,8 @@ def topk_kd_sum(student_logits: torch.Tensor, targets: TopKTargets, divergence: 
     s = F.log_softmax(student_logits.float() / temperature, -1)
     t, s2 = sparse_pair(s, targets, mode)
     per_row = divergence(t, s2)
+    if targets.row_weight is not None:
+        per_row = per_row * targets.row_weight
     if targets.valid is not None:
         per_row = torch.where(targets.valid, per_row, torch.zeros_like(per_row))
     return per_row.sum() * temperature ** 2, targets.count()
@@ -316,43 +319,62 @@ def head_losses(hidden: torch.Tensor, head: torch.nn.Module, ce_targets: torch.T
     V = spec.vocab_size
     T = spec.temperature
 
+    def pick(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        # Boolean indexing copies the rows (and scatters them back in backward); in the usual case
+        # every row is in both terms, so skip it.
+        return x if bool(rows.all()) else x[rows]
+
     def chunk_fn(h: torch.Tensor, tgt: torch.Tensor, rows: torch.Tensor, t_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = head(h).float()
+        if V is not None and logits.shape[-1] > V and spec.kind != "none":
+            # heads padded past the tokenizer: CE targets are real tokens, so the padded rows only
+            # add probability mass nobody uses; cut once for both terms.
+            logits = logits[..., :V]
         in_ce = tgt != -100
-        ce = F.cross_entropy(logits[in_ce], tgt[in_ce], reduction="sum") if bool(in_ce.any()) else logits.sum() * 0.0
+        soft = spec.kind == "soft" and bool(rows.any())
+        # One log-softmax serves CE and KD when the KD temperature is 1.
+        shared = F.log_softmax(logits, -1) if (soft and T == 1.0) else None
+        if not bool(in_ce.any()):
+            ce = logits.sum() * 0.0
+        elif shared is not None:
+            ce = F.nll_loss(pick(shared, in_ce), pick(tgt, in_ce), reduction="sum")
+        else:
+            ce = F.cross_entropy(pick(logits, in_ce), pick(tgt, in_ce), reduction="sum")
         kd = logits.sum() * 0.0
-        if spec.kind != "none" and bool(rows.any()):
-            s_logits = logits[rows]
-            s_logits = s_logits[..., :V] if V is not None else s_logits
-            idx = t_index[rows]
-            if spec.kind == "hard":
-                if isinstance(teacher, TopKTargets):
-                    sub = teacher.rows(idx)
-                    best = sub.logp.float().masked_fill(sub.ids < 0, -math.inf).argmax(-1)
-                    hard = sub.ids.gather(-1, best.unsqueeze(-1)).squeeze(-1)
-                    keep = sub.valid if sub.valid is not None else torch.ones_like(hard, dtype=torch.bool)
-                    kd = F.cross_entropy(s_logits[keep], hard[keep], reduction="sum") if bool(keep.any()) else kd
-                else:
-                    t_logits = teacher.logits(idx)
-                    t_logits = t_logits[..., :V] if V is not None else t_logits
-                    kd = F.cross_entropy(s_logits, t_logits.argmax(-1), reduction="sum")
+        if spec.kind == "none" or not bool(rows.any()):
+            return ce, kd
+        idx = t_index[rows]
+        if spec.kind == "hard":
+            s_logits = pick(logits, rows)
+            if isinstance(teacher, TopKTargets):
+                sub = teacher.rows(idx)
+                best = sub.logp.float().masked_fill(sub.ids < 0, -math.inf).argmax(-1)
+                hard = sub.ids.gather(-1, best.unsqueeze(-1)).squeeze(-1)
+                keep = sub.valid if sub.valid is not None else torch.ones_like(hard, dtype=torch.bool)
+                if bool(keep.any()):
+                    kd = F.cross_entropy(pick(s_logits, keep), pick(hard, keep), reduction="sum")
             else:
-                s_logp = F.log_softmax(s_logits / T, -1)
-                if isinstance(teacher, TopKTargets):
-                    sub = teacher.rows(idx)
-                    t, s = sparse_pair(s_logp, sub, spec.sparse_mode)
-                    per_row = spec.divergence(t, s)
-                    if sub.valid is not None:
-                        per_row = torch.where(sub.valid, per_row, torch.zeros_like(per_row))
-                    kd = per_row.sum() * T ** 2
-                else:
-                    t_logits = teacher.logits(idx)
-                    t_logits = t_logits[..., :V] if V is not None else t_logits
-                    if t_logits.shape[-1] != s_logp.shape[-1]:
-                        raise ValueError(f"teacher and student heads differ in width ({t_logits.shape[-1]} vs "
-                                         f"{s_logp.shape[-1]}); pass vocab_size=len(tokenizer)")
-                    kd = spec.divergence(F.log_softmax(t_logits / T, -1), s_logp).sum() * T ** 2
-        return ce, kd
+                t_logits = teacher.logits(idx)
+                t_logits = t_logits[..., :V] if V is not None else t_logits
+                kd = F.cross_entropy(s_logits, t_logits.argmax(-1), reduction="sum")
+            return ce, kd
+        s_logp = pick(shared, rows) if shared is not None else F.log_softmax(pick(logits, rows) / T, -1)
+        if isinstance(teacher, TopKTargets):
+            sub = teacher.rows(idx)
+            t, s = sparse_pair(s_logp, sub, spec.sparse_mode)
+            per_row = spec.divergence(t, s)
+            if sub.row_weight is not None:
+                per_row = per_row * sub.row_weight
+            if sub.valid is not None:
+                per_row = torch.where(sub.valid, per_row, torch.zeros_like(per_row))
+        else:
+            t_logits = teacher.logits(idx)
+            t_logits = t_logits[..., :V] if V is not None else t_logits
+            if t_logits.shape[-1] != s_logp.shape[-1]:
+                raise ValueError(f"teacher and student heads differ in width ({t_logits.shape[-1]} vs "
+                                 f"{s_logp.shape[-1]}); pass vocab_size=len(tokenizer)")
+            per_row = spec.divergence(F.log_softmax(t_logits / T, -1), s_logp)
+        return ce, per_row.sum() * T ** 2
 
     step = spec.chunk_tokens if spec.chunk_tokens > 0 else max(n, 1)
     ce_total = hidden.new_zeros((), dtype=torch.float32)

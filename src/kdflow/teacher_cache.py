@@ -256,4 +256,5 @@ def batch_targets(batch: dict[str, Any]) -> TopKTargets:
     logp = torch.cat(batch["teacher_logp"])
     tail = torch.cat(batch["teacher_tail_logp"]) if "teacher_tail_logp" in batch else None
     valid = torch.cat(batch["teacher_valid"]) if "teacher_valid" in batch else None
-    return TopKTargets(ids, logp, valid, tail)
+    weight = torch.cat(batch["teacher_weight"]) if "teacher_weight" in batch else None
+    return TopKTargets(ids, logp, valid, tail, weight)

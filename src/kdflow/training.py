@@ -370,3 +370,64 @@ def prune_loop_checkpoints(folder: str | os.PathLike, keep: int, protect: set[in
     for step in sorted(found)[:-keep]:
         if step not in protect:
             shutil.rmtree(found[step], ignore_errors=True)
+
+
+def train_examples(model: Any, optimizer: Any, examples: list[dict[str, Any]], *, pad_id: int, batch_size: int,
+                   grad_accum: int, epochs: int, seed: int, loss_sums: Any, count_tokens: Any,
+                   term_weights: dict[str, float], bf16: bool = False, max_grad_norm: float = 1.0,
+                   scheduler: Any = None) -> list[dict[str, float]]:
+    """A plain training loop for methods that keep their own optimizer across phases (FedMKT).
+
+    Same normalisation as `TokenNormalizedTrainer`: each term's token count is summed over the
+    micro-batches of an optimizer step first, and each micro-batch contributes
+    weight * sum / step_count. Returns one log entry per optimizer step.
+    """
+    import random
+
+    import torch
+
+    from kdflow.data import collate
+
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    logs: list[dict[str, float]] = []
+    rng = random.Random(seed)
+    for _ in range(epochs):
+        order = list(range(len(examples)))
+        rng.shuffle(order)
+        batches = [collate([examples[i] for i in order[s:s + batch_size]], pad_id) for s in range(0, len(order), batch_size)]
+        for s in range(0, len(batches), grad_accum):
+            step_batches = batches[s:s + grad_accum]
+            totals: dict[str, int] = {}
+            for b in step_batches:
+                for k, v in count_tokens(b).items():
+                    totals[k] = totals.get(k, 0) + int(v)
+            entry = {k: 0.0 for k in term_weights}
+            loss_value = 0.0
+            for b in step_batches:
+                with torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16, enabled=bf16):
+                    sums = loss_sums(model, b)
+                loss = None
+                for term, (value, _) in sums.items():
+                    part = value / max(totals.get(term, 0), 1)
+                    entry[term] = entry.get(term, 0.0) + float(part.detach())
+                    w = term_weights.get(term, 1.0)
+                    if w:
+                        loss = w * part if loss is None else loss + w * part
+                if loss is not None:
+                    if not torch.isfinite(loss.detach()):
+                        from kdflow.errors import KDFlowError
+
+                        raise KDFlowError(f"the training loss became {float(loss.detach())}; lower the learning rate or check the data")
+                    loss.backward()
+                    loss_value += float(loss.detach())
+            if max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            entry["loss"] = loss_value
+            logs.append(entry)
+    model.eval()
+    return logs

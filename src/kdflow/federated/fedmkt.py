@@ -1,0 +1,275 @@
+"""FedMKT: federated mutual knowledge transfer between a server LLM and client small models.
+
+One round (methods.md §8), as plain steps. The in-process runner (`run_fedmkt`) composes them on
+one machine; the Flower app calls the same steps on each side of the wire.
+
+  client_local_step   1. train the client's LoRA on its private data (CE)
+                      2. top-k log-probs + per-sample CE on the public set -> payload
+  server_step         4. align each client's distributions into the server's vocabulary
+                      5. DualMinCE (or another rule) chooses, per sample, whom to learn from
+                      6. train the server's LoRA on lambda*CE + (1-lambda)*KD(selected)
+                      7. the server's own top-k + CE on the public set -> broadcast payload
+  client_update_step  9-11. align, select, train the client on lambda*CE + (1-lambda)*KD(selected)
+
+Only LoRA adapters train; base weights stay frozen. Payloads are arrays (`payload.py`): top-k
+ids and log-probs over the public set, and per-sample CE — never private text, ids or weights.
+Each party keeps its optimizer across rounds (`fedmkt.reset_optimizer` restores the reference
+code's fresh optimizer per phase).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kdflow.config import DataConfig, FedMKTConfig, ModelSpec, PartyConfig, TrainConfig
+from kdflow.data import Rows, encode_rows
+from kdflow.errors import ConfigError
+from kdflow.federated import payload as wire
+from kdflow.federated.selection import OWN, SELECTIONS, SKIP, weighted
+from kdflow.losses import HeadLossSpec, get_divergence, head_losses, shifted_masks
+from kdflow.models import apply_lora, build_student, freeze, load_model, load_tokenizer, selected_hidden, tokenizer_fingerprint
+from kdflow.teacher_cache import batch_targets, topk_from_logits
+from kdflow.training import train_examples
+
+
+# ----------------------------------------------------------------------------------------------
+# Parties
+
+
+@dataclass
+class Party:
+    name: str
+    model: Any  # peft model: frozen base + trainable LoRA adapter
+    tok: Any
+    lr: float
+    public: list[dict[str, Any]] = field(default_factory=list)  # the public set in this party's tokenization
+    private: list[dict[str, Any]] = field(default_factory=list)
+    optimizer: Any = None
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tok)
+
+    def positions(self) -> list[int]:
+        """Answer positions per public sample: the rows of every payload about the public set."""
+        return [sum(1 for t in e["labels"][1:] if t != -100) for e in self.public]
+
+
+def load_base(spec: PartyConfig, cache: dict[str, Any]) -> tuple[Any, Any]:
+    """(frozen base model, tokenizer) for a party; models to prune from are loaded once and shared."""
+    m = spec.model
+    if m.init == "pretrained":
+        return freeze(load_model(m)), load_tokenizer(m)
+    if not spec.prune_from:
+        raise ConfigError(f"party '{spec.name}': model.init={m.init} needs prune_from (the model to take layers/config from)")
+    src = ModelSpec(name=spec.prune_from, dtype=m.dtype)
+    if spec.prune_from not in cache:
+        cache[spec.prune_from] = (load_model(src), load_tokenizer(src))
+    base, tok = cache[spec.prune_from]
+    return freeze(build_student(m, base, src)), tok
+
+
+def make_party(spec: PartyConfig, base: Any, tok: Any, seed: int) -> Party:
+    if not spec.model.lora.enabled:
+        raise ConfigError(f"party '{spec.name}': FedMKT trains LoRA adapters only; set model.lora.enabled=true")
+    torch.manual_seed(seed)
+    model = apply_lora(copy.deepcopy(base), spec.model.lora)
+    model.eval()
+    return Party(spec.name, model, tok, spec.learning_rate)
+
+
+def make_optimizer(party: Party, train: TrainConfig) -> Any:
+    params = [p for p in party.model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=party.lr, betas=(train.adam_beta1, train.adam_beta2), weight_decay=train.weight_decay)
+
+
+def optimizer_for(party: Party, train: TrainConfig, reset: bool) -> Any:
+    if party.optimizer is None or reset:
+        party.optimizer = make_optimizer(party, train)
+    return party.optimizer
+
+
+# ----------------------------------------------------------------------------------------------
+# What a party says about the public set
+
+
+@torch.no_grad()
+def public_outputs(party: Party, k: int, temperature: float, batch_size: int = 16) -> wire.PublicOutputs:
+    """Top-k log-probs at every answer position of the public set, and each sample's mean answer CE."""
+    from kdflow.data import collate
+
+    party.model.eval()
+    ids, lps, tails, ces = [], [], [], []
+    V = party.vocab_size
+    for s in range(0, len(party.public), batch_size):
+        batch = collate(party.public[s:s + batch_size], party.tok.pad_token_id)
+        ce_mask, _ = shifted_masks(batch["labels"], batch["attention_mask"])
+        hidden, head = selected_hidden(party.model, batch["input_ids"], batch["attention_mask"], ce_mask)
+        logits = head(hidden).float()[..., :V]
+        per_pos = F.cross_entropy(logits, batch["labels"][:, 1:][ce_mask], reduction="none")
+        start = 0
+        for n in ce_mask.sum(-1).tolist():
+            ces.append(float(per_pos[start:start + n].mean()) if n else 0.0)
+            start += n
+        i, lp, tail = topk_from_logits(logits, k, temperature)
+        ids.append(i.numpy())
+        lps.append(lp.numpy())
+        tails.append(tail.numpy())
+    counts = party.positions()
+    return wire.PublicOutputs(np.concatenate(ids), np.concatenate(lps), np.concatenate(tails),
+                              np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), np.array(ces, dtype=np.float32))
+
+
+def send(out: wire.PublicOutputs, sender: Party, receiver_expects: list[int], k: int) -> tuple[wire.PublicOutputs, int]:
+    """Encode, count the bytes, and decode with the receiver's checks: the in-process runner uses the
+    same wire format (and the same validation) as the Flower app."""
+    arrays = wire.encode(out, sender.vocab_size)
+    decoded = wire.decode(arrays, sender=sender.name, vocab_size=sender.vocab_size, k=k, positions=receiver_expects)
+    return decoded, wire.nbytes(arrays)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sender distributions in the receiver's positions and vocabulary
+
+
+def transfer(out: wire.PublicOutputs, sender: Party, receiver: Party, n: int) -> dict[str, torch.Tensor]:
+    """Sample n's top-k rows of `sender`, carried to `receiver`'s answer positions and vocabulary."""
+    ids, lp, tail = out.sample(n)
+    if tokenizer_fingerprint(sender.tok) == tokenizer_fingerprint(receiver.tok):
+        return {"ids": torch.from_numpy(ids), "logp": torch.from_numpy(lp),
+                "tail_logp": torch.from_numpy(tail), "valid": torch.ones(len(ids), dtype=torch.bool)}
+    raise ConfigError(f"parties '{sender.name}' and '{receiver.name}' use different tokenizers; cross-tokenizer "
+                      "transfer needs kdflow.align")
+
+
+def _merge(parts: list[tuple[dict[str, torch.Tensor], float]], k: int) -> dict[str, torch.Tensor]:
+    """A weighted mixture of top-k distributions over the same rows, kept to its k largest ids."""
+    rows = parts[0][0]["ids"].shape[0]
+    out_ids, out_lp = torch.full((rows, k), -1, dtype=torch.long), torch.full((rows, k), -float("inf"))
+    tails = torch.stack([w * p["tail_logp"].exp() for p, w in parts]).sum(0)
+    for r in range(rows):
+        mass: dict[int, float] = {}
+        for p, w in parts:
+            for i, v in zip(p["ids"][r].tolist(), p["logp"][r].exp().tolist()):
+                if i >= 0:
+                    mass[i] = mass.get(i, 0.0) + w * v
+        top = sorted(mass.items(), key=lambda kv: -kv[1])[:k]
+        dropped = sum(mass.values()) - sum(v for _, v in top)
+        tails[r] += dropped
+        for j, (i, v) in enumerate(top):
+            out_ids[r, j], out_lp[r, j] = i, float(np.log(max(v, 1e-45)))
+    valid = torch.stack([p["valid"] for p, _ in parts]).all(0)
+    return {"ids": out_ids, "logp": out_lp, "tail_logp": torch.log(tails.clamp(min=1e-45)), "valid": valid}
+
+
+def select_targets(receiver: Party, receiver_out: wire.PublicOutputs, senders: list[Party],
+                   sender_outs: list[wire.PublicOutputs], rule: str, k: int) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Per public sample, the KD target the receiver learns from (as `teacher_*` example fields)."""
+    sender_ce = np.stack([o.ce for o in sender_outs])
+    examples, counts = [], {"skipped": 0, "own": 0, **{s.name: 0 for s in senders}}
+    if rule == "weighted":
+        mix, sample_w = weighted(receiver_out.ce, sender_ce)
+    else:
+        choice = SELECTIONS[rule](receiver_out.ce, sender_ce)
+    for n, ex in enumerate(receiver.public):
+        if rule == "weighted":
+            t = _merge([(transfer(o, s, receiver, n), float(mix[j, n])) for j, (s, o) in enumerate(zip(senders, sender_outs))], k)
+            t["weight"] = torch.full((t["ids"].shape[0],), float(sample_w[n]))
+            counts[senders[int(mix[:, n].argmax())].name] += 1
+        elif choice[n] == SKIP:
+            ids, lp, tail = receiver_out.sample(n)
+            t = {"ids": torch.from_numpy(ids), "logp": torch.from_numpy(lp), "tail_logp": torch.from_numpy(tail),
+                 "valid": torch.zeros(len(ids), dtype=torch.bool)}
+            counts["skipped"] += 1
+        elif choice[n] == OWN:
+            ids, lp, tail = receiver_out.sample(n)
+            t = {"ids": torch.from_numpy(ids), "logp": torch.from_numpy(lp), "tail_logp": torch.from_numpy(tail),
+                 "valid": torch.ones(len(ids), dtype=torch.bool)}
+            counts["own"] += 1
+        else:
+            j = int(choice[n])
+            t = transfer(sender_outs[j], senders[j], receiver, n)
+            counts[senders[j].name] += 1
+        examples.append({**ex, **{f"teacher_{key}": v for key, v in t.items()}})
+    total = max(len(receiver.public), 1)
+    return examples, {key: v / total for key, v in counts.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Training phases
+
+
+def train_phase(party: Party, examples: list[dict[str, Any]], cfg: FedMKTConfig, epochs: int, with_kd: bool,
+                seed: int) -> list[dict[str, float]]:
+    """Train the party's adapter: CE only, or ce_weight*CE + (1 - ce_weight)*KD(selected targets)."""
+    f = cfg.fedmkt
+    spec = HeadLossSpec(kind="soft" if with_kd else "none", divergence=get_divergence(f.divergence),
+                        temperature=f.temperature, sparse_mode=f.sparse_mode, vocab_size=party.vocab_size)
+
+    def count_tokens(batch: dict[str, Any]) -> dict[str, int]:
+        ce_mask, _ = shifted_masks(batch["labels"], batch["attention_mask"])
+        counts = {"ce": int(ce_mask.sum())}
+        if with_kd:
+            counts["kd"] = int(sum(int(v.sum()) for v in batch["teacher_valid"]))
+        return counts
+
+    def loss_sums(model: Any, batch: dict[str, Any]) -> dict[str, tuple[torch.Tensor, int]]:
+        ce_mask, _ = shifted_masks(batch["labels"], batch["attention_mask"])
+        hidden, head = selected_hidden(model, batch["input_ids"], batch["attention_mask"], ce_mask)
+        targets = batch["labels"][:, 1:][ce_mask]
+        teacher = batch_targets(batch) if with_kd else None
+        return head_losses(hidden, head, targets, torch.ones_like(targets, dtype=torch.bool), teacher, spec)
+
+    weights = {"ce": f.ce_weight, "kd": 1.0 - f.ce_weight} if with_kd else {"ce": 1.0}
+    return train_examples(party.model, optimizer_for(party, cfg.train, f.reset_optimizer), examples,
+                          pad_id=party.tok.pad_token_id, batch_size=cfg.train.batch_size, grad_accum=cfg.train.grad_accum,
+                          epochs=epochs, seed=seed, loss_sums=loss_sums, count_tokens=count_tokens, term_weights=weights,
+                          bf16=cfg.train.bf16, max_grad_norm=cfg.train.max_grad_norm)
+
+
+def client_local_step(client: Party, cfg: FedMKTConfig, round_idx: int) -> tuple[wire.PublicOutputs, list[dict]]:
+    """Steps 1-2 on a client: private training, then its top-k + CE on the public set."""
+    logs = train_phase(client, client.private, cfg, cfg.fedmkt.private_epochs, False, seed=cfg.seed + 1000 * round_idx)
+    return public_outputs(client, cfg.fedmkt.top_k, cfg.fedmkt.temperature, cfg.eval.batch_size), logs
+
+
+def server_step(server: Party, server_out: wire.PublicOutputs, clients: list[Party], client_outs: list[wire.PublicOutputs],
+                cfg: FedMKTConfig, round_idx: int, train_server: bool = True) -> tuple[wire.PublicOutputs, dict[str, Any]]:
+    """Steps 4-7: align and select the clients' knowledge, train the server, recompute its outputs."""
+    info: dict[str, Any] = {}
+    if train_server:
+        examples, info["selected"] = select_targets(server, server_out, clients, client_outs, cfg.fedmkt.selection, cfg.fedmkt.top_k)
+        info["logs"] = train_phase(server, examples, cfg, cfg.fedmkt.server_epochs, True, seed=cfg.seed + 1000 * round_idx + 1)
+        server_out = public_outputs(server, cfg.fedmkt.top_k, cfg.fedmkt.temperature, cfg.eval.batch_size)
+    return server_out, info
+
+
+def client_update_step(client: Party, client_out: wire.PublicOutputs, server: Party, server_out: wire.PublicOutputs,
+                       cfg: FedMKTConfig, round_idx: int) -> dict[str, Any]:
+    """Steps 9-11 on a client: align the server's distributions, select, train on the public set."""
+    examples, selected = select_targets(client, client_out, [server], [server_out], cfg.fedmkt.selection, cfg.fedmkt.top_k)
+    logs = train_phase(client, examples, cfg, cfg.fedmkt.public_epochs, True, seed=cfg.seed + 1000 * round_idx + 2)
+    return {"selected": selected, "logs": logs}
+
+
+def fedavg(clients: list[Party]) -> None:
+    """Average the clients' adapters, weighted by private data size (homogeneous clients only)."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    states = [get_peft_model_state_dict(c.model) for c in clients]
+    sizes = torch.tensor([len(c.private) for c in clients], dtype=torch.float32)
+    w = sizes / sizes.sum()
+    avg = {k: sum(wi * s[k].float() for wi, s in zip(w.tolist(), states)).to(states[0][k].dtype) for k in states[0]}
+    for c in clients:
+        set_peft_model_state_dict(c.model, avg)

@@ -1,0 +1,191 @@
+"""FedMKT: selection rules, per-sample CE, payloads (no private data, validation), partitions, a 2-round run."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kdflow.cli import main
+from kdflow.config import DataConfig, FedMKTConfig, LoraSpec, PartyConfig, StudentSpec, load_config
+from kdflow.data import Rows, collate, encode_rows, partition_rows, read_rows
+from kdflow.federated import payload as wire
+from kdflow.federated.fedmkt import client_local_step, make_party, public_outputs, select_targets
+from kdflow.federated.selection import OWN, SKIP, dualmince, no_selection, reference_rule, weighted
+
+from conftest import DATA, tiny_llama
+
+
+# ----------------------------------------------------------------------------------------------
+# Selection
+
+
+def test_dualmince_on_hand_built_cases():
+    receiver = np.array([1.0, 2.0, 0.5, 3.0, 0.7])
+    senders = np.array([[0.8, 2.5, 0.6, 3.0, 0.9],
+                        [0.9, 1.5, 0.4, 3.5, 0.7]])
+    # sample 0: sender 0 (0.8 < 1.0); 1: sender 1; 2: sender 1 (0.4 < 0.5); 3: best 3.0 does not beat 3.0;
+    # 4: best 0.7 ties the receiver -> not selected (strict)
+    assert dualmince(receiver, senders).tolist() == [0, 1, 1, SKIP, SKIP]
+    assert reference_rule(receiver, senders).tolist() == [0, 1, 1, OWN, OWN]
+    assert no_selection(receiver, senders).tolist() == [0, 1, 1, 0, 1]
+    # float32 comparison: a difference below bf16 resolution still counts
+    assert dualmince(np.array([1.0]), np.array([[1.0 - 1e-4]])).tolist() == [0]
+    with pytest.raises(ValueError, match="finite"):
+        dualmince(np.array([np.nan]), np.array([[1.0]]))
+    with pytest.raises(ValueError, match="3 samples"):
+        dualmince(np.array([1.0, 2.0]), np.ones((2, 3)))
+
+
+def test_weighted_selection_mixes_by_cross_entropy():
+    w, sw = weighted(np.array([1.0, 0.1]), np.array([[0.5, 2.0], [1.5, 2.0]]))
+    assert np.allclose(w.sum(0), 1.0) and w[0, 0] > w[1, 0] and np.isclose(w[0, 1], w[1, 1])
+    assert sw[0] > 0.5 > sw[1]  # the mixture beats the receiver on sample 0 only
+
+
+# ----------------------------------------------------------------------------------------------
+# Parties on tiny models
+
+
+@pytest.fixture(scope="module")
+def parties(bpe_tok):
+    rows = read_rows(str(DATA / "train.jsonl")).head(40)
+    public, private = partition_rows(rows, 8, 2, private_rows=6, seed=0)
+    spec = PartyConfig(name="c", model=StudentSpec(lora=LoraSpec(enabled=True, r=4)))
+    out = []
+    for i, name in enumerate(("server", "c1", "c2")):
+        p = make_party(PartyConfig(name=name, model=spec.model, learning_rate=1e-3),
+                       tiny_llama(bpe_tok, layers=2, hidden=32, seed=10 + i), bpe_tok, seed=i)
+        p.public = encode_rows(public, bpe_tok, DataConfig())
+        p.private = encode_rows(private[i - 1], bpe_tok, DataConfig()) if i else []
+        out.append(p)
+    return out, public, private
+
+
+def test_per_sample_ce_is_the_mean_over_answer_tokens(parties):
+    (server, *_), _, _ = parties
+    out = public_outputs(server, k=5, temperature=1.0, batch_size=3)
+    for n, e in enumerate(server.public):
+        with torch.no_grad():
+            logits = server.model(input_ids=torch.tensor([e["input_ids"]])).logits[0, :-1].float()
+        labels = torch.tensor(e["labels"][1:])
+        mask = labels != -100
+        ref = F.cross_entropy(logits[mask], labels[mask]).item()
+        assert abs(out.ce[n] - ref) < 1e-4
+        ids, lp, tail = out.sample(n)
+        assert ids.shape == (int(mask.sum()), 5)
+        full = F.log_softmax(logits[mask], -1)
+        assert np.allclose(lp, full.topk(5).values.numpy(), atol=1e-5)
+        assert np.allclose(np.logaddexp(np.logaddexp.reduce(lp, axis=1), tail), 0.0, atol=1e-5)
+
+
+def test_client_payload_carries_no_private_data(parties, bpe_tok):
+    (_, c1, _), public, private = parties
+    cfg = load_config(FedMKTConfig, None, ["fedmkt.top_k=5", "train.batch_size=4", "eval.batch_size=4"])
+    out, _ = client_local_step(c1, cfg, 1)
+    arrays = wire.encode(out, c1.vocab_size)
+    assert set(arrays) == set(wire.FIELDS)
+    # every shape is fixed by the public set alone
+    assert arrays["offsets"].tolist() == np.concatenate([[0], np.cumsum(c1.positions())]).tolist()
+    assert arrays["ce"].shape == (len(public),)
+    # no private text, no private token sequence, no weights
+    blob = b"".join(a.tobytes() for a in arrays.values())
+    for row in private[0].items:
+        assert row["response"].encode() not in blob
+    private_ids = {tuple(e["input_ids"][e["prompt_len"]:]) for e in c1.private}
+    sent_ids = arrays["ids"].astype(np.int64)
+    for seq in private_ids:
+        assert not any(np.array_equal(sent_ids[i:i + len(seq), 0], seq) for i in range(len(sent_ids) - len(seq) + 1))
+    adapter_shapes = {tuple(p.shape) for p in c1.model.parameters() if p.requires_grad}
+    assert not any(tuple(a.shape) in adapter_shapes for a in arrays.values())
+    # a client with other private data sends a payload of exactly the same shapes
+    c1_private = c1.private
+    c1.private = c1.private[:2]
+    out2, _ = client_local_step(c1, cfg, 2)
+    c1.private = c1_private
+    assert {k: v.shape for k, v in wire.encode(out2, c1.vocab_size).items()} == {k: v.shape for k, v in arrays.items()}
+
+
+@pytest.mark.parametrize("corrupt,match", [
+    (lambda a: a.__setitem__("logp", np.where(np.arange(a["logp"].size).reshape(a["logp"].shape) == 3, np.float16(np.nan), a["logp"])), "finite or -inf"),
+    (lambda a: a["ids"].__setitem__((0, 0), 65000), "outside the vocabulary"),
+    (lambda a: a.__setitem__("ce", a["ce"][:-1]), "'ce' has shape"),
+    (lambda a: a.__setitem__("ids", a["ids"].astype(np.int64)), "'ids' must be uint16 or int32"),
+    (lambda a: a.__setitem__("extra", np.zeros(3)), "unexpected"),
+    (lambda a: a.__setitem__("offsets", a["offsets"] + 1), "offsets do not match"),
+    (lambda a: a.__setitem__("ce", -a["ce"]), "cross-entropies must be finite and >= 0"),
+])
+def test_malformed_payloads_are_rejected(parties, corrupt, match):
+    (server, *_), _, _ = parties
+    arrays = wire.encode(public_outputs(server, 4, 1.0), server.vocab_size)
+    corrupt(arrays)
+    with pytest.raises(wire.PayloadError, match=match):
+        wire.decode(arrays, sender="c9", vocab_size=server.vocab_size, k=4, positions=server.positions())
+
+
+def test_oversize_payload_is_rejected(parties):
+    (server, *_), _, _ = parties
+    arrays = wire.encode(public_outputs(server, 4, 1.0), server.vocab_size)
+    with pytest.raises(wire.PayloadError, match="over the limit of 100"):
+        wire.decode(arrays, sender="c9", vocab_size=server.vocab_size, k=4, positions=server.positions(), max_bytes=100)
+
+
+def test_selected_targets_are_the_chosen_senders_distributions(parties):
+    (server, c1, c2), _, _ = parties
+    outs = [public_outputs(p, 4, 1.0) for p in (server, c1, c2)]
+    outs[1].ce[:] = 0.0  # c1 beats everyone everywhere
+    examples, share = select_targets(server, outs[0], [c1, c2], outs[1:], "dualmince", 4)
+    assert share["c1"] == 1.0
+    for n, e in enumerate(examples):
+        ids, lp, _ = outs[1].sample(n)
+        assert torch.equal(e["teacher_ids"], torch.from_numpy(ids)) and bool(e["teacher_valid"].all())
+    outs[1].ce[:] = 99.0
+    outs[2].ce[:] = 99.0
+    examples, share = select_targets(server, outs[0], [c1, c2], outs[1:], "dualmince", 4)
+    assert share["skipped"] == 1.0 and not any(bool(e["teacher_valid"].any()) for e in examples)
+    examples, share = select_targets(server, outs[0], [c1, c2], outs[1:], "reference", 4)
+    ids, _, _ = outs[0].sample(0)
+    assert share["own"] == 1.0 and torch.equal(examples[0]["teacher_ids"], torch.from_numpy(ids))
+
+
+def test_partitions():
+    rows = read_rows(str(DATA / "train.jsonl")).head(200)
+    public, private = partition_rows(rows, 50, 3, seed=1)
+    idx = lambda r: {l for l in r.locations}
+    assert len(public) == 50 and sum(len(p) for p in private) == 150
+    assert not (idx(public) & idx(private[0])) and not (idx(private[0]) & idx(private[1]))
+    lines = [int(l.rsplit(":", 1)[1]) for l in public.locations]
+    assert lines == sorted(lines)  # the public set keeps the file's order
+    _, skewed = partition_rows(rows, 50, 2, scheme="dirichlet", field="pos", alpha=0.1, seed=1)
+    share = lambda part, pos: sum(r["pos"] == pos for r in part.items) / max(len(part), 1)
+    assert max(abs(share(skewed[0], p) - share(skewed[1], p)) for p in ("noun", "verb", "adjective")) > 0.2
+
+
+# ----------------------------------------------------------------------------------------------
+# The verb
+
+
+def test_two_round_run_with_two_tiny_clients_and_resume(tmp_path, tiny_dirs, capsys):
+    out = tmp_path / "fed"
+    args = ["fedmkt", f"output_dir={out}", f"server.model.name={tiny_dirs['teacher']}",
+            f"clients=[{{name: c1, model: {{name: {tiny_dirs['student']}}}}}, "
+            f"{{name: c2, model: {{name: {tiny_dirs['student']}, lora: {{enabled: true, r: 4}}}}}}]",
+            f"data.train={DATA / 'train.jsonl'}", f"data.test={DATA / 'test.jsonl'}", "data.public_rows=12",
+            "data.private_rows=8", "fedmkt.rounds=2", "fedmkt.top_k=8", "eval.max_rows=3", "eval.max_new_tokens=3",
+            "train.batch_size=4", "baselines=[zero_shot, standalone]"]
+    assert main(args) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert [h["round"] for h in m["rounds"]] == [0, 1, 2]
+    assert m["setting"] == "heterogeneous"  # the clients' adapters differ (r=8 vs r=4)
+    for b in m["bytes_per_round"]:
+        assert b["up"] > 0 and b["down"] > 0
+    assert set(m["table"]) == {"FedMKT", "zero-shot", "standalone"}
+    assert set(m["table"]["FedMKT"]) == {"server", "c1", "c2"}
+    assert (out / "rounds" / "round-002" / "server.adapter.safetensors").is_file()
+    assert (out / "report.md").is_file() and (out / "rounds_rougeL.png").is_file()
+    # the server moved: FedMKT's server differs from the zero-shot server
+    assert m["table"]["FedMKT"]["server"]["answer_nll"] != m["table"]["zero-shot"]["server"]["answer_nll"]
+    capsys.readouterr()
+    assert main(args) == 0  # a second run resumes after the last round and retrains nothing
+    assert "resuming after round 2" in capsys.readouterr().out
