@@ -7,6 +7,7 @@ instead of per micro-batch.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from pathlib import Path
@@ -248,6 +249,27 @@ def train_or_restore(trainer: Any, resume: str | None) -> tuple[float | None, bo
             losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
             return (sum(losses) / len(losses) if losses else None), False
     return trainer.train(resume_from_checkpoint=resume).training_loss, True
+
+
+# ----------------------------------------------------------------------------------------------
+# Data order of custom training loops
+
+
+@functools.lru_cache(maxsize=4)
+def _row_order(n: int, seed: int, epoch: int) -> list[int]:
+    import torch
+
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+
+
+def step_rows(n: int, seed: int, step: int, per_step: int) -> list[int]:
+    """Rows of optimizer step `step` in a stream of seeded per-epoch shuffles. A function of the
+    step only: every model trained from it (co-trained peers, their baselines) sees the same
+    batches, and a resumed run continues exactly where the interrupted one stopped."""
+    out = []
+    for flat in range(step * per_step, (step + 1) * per_step):
+        out.append(_row_order(n, seed, flat // n)[flat % n])
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

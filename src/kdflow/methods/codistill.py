@@ -21,7 +21,6 @@ report.md and loss curves.
 from __future__ import annotations
 
 import copy
-import functools
 import json
 import math
 import shutil
@@ -41,7 +40,7 @@ from kdflow.models import (apply_lora, build_student, count_parameters, load_mod
                            save_model, selected_hidden, tokenizer_fingerprint)
 from kdflow.report import plot_curves, write_atomic, write_json
 from kdflow.training import (load_loop_checkpoint, loop_checkpoints, prune_loop_checkpoints, save_loop_checkpoint,
-                             setup_run, step_normalized)
+                             setup_run, step_normalized, step_rows)
 
 # ----------------------------------------------------------------------------------------------
 # Peers
@@ -219,20 +218,6 @@ def accumulate_step(peers: list[Peer], micro_batches: list[list[int]], cfg: CoDi
 # The loop
 
 
-@functools.lru_cache(maxsize=4)
-def _row_order(n: int, seed: int, epoch: int) -> list[int]:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
-
-
-def step_rows(n: int, seed: int, step: int, per_step: int) -> list[int]:
-    """Rows of optimizer step `step` in a stream of per-epoch shuffles: the same for every peer and
-    for the alone baseline, and a function of the step only, so a resumed run sees the same data."""
-    out = []
-    for flat in range(step * per_step, (step + 1) * per_step):
-        out.append(_row_order(n, seed, flat // n)[flat % n])
-    return out
-
-
 def total_steps(cfg: CoDistillConfig, n_rows: int) -> int:
     if cfg.train.max_steps > 0:
         return cfg.train.max_steps
@@ -355,19 +340,6 @@ def train_peers(peers: list[Peer], cfg: CoDistillConfig, folder: Path, kd_weight
 # Building peers
 
 
-class _Bases:
-    """Base models (for pruned or config-initialised peers), loaded once each."""
-
-    def __init__(self) -> None:
-        self.models: dict[str, Any] = {}
-
-    def get(self, spec: Any) -> Any:
-        key = model_identity(spec)
-        if key not in self.models:
-            self.models[key] = load_model(spec).eval()
-        return self.models[key]
-
-
 def _base_of(cfg: CoDistillConfig, spec: PeerSpec) -> Any:
     return spec.base if spec.base is not None else cfg.base
 
@@ -381,9 +353,10 @@ def _peer_tokenizer(cfg: CoDistillConfig, spec: PeerSpec) -> Any:
     return load_tokenizer(_base_of(cfg, spec))
 
 
-def build_peer(cfg: CoDistillConfig, k: int, tok: Any, examples: list[dict[str, Any]], group: int, bases: _Bases,
-               device: torch.device) -> Peer:
-    """Peer k with its initial weights; the same call always gives the same weights."""
+def build_peer(cfg: CoDistillConfig, k: int, tok: Any, examples: list[dict[str, Any]], group: int,
+               bases: dict[str, Any], device: torch.device) -> Peer:
+    """Peer k with its initial weights; the same call always gives the same weights. `bases` keeps
+    the models that pruned or config-initialised peers derive from, loaded once each."""
     import transformers
 
     spec = cfg.peers[k]
@@ -392,7 +365,10 @@ def build_peer(cfg: CoDistillConfig, k: int, tok: Any, examples: list[dict[str, 
     m = spec.model
     base = None
     if m.init == "prune_teacher" or (m.init == "config" and not m.name):
-        base = bases.get(_base_of(cfg, spec))
+        key = model_identity(_base_of(cfg, spec))
+        if key not in bases:
+            bases[key] = load_model(_base_of(cfg, spec)).eval()
+        base = bases[key]
     model = build_student(m, base, _base_of(cfg, spec)).to(device)
     lr = spec.learning_rate if spec.learning_rate is not None else cfg.train.learning_rate
     return Peer(spec, seed, tok, model, examples, group, lr)
@@ -489,7 +465,7 @@ def run_codistill(cfg: CoDistillConfig) -> dict[str, Any]:
         groups.append(groups[same[0]] if same else len(encoded))
         encoded.append(ex)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    bases = _Bases()
+    bases: dict[str, Any] = {}
     peers = [build_peer(cfg, k, toks[k], encoded[k], groups[k], bases, device) for k in range(len(cfg.peers))]
     for p in peers:
         for q in peers:
