@@ -118,24 +118,30 @@ def test_microbatch_split_leaves_every_peer_gradient_unchanged(bpe_tok, examples
     assert any(not torch.allclose(a, b, atol=1e-5, rtol=1e-3) for gp, wp in zip(buggy, whole) for a, b in zip(gp, wp))
 
 
-def test_loss_matches_the_formula(bpe_tok, examples):
-    """L_i = α τ² mean_j KL(p_j ‖ p_i) + (1 − α) CE, computed here from full logits."""
+@pytest.mark.parametrize("variant", ["soft", "hard"])
+def test_loss_matches_the_formula(bpe_tok, examples, variant):
+    """soft: L_i = α τ² mean_j KL(p_j ‖ p_i) + (1 − α) CE; hard: α mean_j CE(argmax p_j, p_i) + (1 − α) CE.
+    The reference is computed here from the models' full logits."""
     import torch.nn.functional as F
 
     peers = make_peers(bpe_tok, examples)
-    cfg = make_cfg("kd.divergence=fkl")
+    cfg = make_cfg("kd.divergence=fkl", f"kd.variant={variant}")
     rows = [0, 1, 2]
     got = [float(x.detach()) for x in per_peer_losses(peers, rows, cfg)]
     batch = cd._batches(peers, rows)[0]
     mask = batch["labels"][:, 1:] != -100
-    logits = [p.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][mask].float()
-              for p in peers]
+    with torch.no_grad():
+        logits = [p.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][mask].float()
+                  for p in peers]
     a, t = 0.6, 2.0
     for i in range(3):
         ce = F.cross_entropy(logits[i], batch["labels"][:, 1:][mask])
-        kls = [F.kl_div(F.log_softmax(logits[i] / t, -1), F.log_softmax(logits[j] / t, -1), log_target=True,
-                        reduction="batchmean") for j in range(3) if j != i]
-        assert got[i] == pytest.approx(float(a * t * t * sum(kls) / 2 + (1 - a) * ce), rel=1e-5)
+        if variant == "soft":
+            kds = [t * t * F.kl_div(F.log_softmax(logits[i] / t, -1), F.log_softmax(logits[j] / t, -1), log_target=True,
+                                    reduction="batchmean") for j in range(3) if j != i]
+        else:
+            kds = [F.cross_entropy(logits[i], logits[j].argmax(-1)) for j in range(3) if j != i]
+        assert got[i] == pytest.approx(float(a * sum(kds) / 2 + (1 - a) * ce), rel=1e-5)
 
 
 def peer_args(tiny_dirs, tiny_data, out):
