@@ -568,7 +568,7 @@ def _report(cfg: CoDistillConfig, metrics: dict[str, Any], results: dict[str, Ev
     lines = ["# kdflow codistill", "", f"{len(cfg.peers)} peers trained together on the same batches:", ""]
     lines += [_describe_peer(s, cfg, metrics["peers"][s.name]["parameters"]) for s in cfg.peers]
     tr = metrics["train"]["codistill"]
-    speed = f" ({tr['tokens_per_second']:.0f} tokens/s)" if tr.get("tokens_per_second") else ""
+    speed = f" ({tr['tokens_per_second']:.0f} batch tokens/s, all peers together)" if tr.get("tokens_per_second") else ""
     lines += ["", f"- loss of peer i: {kd.kd_weight:g} · {term} + {1 - kd.kd_weight:g} · CE; KD tokens: {kd.token_scope}",
               f"- training: {tr['steps']} steps × {cfg.train.batch_size * cfg.train.grad_accum} rows"
               f"{' (resumed at step ' + str(tr['start_step']) + ')' if tr['start_step'] else ''} in {tr['seconds']:.0f} s"
