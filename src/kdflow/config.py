@@ -147,6 +147,21 @@ class TeacherCacheConfig:
 
 
 @dataclass
+class AlignConfig:
+    sequence: Literal["offsets", "dtw"] = opt(
+        "offsets", "how teacher and student positions are paired when their tokenizers differ: offsets pairs positions "
+                   "whose next tokens begin at the same character of the answer (fast tokenizers); dtw aligns the token "
+                   "strings by dynamic time warping with an edit-distance cost (FedMKT's method, no offsets needed)")
+    unpaired: Literal["mask", "onehot_next"] = opt(
+        "mask", "student positions with no teacher counterpart: mask leaves them out of the KD term; onehot_next "
+                "gives them a one-hot target on the student's own next token")
+    top_k: int = opt(64, "online teacher: its top-k tokens per position are carried into the student's vocabulary "
+                         "(with a teacher cache, teacher_cache.k is used)")
+    vocab_map_cache: bool = opt(True, "keep the MinED vocabulary maps under $KDFLOW_CACHE/vocab_maps (built once per "
+                                      "tokenizer pair)")
+
+
+@dataclass
 class SeqKDConfig:
     cache_file: str | None = opt(None, "where the teacher's generated answers are stored (default: <output_dir>/seqkd_generations.jsonl)")
     do_sample: bool = opt(False, "sample the teacher's answers instead of greedy decoding")
@@ -169,6 +184,8 @@ class DistillConfig:
     kd: KDConfig = opt(factory=KDConfig, help="soft- and hard-label KD settings")
     seqkd: SeqKDConfig = opt(factory=SeqKDConfig, help="sequence-level KD: teacher generation settings")
     teacher_cache: TeacherCacheConfig = opt(factory=TeacherCacheConfig, help="offline teacher: top-k log-probs computed once")
+    align: AlignConfig = opt(factory=AlignConfig, help="cross-tokenizer KD (teacher and student tokenizers differ): "
+                                                      "position pairing and vocabulary mapping")
     train: TrainConfig = opt(factory=TrainConfig, help="optimisation (transformers.Trainer)")
     eval: EvalConfig = opt(factory=EvalConfig, help="final evaluation on the test split")
     evaluate_teacher: bool = opt(True, "evaluate the teacher at the end too")

@@ -195,6 +195,13 @@ def uses_chat_template(tok: Any, cfg: DataConfig) -> bool:
     return has if cfg.chat_template == "auto" else cfg.chat_template == "always"
 
 
+@dataclass
+class ResponseEncoding:
+    ids: list[int]
+    text: str  # what `ids` tokenise: the answer, plus the template's end marker when it writes one
+    spans: list[tuple[int, int]] | None  # character span of each id in `text`, when asked for
+
+
 class Encoder:
     """Turns rows into token ids the same way for training, scoring and generation."""
 
@@ -224,6 +231,16 @@ class Encoder:
         return ids
 
     def response_ids(self, turns: Turns) -> list[int]:
+        return self.response_encoding(turns).ids
+
+    def response_encoding(self, turns: Turns, spans: bool = False) -> "ResponseEncoding":
+        """The answer's token ids, the text they tokenise, and (optionally) each id's character span.
+
+        The text is the answer followed by the template's end marker when the chat template writes
+        one, else the answer alone (EOS is then appended as an id with the empty span (n, n)).
+        Spans come from a fast tokenizer's offset mapping; cross-tokenizer alignment needs them.
+        """
+        rest, templated = turns.response, False
         if self.chat:
             msgs = list(turns.messages)
             if self.cfg.system_prompt and msgs[0]["role"] != "system":
@@ -231,18 +248,30 @@ class Encoder:
             prompt = self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
             full = self.tok.apply_chat_template(msgs + [{"role": "assistant", "content": turns.response}], tokenize=False)
             if full.startswith(prompt):
-                rest = full[len(prompt):]
+                rest, templated = full[len(prompt):], True
                 # The answer ends at EOS; template whitespace after it is never generated.
                 eos = self.tok.eos_token
                 if rest.rstrip().endswith(eos):
                     rest = rest.rstrip()
-                ids = self.tok(rest, add_special_tokens=False).input_ids
-                if not ids or ids[-1] != self.eos_id:
-                    ids = ids + [self.eos_id]
-                return ids
-            # A template that rewrites earlier turns when an answer is added: fall back to the
+            # else: a template that rewrites earlier turns when an answer is added: fall back to the
             # answer text followed by EOS, which is what generation from the prompt must produce.
-        return self.tok(turns.response, add_special_tokens=False).input_ids + [self.eos_id]
+        if spans:
+            try:
+                enc = self.tok(rest, add_special_tokens=False, return_offsets_mapping=True)
+            except NotImplementedError:
+                from kdflow.errors import AlignmentError
+
+                raise AlignmentError(
+                    f"tokenizer {type(self.tok).__name__} gives no character offsets (it is not a fast tokenizer); "
+                    "set align.sequence=dtw to align by token strings instead") from None
+            ids, offsets = list(enc.input_ids), [tuple(o) for o in enc.offset_mapping]
+        else:
+            ids, offsets = self.tok(rest, add_special_tokens=False).input_ids, None
+        if not templated or not ids or ids[-1] != self.eos_id:
+            ids = ids + [self.eos_id]
+            if offsets is not None:
+                offsets.append((len(rest), len(rest)))
+        return ResponseEncoding(ids, rest, offsets)
 
     def encode(self, row: dict[str, Any], where: str, row_index: int) -> dict[str, Any]:
         turns = row_turns(row, where, self.cfg)

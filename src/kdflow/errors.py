@@ -18,3 +18,7 @@ class DataError(KDFlowError):
 
 class ModelError(KDFlowError):
     """A model or tokenizer cannot be loaded or does not fit the run."""
+
+
+class AlignmentError(KDFlowError):
+    """Two tokenizers cannot be aligned as configured (cross-tokenizer distillation)."""

@@ -218,8 +218,9 @@ def require_same_tokenizer(teacher_tok: Any, student_tok: Any, teacher_name: str
     if tokenizer_fingerprint(teacher_tok) != tokenizer_fingerprint(student_tok):
         raise ModelError(
             f"teacher '{teacher_name}' and student '{student_name}' use different tokenizers "
-            f"({len(teacher_tok)} vs {len(student_tok)} tokens): this run needs cross-tokenizer distillation; "
-            "use a student with the teacher's tokenizer (e.g. student.init=prune_teacher)")
+            f"({len(teacher_tok)} vs {len(student_tok)} tokens), which only methods kd and hard_token support "
+            "(cross-tokenizer alignment, see the align settings); otherwise use a student with the teacher's "
+            "tokenizer (e.g. student.init=prune_teacher)")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 Layout of a cache folder:
     manifest.json            settings that must match a run, the shard list, `complete`
-    shard-00000.safetensors  ids [P, k] (uint16 when the vocabulary fits, else int32),
+    shard-00000.safetensors  ids [P, k] (uint16 when the vocabulary fits, else int32; an empty slot,
+                             id -1 in memory, is stored as 65535 in uint16),
                              logp [P, k] (float16 or bfloat16), tail_logp [P] (float32, optional),
                              offsets [M + 1] (int64: example m owns rows offsets[m]:offsets[m+1]),
                              row_index [M] (int64: the example's row in the dataset)
@@ -33,6 +34,13 @@ from kdflow.report import write_atomic, write_json
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+EMPTY_U16 = 65535  # an empty top-k slot (id -1) in a uint16 shard
+
+
+def _store_ids(ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if dtype == torch.uint16:
+        return torch.where(ids < 0, torch.full_like(ids, EMPTY_U16), ids).to(torch.int32).to(torch.uint16)
+    return ids.to(dtype)
 
 
 def manifest_key(*, teacher: str, teacher_tokenizer: str, student_tokenizer: str, data: str, data_settings: dict,
@@ -142,7 +150,8 @@ def build_cache(folder: str | os.PathLike, key: dict[str, Any], examples: list[d
     done = sum(s["examples"] for s in manifest["shards"])
     if manifest["complete"] and done == len(examples):
         return manifest
-    id_dtype = torch.uint16 if 0 < vocab_size <= 65536 else torch.int32
+    # uint16 keeps 65535 free to mark empty slots (-1), which cross-tokenizer targets have
+    id_dtype = torch.uint16 if 0 < vocab_size <= EMPTY_U16 else torch.int32
     lp_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[key["logp_dtype"]]
     bar = tqdm(total=len(examples), initial=done, desc="teacher cache", disable=not progress)
     t0 = time.time()
@@ -157,7 +166,7 @@ def build_cache(folder: str | os.PathLike, key: dict[str, Any], examples: list[d
             bar.update(min(batch_size, len(shard) - b))
         counts = [int(t["ids"].shape[0]) for t in per_example]
         tensors = {
-            "ids": torch.cat([t["ids"] for t in per_example]).to(id_dtype),
+            "ids": _store_ids(torch.cat([t["ids"] for t in per_example]), id_dtype),
             "logp": torch.cat([t["logp"] for t in per_example]).to(lp_dtype),
             "offsets": torch.tensor([0] + list(torch.tensor(counts).cumsum(0).tolist()), dtype=torch.int64),
             "row_index": torch.tensor([e["row_index"] for e in shard], dtype=torch.int64),
@@ -221,7 +230,11 @@ class TeacherCache:
             ids, logp, offsets = t["ids"], t["logp"], t["offsets"]
             if ids.dim() != 2 or ids.shape != logp.shape or ids.shape[1] > k or offsets[-1] != ids.shape[0]:
                 raise DataError(f"teacher cache shard {path} has inconsistent shapes; rebuild the cache")
-            ids = ids.long() if ids.dtype != torch.uint16 else ids.to(torch.int32).long()
+            if ids.dtype == torch.uint16:
+                ids = ids.to(torch.int32).long()
+                ids[ids == EMPTY_U16] = -1
+            else:
+                ids = ids.long()
             for m, row in enumerate(t["row_index"].tolist()):
                 a, b = int(offsets[m]), int(offsets[m + 1])
                 entry = {"ids": ids[a:b], "logp": logp[a:b].float()}

@@ -7,12 +7,15 @@
 
 Each term is a (sum, count) pair normalised by its token count over the whole optimizer step.
 The teacher runs online, or not at all when `teacher_cache.dir` holds its top-k log-probs
-(`kdflow cache-teacher` computes them once). The run ends by evaluating the teacher, the student before and the student after training on
+(`kdflow cache-teacher` computes them once). A teacher with another tokenizer works for kd and
+hard_token: `kdflow.align` pairs positions over the answer and carries the teacher's top-k into the
+student's vocabulary (the `align` settings). The run ends by evaluating the teacher, the student before and the student after training on
 the test split, and writes config.yaml, metrics.json, report.md and loss_curve.png.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -38,12 +41,16 @@ def make_distill_trainer_class() -> type:
 
     class DistillTrainer(Base):
         """Trainer for sft / kd / hard_token. The teacher runs online under no_grad, or its top-k
-        log-probs come with each example from the teacher cache (`teacher=None`)."""
+        log-probs come with each example from the teacher cache (`teacher=None`). A teacher with
+        another tokenizer comes with `cross` (kdflow.align.targets.CrossTokenizer), which turns it
+        into aligned top-k targets in the student's vocabulary."""
 
-        def __init__(self, *args: Any, cfg: DistillConfig, teacher: Any | None, vocab_size: int, **kwargs: Any):
+        def __init__(self, *args: Any, cfg: DistillConfig, teacher: Any | None, vocab_size: int,
+                     cross: Any | None = None, **kwargs: Any):
             super().__init__(*args, **kwargs)
             self.cfg = cfg
             self.teacher = teacher
+            self.cross = cross
             uses_teacher = cfg.method in ("kd", "hard_token")
             w = cfg.kd.kd_weight if uses_teacher else 0.0
             self.term_weights = {"ce": 1.0 - w, "kd": w}
@@ -69,14 +76,17 @@ def make_distill_trainer_class() -> type:
             input_ids, attention = inputs["input_ids"], inputs["attention_mask"]
             labels = inputs["labels"]
             ce_mask, kd_mask = shifted_masks(labels, attention, self.cfg.kd.token_scope)
-            use_kd = self.spec.kind != "none" and (self.teacher is not None or "teacher_ids" in inputs)
+            online = self.teacher is not None and (self.cross is None or "teacher_src" in inputs)
+            use_kd = self.spec.kind != "none" and (online or "teacher_ids" in inputs)
             # One set of positions serves both terms: response tokens (and all tokens for token_scope=all).
             positions = (kd_mask | ce_mask) if use_kd else ce_mask
             hidden, head = selected_hidden(model, input_ids, attention, positions)
             ce_targets = labels[:, 1:][positions].masked_fill(~ce_mask[positions], -100)
             teacher = None
             if use_kd:
-                if self.teacher is not None:
+                if self.cross is not None and self.teacher is not None:
+                    teacher = self.cross.targets(self.teacher, inputs, self.cfg.align.top_k, _target_temperature(self.cfg))
+                elif self.teacher is not None:
                     with torch.no_grad():
                         t_hidden, t_head = selected_hidden(self.teacher, input_ids, attention, kd_mask)
                     teacher = DenseTeacher(t_hidden, t_head)
@@ -198,12 +208,43 @@ def _read_splits(cfg: DistillConfig) -> tuple[Rows, Rows | None, Rows | None]:
     return train_rows, val_rows, test_rows
 
 
-def _cache_key(cfg: DistillConfig, train_rows: Rows, teacher_tok: Any, tok: Any) -> dict[str, Any]:
+def _cache_key(cfg: DistillConfig, train_rows: Rows, teacher_tok: Any, tok: Any, cross: Any = None) -> dict[str, Any]:
     c = cfg.teacher_cache
     return manifest_key(teacher=model_identity(cfg.teacher), teacher_tokenizer=tokenizer_fingerprint(teacher_tok),
                         student_tokenizer=tokenizer_fingerprint(tok), data=rows_fingerprint(train_rows),
-                        data_settings=_data_settings(cfg), k=c.k, temperature=cfg.kd.temperature,
-                        token_scope=cfg.kd.token_scope, logp_dtype=c.logp_dtype, store_tail=c.store_tail)
+                        data_settings=_data_settings(cfg), k=c.k,
+                        temperature=_target_temperature(cfg) if cross is not None else cfg.kd.temperature,
+                        token_scope=cfg.kd.token_scope, logp_dtype=c.logp_dtype, store_tail=c.store_tail,
+                        alignment=cross.key() if cross is not None else None)
+
+
+def _target_temperature(cfg: DistillConfig) -> float:
+    """Temperature of cross-tokenizer targets: hard_token takes the argmax of the carried distribution
+    at temperature 1 (probabilities of teacher tokens that land on one student token are added, so
+    the temperature could change which one wins)."""
+    return 1.0 if cfg.method == "hard_token" else cfg.kd.temperature
+
+
+def _cross_tokenizer(cfg: DistillConfig, teacher_tok: Any, tok: Any) -> Any:
+    """None when teacher and student share a tokenizer; else the alignment for cross-tokenizer KD."""
+    if tokenizer_fingerprint(teacher_tok) == tokenizer_fingerprint(tok):
+        return None
+    if cfg.method not in ("kd", "hard_token"):
+        require_same_tokenizer(teacher_tok, tok, cfg.teacher.name or "", cfg.student.name or cfg.student.init)
+    if cfg.kd.token_scope != "response":
+        raise ConfigError(
+            f"kd.token_scope={cfg.kd.token_scope} needs teacher and student to share a tokenizer: with different "
+            "tokenizers each model renders the prompt with its own chat template and only the answer text is shared; "
+            "use kd.token_scope=response")
+    from kdflow.align.targets import CrossTokenizer
+
+    cross = CrossTokenizer(teacher_tok, tok, cfg.data, cfg.align)
+    info = cross.maps.info
+    how = "loaded from cache" if info.get("cache") == "hit" else f"built in {info.get('build_seconds', 0):.1f} s"
+    print(f"[kdflow] cross-tokenizer KD: teacher tokenizer {len(teacher_tok)} tokens "
+          f"({cross.teacher_vocab.scheme.name()}), student {len(tok)} ({cross.student_vocab.scheme.name()}); "
+          f"MinED vocabulary maps {how}; positions paired by {cfg.align.sequence}, unpaired: {cfg.align.unpaired}")
+    return cross
 
 
 def run_cache_teacher(cfg: DistillConfig) -> dict[str, Any]:
@@ -218,13 +259,17 @@ def run_cache_teacher(cfg: DistillConfig) -> dict[str, Any]:
     train_rows, _, _ = _read_splits(cfg)
     teacher_tok = load_tokenizer(cfg.teacher)
     tok = _student_tokenizer(cfg, teacher_tok)
-    require_same_tokenizer(teacher_tok, tok, cfg.teacher.name, cfg.student.name or cfg.student.init)
+    cross = _cross_tokenizer(cfg, teacher_tok, tok)
     examples = encode_rows(train_rows, tok, cfg.data)
     teacher = freeze(load_model(cfg.teacher))
     c = cfg.teacher_cache
-    manifest = build_cache(c.dir, _cache_key(cfg, train_rows, teacher_tok, tok), examples, tok.pad_token_id,
-                           same_tokenizer_targets(teacher, len(tok), c.k, cfg.kd.temperature, cfg.kd.token_scope),
-                           batch_size=c.batch_size, shard_size=c.shard_size, vocab_size=len(tok))
+    if cross is not None:  # targets in the student's vocabulary, at the student's positions
+        print(f"[kdflow] alignment: {cross.prepare(examples, train_rows).summary()}")
+        compute = cross.cache_compute(teacher, c.k, _target_temperature(cfg))
+    else:
+        compute = same_tokenizer_targets(teacher, len(tok), c.k, cfg.kd.temperature, cfg.kd.token_scope)
+    manifest = build_cache(c.dir, _cache_key(cfg, train_rows, teacher_tok, tok, cross), examples, tok.pad_token_id,
+                           compute, batch_size=c.batch_size, shard_size=c.shard_size, vocab_size=len(tok))
     print(f"[kdflow] teacher cache {c.dir}: {manifest['examples']} examples, {manifest['positions']} positions, "
           f"k={c.k}, {manifest['bytes_per_position']:.0f} bytes per position, {len(manifest['shards'])} shards")
     return manifest
@@ -245,10 +290,9 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
         raise ConfigError(f"method {cfg.method} needs teacher.name")
     teacher_tok = load_tokenizer(cfg.teacher) if cfg.teacher.name else None
     tok = _student_tokenizer(cfg, teacher_tok)
-    if cfg.method in ("kd", "hard_token"):
-        require_same_tokenizer(teacher_tok, tok, cfg.teacher.name or "", cfg.student.name or cfg.student.init)
+    cross = _cross_tokenizer(cfg, teacher_tok, tok) if cfg.method in ("kd", "hard_token") else None
     vocab_size = len(tok)
-    cache = TeacherCache(cfg.teacher_cache.dir, _cache_key(cfg, train_rows, teacher_tok, tok)) if use_cache else None
+    cache = TeacherCache(cfg.teacher_cache.dir, _cache_key(cfg, train_rows, teacher_tok, tok, cross)) if use_cache else None
 
     # The teacher's weights are loaded only when something needs them: online KD, generation,
     # a student pruned from it, or its own evaluation. With a teacher cache, training never does.
@@ -267,6 +311,12 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
     if cache is not None:
         cache.attach(train_examples, cfg.kd.token_scope)
         print(f"[kdflow] training from teacher cache {cfg.teacher_cache.dir} (k={cfg.teacher_cache.k}); the teacher is not run")
+    align_stats = None
+    if cache is None and cross is not None and cfg.kd.kd_weight > 0:
+        align_stats = cross.prepare(train_examples, train_rows)
+        print(f"[kdflow] alignment: {align_stats.summary()}")
+        if val_examples is not None:
+            cross.prepare(val_examples, val_rows)
 
     total, _ = count_parameters(student)
     print(f"[kdflow] method={cfg.method} student={total / 1e6:.1f}M params, teacher="
@@ -293,6 +343,7 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
         cfg=cfg,
         teacher=teacher if (cfg.method in ("kd", "hard_token") and not use_cache) else None,
         vocab_size=vocab_size,
+        cross=cross if not use_cache else None,
     )
     if resume:
         print(f"[kdflow] resuming from {resume}")
@@ -318,6 +369,9 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
                   "tokens_per_second": (_tokens_per_second(train_examples, trainer.state.global_step, cfg, train_seconds)
                                         if trained_now and not resume else None)},
         "token_scope": cfg.kd.token_scope,
+        "cross_tokenizer": None if cross is None else {
+            "sequence": cfg.align.sequence, "unpaired": cfg.align.unpaired, "vocab_maps": cross.maps.info,
+            "alignment": None if align_stats is None else dataclasses.asdict(align_stats)},
         "eval": {k: v.metrics for k, v in results.items()},
         "student_parameters": total,
         "seconds_total": time.time() - t_start,
@@ -357,6 +411,11 @@ def _report(cfg: DistillConfig, metrics: dict[str, Any], results: dict[str, Eval
     t = metrics["train"]
     speed = f" ({t['tokens_per_second']:.0f} tokens/s)" if t["tokens_per_second"] else " (resumed)"
     lines.append(f"- training: {t['steps']} steps in {t['seconds']:.0f} s{speed}, data `{cfg.data.train}`")
+    x = metrics.get("cross_tokenizer")
+    if x:
+        a = x["alignment"]
+        paired = f", {a['paired']} of {a['positions']} answer positions paired" if a else " (targets from the teacher cache)"
+        lines.append(f"- cross-tokenizer: positions paired by {x['sequence']}{paired}, unpaired positions: {x['unpaired']}")
     lines += ["", f"## Test split (`{cfg.data.test}`, first {cfg.eval.max_rows} rows)", "",
               format_table({k: v.metrics for k, v in results.items()}) or "(no test split)", ""]
     if series:
