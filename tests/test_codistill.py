@@ -87,7 +87,7 @@ def test_the_isolation_check_can_fail(bpe_tok, examples, monkeypatch):
         def logits(self, index):
             return self.head(self.hidden[index]).float()
 
-    monkeypatch.setattr(cd, "peer_targets", lambda s, r, out: LeakyTeacher(out.hidden[out.kd_rows], out.head))
+    monkeypatch.setattr(cd, "peer_targets", lambda s, r, out, *_: LeakyTeacher(out.hidden[out.kd_rows], out.head))
     peers = make_peers(bpe_tok, examples)[:2]
     loss_0 = per_peer_losses(peers, [0, 1, 2, 3], make_cfg())[0]
     assert any(g is not None and g.any() for g in grads(loss_0, list(peers[1].model.parameters())))
@@ -227,17 +227,89 @@ def test_bad_peer_settings_are_clear_errors(tmp_path, tiny_dirs, tiny_data, caps
     assert "'peers[2].learning_rate' must be > 0" in capsys.readouterr().err
 
 
-def test_peers_with_different_tokenizers_are_refused_before_training(tmp_path, tiny_dirs, tiny_data, capsys):
+# ----------------------------------------------------------------------------------------------
+# Peers with different tokenizers (kdflow.align carries each distribution across)
+
+
+@pytest.fixture(scope="module")
+def other_toks():
     from conftest import train_tokenizer
 
-    wp = train_tokenizer("wordpiece")
-    d = tmp_path / "wordpiece_model"
-    tiny_llama(wp, layers=1, hidden=32, seed=5).save_pretrained(d)
-    wp.save_pretrained(d)
-    args = peer_args(tiny_dirs, tiny_data, tmp_path / "xtok")
-    assert main(["codistill", *args, f"peers[1].model={{name: {d}}}"]) == 2
-    assert "tokenize the data differently" in capsys.readouterr().err
-    assert not (tmp_path / "xtok" / "peers").exists()
+    return {"wordpiece": train_tokenizer("wordpiece"), "unigram": train_tokenizer("unigram")}
+
+
+def bridged_peers(rows, toks, cfg, groups=None):
+    """One tiny peer per tokenizer, each with bridges from every peer of another group."""
+    from kdflow.data import row_turns
+
+    peers = []
+    for k, tok in enumerate(toks):
+        ex = encode_rows(rows, tok, cfg.data)
+        peers.append(cd.Peer(PeerSpec(name=f"p{k}"), k, tok, tiny_llama(tok, layers=2, hidden=32 + 16 * k, seed=k + 1), ex,
+                             k if groups is None else groups[k], 1e-3))
+    turns = [row_turns(r, w, cfg.data) for r, w in zip(rows.items, rows.locations)]
+    for p in peers:
+        p.bridges = {q.name: cd.make_bridge(q, p, turns, cfg) for q in peers if q.group != p.group}
+    return peers
+
+
+@pytest.mark.parametrize("variant", ["soft", "hard"])
+def test_a_bridge_between_identical_tokenizers_gives_the_dense_loss(bpe_tok, tiny_data, variant):
+    """Forced through the alignment with k = the whole vocabulary, a peer's distribution arrives
+    unchanged: every position pairs with itself, every id maps to itself, nothing is cut."""
+    rows = read_rows(str(tiny_data["train"])).head(6)
+    cfg = make_cfg(f"kd.variant={variant}", "kd.divergence=jsd", f"align.top_k={len(bpe_tok)}", "align.vocab_map_cache=false")
+    dense = bridged_peers(rows, [bpe_tok, bpe_tok], cfg, groups=[0, 0])
+    bridged = bridged_peers(rows, [bpe_tok, bpe_tok], cfg, groups=[0, 1])
+    for p, q in zip(dense, bridged):
+        q.model.load_state_dict(p.model.state_dict())
+    assert bridged[0].bridges["p1"].valid == [cd._answer_len(e) for e in bridged[0].examples]  # all rows paired
+    rows_ = [0, 1, 2, 3, 4, 5]
+    for a, b in zip(per_peer_losses(dense, rows_, cfg), per_peer_losses(bridged, rows_, cfg)):
+        assert float(a.detach()) == pytest.approx(float(b.detach()), rel=1e-5)
+    g_dense = grads(per_peer_losses(dense, rows_, cfg)[0], list(dense[0].model.parameters()))
+    g_bridged = grads(per_peer_losses(bridged, rows_, cfg)[0], list(bridged[0].model.parameters()))
+    assert all(torch.allclose(x, y, atol=1e-6, rtol=1e-4) for x, y in zip(g_dense, g_bridged))
+
+
+def test_different_tokenizers_no_cross_gradient_and_microbatch_invariance(bpe_tok, other_toks, tiny_data):
+    rows = read_rows(str(tiny_data["train"])).head(4)
+    cfg = make_cfg("kd.divergence=fkl", "align.vocab_map_cache=false", "align.top_k=16")
+    peers = bridged_peers(rows, [bpe_tok, other_toks["wordpiece"], other_toks["unigram"]], cfg)
+    # the alignment leaves some positions out: counts differ per pair, the case step-level counting must get right
+    counts = cd.step_counts(peers, [[0, 1, 2, 3]], "response")[0]
+    assert counts["kd:p1"] != counts["kd:p2"] and counts["kd:p1"] < counts["ce"]
+    losses = per_peer_losses(peers, [0, 1, 2, 3], cfg)
+    params = [list(p.model.parameters()) for p in peers]
+    for i, loss_i in enumerate(losses):
+        assert float(loss_i.detach()) > 0
+        for j in range(3):
+            if j != i:
+                assert all(g is None or not g.any() for g in grads(loss_i, params[j])), (i, j)
+    whole = step_grads(peers, [[0, 1, 2, 3]], cfg)
+    split = step_grads(peers, [[0], [1, 2], [3]], cfg)
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for gp, wp in zip(split, whole) for a, b in zip(gp, wp))
+
+
+def test_peers_with_three_tokenizers_through_the_cli(tmp_path, bpe_tok, other_toks, tiny_data, capsys):
+    peers = []
+    for name, tok, seed in (("bpe", bpe_tok, 1), ("wordpiece", other_toks["wordpiece"], 2), ("unigram", other_toks["unigram"], 3)):
+        tiny_llama(tok, layers=2, hidden=32, seed=seed).save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+        peers.append(f"{{name: {name}, model: {{name: {tmp_path / name}}}}}")
+    out = tmp_path / "run"
+    args = ["codistill", f"peers=[{', '.join(peers)}]", f"data.train={tiny_data['train']}", f"data.test={tiny_data['test']}",
+            f"output_dir={out}", "train.max_steps=2", "train.batch_size=4", "train.report_to=[none]", "eval.max_new_tokens=4",
+            "train.learning_rate=0.001", "align.vocab_map_cache=false", "evaluate_before=false"]
+    assert main(args + ["kd.token_scope=all"]) == 2
+    assert "tokenize the data differently and only the answer text is shared" in capsys.readouterr().err
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "[kdflow] wordpiece -> bpe: other tokenizer;" in text and "[kdflow] bpe -> unigram: other tokenizer;" in text
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["eval"]) == {"bpe (co-trained)", "wordpiece (co-trained)", "unigram (co-trained)"}
+    hist = json.loads((out / "log_history.json").read_text())["codistill"]
+    assert all(h["kd"] > 0 for peer in hist.values() for h in peer if "kd" in h)
 
 
 def test_co_trained_peers_beat_the_same_peers_trained_alone_on_held_out_loss(tmp_path, bpe_tok):

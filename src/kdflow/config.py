@@ -220,6 +220,8 @@ class CoDistillConfig:
     kd: CoDistillKDConfig = opt(factory=CoDistillKDConfig, help="mutual distillation: model i gets kd_weight * mean over "
                                                                 "peers j != i of the KD term + (1 - kd_weight) * CE")
     train: TrainConfig = opt(factory=TrainConfig, help="optimisation, shared by all peers (learning rate per peer)")
+    align: AlignConfig = opt(factory=AlignConfig, help="peers with different tokenizers: how a peer's distribution is "
+                                                       "carried to another's positions and vocabulary (kdflow.align)")
     eval: EvalConfig = opt(factory=EvalConfig, help="final evaluation of every peer on the test split")
     evaluate_before: bool = opt(True, "evaluate every peer before training too")
     baseline_alone: bool = opt(False, "also train each peer alone (CE only) for the same steps, batches and seeds, "

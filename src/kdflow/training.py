@@ -382,6 +382,31 @@ def load_loop_checkpoint(folder: str | os.PathLike, model: Any, optimizer: Any, 
     return state
 
 
+def common_loop_checkpoint(folders: list[Path], resume: str) -> int | None:
+    """The step to resume several models trained together from: the newest checkpoint that every
+    folder holds (resume=auto; an interruption while they were being saved leaves the newest one
+    incomplete), or the `checkpoint-N` that `resume` names. None: start afresh; with
+    resume=never the folders' old checkpoints are deleted so they cannot mix with the new run's.
+    """
+    import shutil
+
+    have = [loop_checkpoints(f) for f in folders]
+    common = set(have[0]).intersection(*have[1:])
+    if resume == "never":
+        for found in have:
+            for ckpt in found.values():
+                shutil.rmtree(ckpt, ignore_errors=True)
+        return None
+    if resume == "auto":
+        return max(common) if common else None
+    m = re.fullmatch(r"checkpoint-(\d+)", Path(resume).name)
+    if not m:
+        raise ConfigError(f"train.resume={resume}: give 'auto', 'never' or checkpoint-N (a step every model has saved)")
+    if int(m.group(1)) not in common:
+        raise ConfigError(f"train.resume={resume}: not every model has checkpoint-{m.group(1)}; common steps: {sorted(common)}")
+    return int(m.group(1))
+
+
 def prune_loop_checkpoints(folder: str | os.PathLike, keep: int, protect: set[int] = frozenset()) -> None:
     """Delete all but the newest `keep` checkpoints (never those in `protect`)."""
     import shutil

@@ -1,29 +1,25 @@
 """`kdflow codistill`: N >= 2 models learn from each other on the same batches (methods.md §4).
 
-For peer i, with peers j != i as teachers whose distributions are stop-gradient targets:
+For peer i, with every other peer j as a teacher whose distribution is a stop-gradient target:
 
     soft: L_i = kd_weight * tau^2 * mean_j D(sg(p_j)_tau || p_i_tau) + (1 - kd_weight) * CE(y, p_i)
     hard: L_i = kd_weight *         mean_j CE(argmax sg(p_j), p_i)    + (1 - kd_weight) * CE(y, p_i)
     L_total = sum_i L_i
 
 Peers share no parameters and every target is detached, so one backward of L_total gives each
-peer exactly the gradient of its own L_i. Each term is a (sum, count) pair normalised by its
-token count over the whole optimizer step (all micro-batches), as everywhere in kdflow.
-
-Transformers' Trainer holds one model, so this file has its own small loop: every peer has its
-own optimizer, scheduler and learning rate (full or LoRA training), and its own checkpoints in
-`output_dir/peers/<name>/checkpoint-N`; re-running the same command resumes all peers from their
-newest common checkpoint. Every peer is evaluated before and after training, optionally next to
-the same peer trained alone (`baseline_alone`), and the run writes config.yaml, metrics.json,
-report.md and loss curves.
+peer exactly the gradient of its own L_i; each term is normalised by its token count over the
+whole optimizer step. Peers with different tokenizers exchange top-k distributions carried
+across by `kdflow.align` (methods.md §6). Trainer holds one model, so this file has its own loop:
+every peer has its own optimizer, scheduler, learning rate, full or LoRA training and checkpoints
+(`output_dir/peers/<name>/checkpoint-N`); the same command resumes all peers from their newest
+common checkpoint. Every peer is evaluated before and after training, optionally beside the same
+peer trained alone (`baseline_alone`).
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,15 +28,16 @@ from typing import Any
 import torch
 
 from kdflow.config import CoDistillConfig, PeerSpec, to_dict
-from kdflow.data import Rows, collate, encode_rows, read_rows, rows_fingerprint
+from kdflow.data import Rows, collate, encode_rows, read_rows, row_turns
 from kdflow.errors import ConfigError, DataError, KDFlowError
-from kdflow.evaluate import EvalResult, answer_nll, evaluate_model, format_table
-from kdflow.losses import DenseTeacher, HeadLossSpec, TopKTargets, get_divergence, head_losses, shifted_masks
+from kdflow.evaluate import EvalResult, answer_nll, evaluate_cached, format_table
+from kdflow.losses import (DenseTeacher, HeadLossSpec, TopKTargets, check_sparse_divergence, get_divergence, head_losses,
+                           shifted_masks)
 from kdflow.models import (apply_lora, build_student, count_parameters, load_model, load_tokenizer, model_identity,
                            save_model, selected_hidden, tokenizer_fingerprint)
 from kdflow.report import plot_curves, write_atomic, write_json
-from kdflow.training import (load_loop_checkpoint, loop_checkpoints, prune_loop_checkpoints, save_loop_checkpoint,
-                             setup_run, step_normalized, step_rows)
+from kdflow.training import (common_loop_checkpoint, load_loop_checkpoint, loop_checkpoints, prune_loop_checkpoints,
+                             save_loop_checkpoint, setup_run, step_normalized, step_rows)
 
 # ----------------------------------------------------------------------------------------------
 # Peers
@@ -61,10 +58,9 @@ class Peer:
     scheduler: Any = None
     history: list[dict[str, float]] = field(default_factory=list)
     val_examples: list[dict[str, Any]] | None = None
+    bridges: dict[str, "Bridge"] = field(default_factory=dict)  # by sender name, for senders of another group
 
-    @property
-    def name(self) -> str:
-        return self.spec.name
+    name = property(lambda self: self.spec.name)
 
     def trainable(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -78,31 +74,82 @@ class PeerOutputs:
     head: torch.nn.Module
     ce_targets: torch.Tensor  # [n] next token, -100 outside the CE term
     kd_rows: torch.Tensor  # [n] bool, rows in the KD term
+    rows: list[int]  # the training rows of the micro-batch, in batch order
 
 
-def check_transfer(sender: Peer, receiver: Peer) -> None:
-    """Stop before training when the sender's distribution cannot be carried to the receiver."""
-    if sender.group != receiver.group:
-        raise ConfigError(f"peers '{sender.name}' and '{receiver.name}' tokenize the data differently; "
-                          "co-distillation across tokenizers needs kdflow.align, which this build lacks")
+@dataclass
+class Bridge:
+    """How a sender's distribution reaches a receiver whose tokenizer (or template) differs."""
+
+    cross: Any  # kdflow.align.targets.CrossTokenizer(sender tokenizer -> receiver tokenizer)
+    turns: list[Any]  # every training row as chat turns (the answer text is what gets aligned)
+    valid: list[int]  # per training row: receiver KD rows this sender's distribution covers
 
 
-def peer_targets(sender: Peer, receiver: Peer, out: PeerOutputs) -> DenseTeacher | TopKTargets:
+def make_bridge(sender: Peer, receiver: Peer, turns: list[Any], cfg: CoDistillConfig) -> Bridge:
+    """MinED vocabulary map, position pairing and projection (methods.md §6, `kdflow.align`)."""
+    from kdflow.align.targets import CrossTokenizer
+
+    if cfg.kd.token_scope != "response":
+        raise ConfigError(f"kd.token_scope={cfg.kd.token_scope}: peers '{sender.name}' and '{receiver.name}' tokenize the "
+                          "data differently and only the answer text is shared between them; use kd.token_scope=response")
+    if cfg.kd.variant == "soft":
+        try:
+            check_sparse_divergence(cfg.kd.divergence, cfg.kd.sparse_mode)
+        except ValueError as e:
+            raise ConfigError(f"kd.divergence={cfg.kd.divergence} with kd.sparse_mode={cfg.kd.sparse_mode}: {e}") from None
+    cross = CrossTokenizer(sender.tok, receiver.tok, cfg.data, cfg.align)
+    valid = []
+    for r, t in enumerate(turns):  # which receiver rows the sender covers depends on the tokenizations only
+        m = _answer_len(sender.examples[r])
+        empty = cross.carry_rows(t, receiver.examples[r], sender.examples[r], torch.zeros((m, 1), dtype=torch.long),
+                                 torch.zeros((m, 1)))
+        valid.append(int(empty.valid.sum()))
+    total = sum(_answer_len(e) for e in receiver.examples)
+    print(f"[kdflow] {sender.name} -> {receiver.name}: other tokenizer; {sum(valid)} of {total} answer positions take "
+          f"part (positions by {cfg.align.sequence}, unpaired: {cfg.align.unpaired}, top {cfg.align.top_k})")
+    return Bridge(cross, turns, valid)
+
+
+def _answer_len(example: dict[str, Any]) -> int:
+    return len(example["input_ids"]) - example["prompt_len"]
+
+
+def peer_targets(sender: Peer, receiver: Peer, out: PeerOutputs, spec: HeadLossSpec, top_k: int) -> DenseTeacher | TopKTargets:
     """The sender's next-token distribution at the receiver's KD rows, as a stop-gradient target.
 
     Same tokenization: the sender's own detached hidden states and its head (applied under
-    no_grad) at the same rows. Peers with different tokenizers need methods.md §6 (vocabulary
-    map, sequence alignment, top-k projection into the receiver's vocabulary, returned as
-    TopKTargets with a `valid` mask); that is the seam where `kdflow.align` plugs in.
+    no_grad) at the same rows. Otherwise the sender's top-k at its own answer positions, computed
+    from the same forward pass, is carried into the receiver's positions and vocabulary by
+    `kdflow.align` (hard variant: at temperature 1, the argmax of the carried distribution).
     """
-    check_transfer(sender, receiver)
-    return DenseTeacher(out.hidden[out.kd_rows].detach(), out.head)
+    if sender.group == receiver.group:
+        return DenseTeacher(out.hidden[out.kd_rows].detach(), out.head)
+    from kdflow.teacher_cache import topk_from_logits
+
+    bridge = receiver.bridges[sender.name]
+    with torch.no_grad():
+        logits = out.head(out.hidden[out.kd_rows].detach()).float()[:, :len(sender.tok)].cpu()
+        ids, logp, tail = topk_from_logits(logits, top_k, spec.temperature if spec.kind == "soft" else 1.0)
+    parts, start = [], 0
+    for r in out.rows:
+        m = _answer_len(sender.examples[r])
+        sl = slice(start, start + m)
+        parts.append(bridge.cross.carry_rows(bridge.turns[r], receiver.examples[r], sender.examples[r],
+                                             ids[sl], logp[sl], tail[sl]))
+        start += m
+    if start != ids.shape[0]:
+        raise AssertionError(f"{sender.name}: {ids.shape[0]} KD rows for {start} answer tokens")  # a bug, not a user error
+    dev = out.hidden.device
+    return TopKTargets(*(torch.cat([getattr(t, k) for t in parts]).to(dev) for k in ("ids", "logp", "valid", "tail_logp")))
 
 
-def pair_count(sender: Peer, receiver: Peer, kd_mask: torch.Tensor) -> int:
-    """Tokens of one micro-batch in the receiver's KD term for this sender (all of its KD rows when
-    the tokenization is shared; an alignment would count only the positions it can pair)."""
-    return int(kd_mask.sum())
+def pair_count(sender: Peer, receiver: Peer, rows: list[int], kd_mask: torch.Tensor) -> int:
+    """Tokens of one micro-batch in the receiver's KD term for this sender: all of its KD rows when
+    the tokenization is shared, else the rows the alignment covers."""
+    if sender.group == receiver.group:
+        return int(kd_mask.sum())
+    return sum(receiver.bridges[sender.name].valid[r] for r in rows)
 
 
 def term_weights(peers: list[Peer], kd_weight: float) -> dict[str, float]:
@@ -136,35 +183,32 @@ def step_counts(peers: list[Peer], micro_batches: list[list[int]], token_scope: 
             c["ce"] = c.get("ce", 0) + int(ce_mask.sum())
             for q in peers:
                 if q is not p:
-                    c[f"kd:{q.name}"] = c.get(f"kd:{q.name}", 0) + pair_count(q, p, kd_mask)
+                    c[f"kd:{q.name}"] = c.get(f"kd:{q.name}", 0) + pair_count(q, p, rows, kd_mask)
     return counts
 
 
-def forward_peer(p: Peer, batch: dict[str, torch.Tensor], token_scope: str, device: torch.device) -> PeerOutputs:
+def forward_peer(p: Peer, batch: dict[str, torch.Tensor], rows: list[int], token_scope: str, device: torch.device) -> PeerOutputs:
     ids, attn, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
     ce_mask, kd_mask = shifted_masks(labels, attn, token_scope)
     positions = ce_mask | kd_mask
     hidden, head = selected_hidden(p.model, ids, attn, positions)
     ce_targets = labels[:, 1:][positions].masked_fill(~ce_mask[positions], -100)
-    return PeerOutputs(hidden, head, ce_targets, kd_mask[positions])
+    return PeerOutputs(hidden, head, ce_targets, kd_mask[positions], rows)
 
 
-def peer_loss_sums(i: int, peers: list[Peer], outs: list[PeerOutputs], spec: HeadLossSpec) -> dict[str, tuple[torch.Tensor, int]]:
+def peer_loss_sums(i: int, peers: list[Peer], outs: list[PeerOutputs], spec: HeadLossSpec,
+                   top_k: int = 64) -> dict[str, tuple[torch.Tensor, int]]:
     """Peer i's (sum, count) per term: "ce", and "kd:<j>" against every other peer j."""
     me = outs[i]
     if spec.kind == "none":
         return head_losses(me.hidden, me.head, me.ce_targets, me.kd_rows, None, spec)
+    own = copy.copy(spec)
+    own.vocab_size = len(peers[i].tok)  # padded heads: compare real tokens only
     sums: dict[str, tuple[torch.Tensor, int]] = {}
-    no_ce = torch.full_like(me.ce_targets, -100)
-    for j, q in enumerate(peers):
-        if j == i:
-            continue
-        pair_spec = copy.copy(spec)
-        pair_spec.vocab_size = len(peers[i].tok)  # padded heads: compare real tokens only
-        teacher = peer_targets(q, peers[i], outs[j])
-        r = head_losses(me.hidden, me.head, me.ce_targets if "ce" not in sums else no_ce, me.kd_rows, teacher, pair_spec)
-        if "ce" not in sums:
-            sums["ce"] = r["ce"]
+    for j, q in [(j, q) for j, q in enumerate(peers) if j != i]:
+        ce_targets = me.ce_targets if "ce" not in sums else torch.full_like(me.ce_targets, -100)  # CE counted once
+        r = head_losses(me.hidden, me.head, ce_targets, me.kd_rows, peer_targets(q, peers[i], outs[j], spec, top_k), own)
+        sums.setdefault("ce", r["ce"])
         sums[f"kd:{q.name}"] = r["kd"]
     return sums
 
@@ -187,8 +231,9 @@ def micro_batch_losses(peers: list[Peer], rows: list[int], counts: list[dict[str
     weights = term_weights(peers, kd_weight)
     batches = _batches(peers, rows)
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16):
-        outs = [forward_peer(p, batches[p.group], cfg.kd.token_scope, device) for p in peers]
-        return [step_normalized(peer_loss_sums(i, peers, outs, spec), counts[i], weights) for i in range(len(peers))]
+        outs = [forward_peer(p, batches[p.group], rows, cfg.kd.token_scope, device) for p in peers]
+        return [step_normalized(peer_loss_sums(i, peers, outs, spec, cfg.align.top_k), counts[i], weights)
+                for i in range(len(peers))]
 
 
 def accumulate_step(peers: list[Peer], micro_batches: list[list[int]], cfg: CoDistillConfig, kd_weight: float,
@@ -239,30 +284,14 @@ def _make_optimizer(p: Peer, cfg: CoDistillConfig, steps: int) -> None:
 
 
 def _start_step(peers: list[Peer], folder: Path, cfg: CoDistillConfig) -> tuple[int, float]:
-    """Load the newest checkpoint that every peer has (or the one train.resume names).
-
-    Returns its step and the training seconds spent before it."""
-    have = [loop_checkpoints(folder / p.name) for p in peers]
-    common = set(have[0]).intersection(*have[1:])
-    resume = cfg.train.resume
-    if resume == "never":
-        for p, found in zip(peers, have):
-            for ckpt in found.values():
-                shutil.rmtree(ckpt, ignore_errors=True)  # stale checkpoints would mix with the new run's
+    """Load the newest checkpoint every peer has (or the one train.resume names): (its step, the
+    training seconds spent before it)."""
+    step = common_loop_checkpoint([folder / p.name for p in peers], cfg.train.resume)
+    if step is None:
         return 0, 0.0
-    if resume == "auto":
-        if not common:
-            return 0, 0.0
-        step = max(common)
-    else:
-        name = Path(resume).name
-        if not name.startswith("checkpoint-") or not name[len("checkpoint-"):].isdigit():
-            raise ConfigError(f"train.resume={resume}: give 'auto', 'never' or checkpoint-N (a step every peer has saved)")
-        step = int(name[len("checkpoint-"):])
-        if step not in common:
-            raise ConfigError(f"train.resume={resume}: not every peer has checkpoint-{step}; common steps: {sorted(common)}")
     for k, p in enumerate(peers):
-        state = load_loop_checkpoint(have[k][step], p.model, p.optimizer, p.scheduler, restore_rng=(k == 0))
+        state = load_loop_checkpoint(folder / p.name / f"checkpoint-{step}", p.model, p.optimizer, p.scheduler,
+                                     restore_rng=(k == 0))
         p.history = state["log_history"]
     print(f"[kdflow] resuming {', '.join(p.name for p in peers)} from checkpoint-{step}")
     return step, state.get("seconds", 0.0)
@@ -397,16 +426,7 @@ def _save_final(p: Peer, folder: Path) -> None:
 
 
 def _eval_cached(out: Path, file: str, key: dict[str, Any], p: Peer, rows: Rows, cfg: CoDistillConfig, label: str) -> EvalResult:
-    path = out / "eval" / f"{file}.json"
-    key = {**key, "eval": to_dict(cfg.eval), "data": rows_fingerprint(rows)}
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        if saved.get("key") == key:
-            return EvalResult(saved["metrics"], saved["examples"])
-    print(f"[kdflow] evaluating {label} on {min(len(rows), cfg.eval.max_rows or len(rows))} test rows")
-    res = evaluate_model(p.model, p.tok, rows, cfg.data, cfg.eval, name=label)
-    write_json(path, {"key": key, "metrics": res.metrics, "examples": res.examples})
-    return res
+    return evaluate_cached(out / "eval" / f"{file}.json", key, p.model, p.tok, rows, cfg.data, cfg.eval, label)
 
 
 def _peer_key(cfg: CoDistillConfig, p: Peer) -> dict[str, Any]:
@@ -433,9 +453,8 @@ def _check(cfg: CoDistillConfig) -> None:
     for i, n in enumerate(names):
         if not re.fullmatch(r"[A-Za-z0-9][\w.\-]*", n or ""):
             raise ConfigError(f"setting 'peers[{i}].name' must be a non-empty folder name (letters, digits, _ . -), got {n!r}")
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise ConfigError(f"peer names must be unique; repeated: {', '.join(dup)}")
+        if names.count(n) > 1:
+            raise ConfigError(f"peer names must be unique; repeated: {n}")
     if cfg.data.train is None:
         raise ConfigError("data.train is not set: give the training rows (a .jsonl/.csv/.parquet file or hf:<id>@<split>)")
     bad = [r for r in cfg.train.report_to if r not in ("tensorboard", "none")]
@@ -467,27 +486,23 @@ def run_codistill(cfg: CoDistillConfig) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bases: dict[str, Any] = {}
     peers = [build_peer(cfg, k, toks[k], encoded[k], groups[k], bases, device) for k in range(len(cfg.peers))]
-    for p in peers:
-        for q in peers:
-            if q is not p:
-                check_transfer(q, p)  # fails now, before any training, if a pair cannot be bridged
+    if len(set(groups)) > 1:  # some peers tokenize the data differently: align them once, before training
+        turns = [row_turns(r, w, cfg.data) for r, w in zip(train_rows.items, train_rows.locations)]
+        for p in peers:
+            p.bridges = {q.name: make_bridge(q, p, turns, cfg) for q in peers if q.group != p.group}
 
     results: dict[str, EvalResult] = {}
-    if test_rows is not None and cfg.evaluate_before:
-        for p in peers:
-            results[f"{p.name} (before)"] = _eval_cached(out, f"{p.name}_before", _peer_key(cfg, p), p, test_rows, cfg,
-                                                         f"{p.name} (before)")
+    for p in peers if test_rows is not None and cfg.evaluate_before else []:
+        results[f"{p.name} (before)"] = _eval_cached(out, f"{p.name}_before", _peer_key(cfg, p), p, test_rows, cfg, f"{p.name} (before)")
     params = {p.name: count_parameters(p.model)[0] for p in peers}
     for p in peers:
         _prepare_for_training(p, cfg)
         total, trainable = count_parameters(p.model)
         print(f"[kdflow] peer {p.name}: {total / 1e6:.3f}M parameters, {trainable / 1e6:.2f}M trained, lr {p.lr:g}, "
               f"tokenizer {tokenizer_fingerprint(p.tok)}")
-    writer = None
-    if "tensorboard" in cfg.train.report_to:
-        from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(out / "runs"))
+    writer = SummaryWriter(str(out / "runs")) if "tensorboard" in cfg.train.report_to else None
     train_info = {"codistill": train_peers(peers, cfg, out / "peers", cfg.kd.kd_weight, val_rows, "codistill", writer)}
     run_key = {**_train_key(cfg), "kd": to_dict(cfg.kd), "peers": [to_dict(s) for s in cfg.peers],
                "base": to_dict(cfg.base)}
@@ -506,10 +521,9 @@ def run_codistill(cfg: CoDistillConfig) -> dict[str, Any]:
             train_info[f"alone:{p.name}"] = train_peers([p], cfg, out / "alone", 0.0, val_rows, f"alone {p.name}", writer)
             _save_final(p, out / "alone" / p.name)
             alone_histories[p.name] = p.history
+            alone_key = {**_peer_key(cfg, p), "run": _train_key(cfg), "lr": p.lr, "wd": p.spec.weight_decay}
             if test_rows is not None:
-                alone_key = {**_peer_key(cfg, p), "run": _train_key(cfg), "lr": p.lr, "wd": p.spec.weight_decay}
-                results[f"{p.name} (alone)"] = _eval_cached(out, f"{p.name}_alone", alone_key,
-                                                            p, test_rows, cfg, f"{p.name} (alone)")
+                results[f"{p.name} (alone)"] = _eval_cached(out, f"{p.name}_alone", alone_key, p, test_rows, cfg, f"{p.name} (alone)")
     if writer is not None:
         writer.close()
 
@@ -536,21 +550,19 @@ def _series(history: list[dict[str, float]], key: str) -> list[tuple[float, floa
 
 
 def _plot(out: Path, histories: dict[str, list], alone: dict[str, list]) -> list[str]:
-    files = []
-    total = {f"{n} loss": _series(h, "loss") for n, h in histories.items()}
-    if any(total.values()):
-        plot_curves(out / "loss_curve.png", total, "kdflow codistill: each peer's loss L_i")
-        files.append("loss_curve.png")
+    """loss_curve.png: every peer's L_i; loss_<peer>.png: its CE and KD, next to the alone baseline."""
+    plots = {"loss_curve.png": ("kdflow codistill: each peer's loss L_i",
+                                {f"{n} loss": _series(h, "loss") for n, h in histories.items()})}
     for name, h in histories.items():
-        series = {"co-trained CE": _series(h, "ce"), "co-trained KD (mean over peers)": _series(h, "kd"),
-                  "co-trained validation NLL": _series(h, "eval_loss")}
-        if name in alone:
-            series.update({"alone CE": _series(alone[name], "ce"), "alone validation NLL": _series(alone[name], "eval_loss")})
-        series = {k: v for k, v in series.items() if v}
-        if series:
-            plot_curves(out / f"loss_{name}.png", series, f"peer {name}")
-            files.append(f"loss_{name}.png")
-    return files
+        a = alone.get(name, [])
+        plots[f"loss_{name}.png"] = (f"peer {name}", {
+            "co-trained CE": _series(h, "ce"), "co-trained KD (mean over peers)": _series(h, "kd"),
+            "co-trained validation NLL": _series(h, "eval_loss"), "alone CE": _series(a, "ce"),
+            "alone validation NLL": _series(a, "eval_loss")})
+    for file, (title, series) in plots.items():
+        if any(series.values()):
+            plot_curves(out / file, {k: v for k, v in series.items() if v}, title)
+    return [file for file, (_, series) in plots.items() if any(series.values())]
 
 
 def _describe_peer(s: PeerSpec, cfg: CoDistillConfig, params: int) -> str:
@@ -580,10 +592,7 @@ def _report(cfg: CoDistillConfig, metrics: dict[str, Any], results: dict[str, Ev
               format_table({k: v.metrics for k, v in results.items()}) or "(no test split)", ""]
     for f in curves:
         lines += [f"![{f}]({f})", ""]
-    for name, res in results.items():
-        if res.examples and "before" not in name:
-            lines += [f"## Examples — {name}", ""]
-            for ex in res.examples:
-                lines += [f"- **prompt**: {ex['prompt']}", f"  - reference: {ex['reference']}", f"  - generated: {ex['prediction']}"]
-            lines.append("")
+    for name, res in [(n, r) for n, r in results.items() if r.examples and "before" not in n]:
+        lines += [f"## Examples — {name}", ""] + [f"- **prompt**: {ex['prompt']}\n  - reference: {ex['reference']}\n"
+                                                  f"  - generated: {ex['prediction']}" for ex in res.examples] + [""]
     return "\n".join(lines)
