@@ -244,6 +244,9 @@ def sparse_pair(student_logp: torch.Tensor, targets: TopKTargets, mode: str) -> 
         t_rest = torch.full_like(s_rest, -math.inf)
     elif mode == "tail":
         t_rest = targets.tail_logp.float() if targets.tail_logp is not None else _log1mexp(torch.logsumexp(t_k, -1))
+        # k ids covering the whole vocabulary leave the bucket empty for both; rounding can leave the
+        # teacher's derived tail at ~1e-8 against the student's exact 0, an infinite forward KL
+        t_rest = torch.where(torch.isneginf(s_rest), torch.full_like(t_rest, -math.inf), t_rest)
     else:
         raise ValueError(f"sparse mode must be one of {SPARSE_MODES}, got {mode!r}")
     return torch.cat([t_k, t_rest.unsqueeze(-1)], -1), torch.cat([s_k, s_rest.unsqueeze(-1)], -1)
