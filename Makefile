@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench fedmkt-demo clean
 
 install: $(STAMP)
 
@@ -26,6 +26,12 @@ $(STAMP): pyproject.toml
 
 demo: install
 	$(VENV)/bin/kdflow distill --config configs/demo.yaml
+
+# FedMKT on this machine: builds the two client bases once (about 10 minutes), then runs the rounds.
+fedmkt-demo: install
+	test -f runs/small_lm/pretrain/student/config.json || $(PY) scripts/make_small_lm.py --out runs/small_lm --steps 500
+	test -f runs/smol10/student/config.json || $(VENV)/bin/kdflow distill --config configs/client_smol10.yaml
+	$(VENV)/bin/kdflow fedmkt --config configs/fedmkt.yaml
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider tests

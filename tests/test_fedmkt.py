@@ -14,7 +14,17 @@ from kdflow.federated import payload as wire
 from kdflow.federated.fedmkt import client_local_step, make_party, public_outputs, select_targets
 from kdflow.federated.selection import OWN, SKIP, dualmince, no_selection, reference_rule, weighted
 
-from conftest import DATA, tiny_llama
+from conftest import DATA, tiny_llama, train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def unigram_dir(tmp_path_factory):
+    """A tiny client whose tokenizer (Unigram, SentencePiece-style) differs from the server's BPE."""
+    tok = train_tokenizer("unigram", vocab_size=500)
+    d = tmp_path_factory.mktemp("unigram_client")
+    tiny_llama(tok, layers=2, hidden=32, seed=21).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,6 +159,33 @@ def test_selected_targets_are_the_chosen_senders_distributions(parties):
     assert share["own"] == 1.0 and torch.equal(examples[0]["teacher_ids"], torch.from_numpy(ids))
 
 
+def test_a_client_with_another_tokenizer_is_carried_into_the_servers_vocabulary(parties, unigram_dir):
+    from kdflow.config import AlignConfig, ModelSpec
+    from kdflow.federated.fedmkt import Bridges
+    from kdflow.models import load_model, load_tokenizer
+
+    (server, _, _), public, _ = parties
+    tok = load_tokenizer(ModelSpec(name=str(unigram_dir)))
+    client = make_party(PartyConfig(name="uni", model=StudentSpec(lora=LoraSpec(enabled=True, r=4))),
+                        load_model(ModelSpec(name=str(unigram_dir))), tok, seed=5)
+    client.public = encode_rows(public, tok, DataConfig())
+    server.public_rows = client.public_rows = public
+    s_out, c_out = public_outputs(server, 6, 1.0), public_outputs(client, 6, 1.0)
+    c_out.ce[:] = 0.0  # the client wins every sample
+    examples, share = select_targets(server, s_out, [client], [c_out], "dualmince", 6, Bridges(DataConfig(), AlignConfig()))
+    assert share["uni"] == 1.0
+    valid_rows = total_rows = 0
+    for e, n_pos in zip(examples, server.positions()):
+        ids, lp, tail, valid = e["teacher_ids"], e["teacher_logp"], e["teacher_tail_logp"], e["teacher_valid"]
+        assert ids.shape[0] == n_pos  # one row per server answer position
+        assert int(ids.max()) < server.vocab_size
+        mass = torch.logsumexp(torch.cat([lp[valid], tail[valid, None]], -1), -1)
+        assert torch.allclose(mass, torch.zeros_like(mass), atol=1e-3)  # projection keeps probability mass
+        valid_rows += int(valid.sum())
+        total_rows += n_pos
+    assert valid_rows / total_rows > 0.5  # tiny 400/500-token vocabularies share fewer word boundaries than real ones
+
+
 def test_partitions():
     rows = read_rows(str(DATA / "train.jsonl")).head(200)
     public, private = partition_rows(rows, 50, 3, seed=1)
@@ -166,18 +203,20 @@ def test_partitions():
 # The verb
 
 
-def test_two_round_run_with_two_tiny_clients_and_resume(tmp_path, tiny_dirs, capsys):
+def test_two_round_run_with_two_tiny_clients_and_resume(tmp_path, tiny_dirs, unigram_dir, capsys):
     out = tmp_path / "fed"
     args = ["fedmkt", f"output_dir={out}", f"server.model.name={tiny_dirs['teacher']}",
             f"clients=[{{name: c1, model: {{name: {tiny_dirs['student']}}}}}, "
-            f"{{name: c2, model: {{name: {tiny_dirs['student']}, lora: {{enabled: true, r: 4}}}}}}]",
+            f"{{name: c2, model: {{name: {unigram_dir}, lora: {{enabled: true, r: 4}}}}}}]",
             f"data.train={DATA / 'train.jsonl'}", f"data.test={DATA / 'test.jsonl'}", "data.public_rows=12",
             "data.private_rows=8", "fedmkt.rounds=2", "fedmkt.top_k=8", "eval.max_rows=3", "eval.max_new_tokens=3",
             "train.batch_size=4", "baselines=[zero_shot, standalone]"]
     assert main(args) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert [h["round"] for h in m["rounds"]] == [0, 1, 2]
-    assert m["setting"] == "heterogeneous"  # the clients' adapters differ (r=8 vs r=4)
+    assert m["setting"] == "heterogeneous"  # c2 has its own tokenizer
+    assert m["rounds"][1]["selected"]["server"]["c2"] + m["rounds"][1]["selected"]["server"]["c1"] + \
+        m["rounds"][1]["selected"]["server"]["skipped"] == pytest.approx(1.0)
     for b in m["bytes_per_round"]:
         assert b["up"] > 0 and b["down"] > 0
     assert set(m["table"]) == {"FedMKT", "zero-shot", "standalone"}

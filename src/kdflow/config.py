@@ -291,6 +291,8 @@ class FedMKTConfig:
     train: TrainConfig = opt(factory=lambda: TrainConfig(weight_decay=0.1, adam_beta2=0.95, report_to=["none"]),
                              help="optimisation shared by every party (learning rates are per party)")
     eval: EvalConfig = opt(factory=EvalConfig, help="per-round evaluation on data.test")
+    align: AlignConfig = opt(factory=AlignConfig, help="how distributions cross between parties with different tokenizers "
+                                                       "(top_k is fedmkt.top_k here)")
     baselines: list[Literal["zero_shot", "standalone", "public_only", "centralized", "private_public", "llm2slm", "fedavg"]] = opt(
         factory=lambda: ["zero_shot", "standalone", "public_only", "centralized"],
         help="comparisons run from the same config: zero_shot, standalone (clients on private data), public_only "

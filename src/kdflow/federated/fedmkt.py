@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kdflow.config import DataConfig, FedMKTConfig, ModelSpec, PartyConfig, TrainConfig
+from kdflow.config import AlignConfig, DataConfig, FedMKTConfig, ModelSpec, PartyConfig, TrainConfig
 from kdflow.data import Rows, encode_rows
 from kdflow.errors import ConfigError
 from kdflow.federated import payload as wire
@@ -56,6 +56,7 @@ class Party:
     public: list[dict[str, Any]] = field(default_factory=list)  # the public set in this party's tokenization
     private: list[dict[str, Any]] = field(default_factory=list)
     optimizer: Any = None
+    public_rows: Rows | None = None  # the shared public rows (text), for cross-tokenizer alignment
 
     @property
     def vocab_size(self) -> int:
@@ -143,14 +144,44 @@ def send(out: wire.PublicOutputs, sender: Party, receiver_expects: list[int], k:
 # Sender distributions in the receiver's positions and vocabulary
 
 
-def transfer(out: wire.PublicOutputs, sender: Party, receiver: Party, n: int) -> dict[str, torch.Tensor]:
-    """Sample n's top-k rows of `sender`, carried to `receiver`'s answer positions and vocabulary."""
+class Bridges:
+    """Cross-tokenizer alignment between parties, built once per (sender, receiver) tokenizer pair."""
+
+    def __init__(self, data_cfg: DataConfig, align_cfg: AlignConfig):
+        self.data_cfg, self.align_cfg = data_cfg, align_cfg
+        self._pairs: dict[tuple[str, str], Any] = {}
+
+    def get(self, sender: Party, receiver: Party) -> Any:
+        from kdflow.align.targets import CrossTokenizer
+
+        key = (tokenizer_fingerprint(sender.tok), tokenizer_fingerprint(receiver.tok))
+        if key not in self._pairs:
+            self._pairs[key] = CrossTokenizer(sender.tok, receiver.tok, self.data_cfg, self.align_cfg)
+        return self._pairs[key]
+
+
+def transfer(out: wire.PublicOutputs, sender: Party, receiver: Party, n: int, bridges: Bridges | None) -> dict[str, torch.Tensor]:
+    """Sample n's top-k rows of `sender`, carried to `receiver`'s answer positions and vocabulary.
+
+    Same tokenizer: the rows are the receiver's rows. Otherwise each receiver answer position takes
+    the sender position whose next token begins at the same character (kdflow.align), the sender's
+    ids go through the MinED map with duplicate ids' probabilities added, and unpaired positions
+    leave the KD term (or get a one-hot on their own next token, align.unpaired=onehot_next).
+    """
     ids, lp, tail = out.sample(n)
     if tokenizer_fingerprint(sender.tok) == tokenizer_fingerprint(receiver.tok):
         return {"ids": torch.from_numpy(ids), "logp": torch.from_numpy(lp),
                 "tail_logp": torch.from_numpy(tail), "valid": torch.ones(len(ids), dtype=torch.bool)}
-    raise ConfigError(f"parties '{sender.name}' and '{receiver.name}' use different tokenizers; cross-tokenizer "
-                      "transfer needs kdflow.align")
+    if bridges is None or receiver.public_rows is None:
+        raise ConfigError(f"parties '{sender.name}' and '{receiver.name}' use different tokenizers: pass the public rows "
+                          "and alignment settings (kdflow.align) to carry distributions between them")
+    from kdflow.data import row_turns
+
+    rows = receiver.public_rows
+    turns = row_turns(rows.items[n], rows.locations[n], bridges.data_cfg)
+    t = bridges.get(sender, receiver).carry_rows(turns, receiver.public[n], sender.public[n], torch.from_numpy(ids),
+                                                 torch.from_numpy(lp), torch.from_numpy(tail))
+    return {"ids": t.ids, "logp": t.logp, "tail_logp": t.tail_logp, "valid": t.valid}
 
 
 def _merge(parts: list[tuple[dict[str, torch.Tensor], float]], k: int) -> dict[str, torch.Tensor]:
@@ -174,7 +205,8 @@ def _merge(parts: list[tuple[dict[str, torch.Tensor], float]], k: int) -> dict[s
 
 
 def select_targets(receiver: Party, receiver_out: wire.PublicOutputs, senders: list[Party],
-                   sender_outs: list[wire.PublicOutputs], rule: str, k: int) -> tuple[list[dict[str, Any]], dict[str, float]]:
+                   sender_outs: list[wire.PublicOutputs], rule: str, k: int,
+                   bridges: Bridges | None = None) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Per public sample, the KD target the receiver learns from (as `teacher_*` example fields)."""
     sender_ce = np.stack([o.ce for o in sender_outs])
     examples, counts = [], {"skipped": 0, "own": 0, **{s.name: 0 for s in senders}}
@@ -184,7 +216,8 @@ def select_targets(receiver: Party, receiver_out: wire.PublicOutputs, senders: l
         choice = SELECTIONS[rule](receiver_out.ce, sender_ce)
     for n, ex in enumerate(receiver.public):
         if rule == "weighted":
-            t = _merge([(transfer(o, s, receiver, n), float(mix[j, n])) for j, (s, o) in enumerate(zip(senders, sender_outs))], k)
+            t = _merge([(transfer(o, s, receiver, n, bridges), float(mix[j, n]))
+                        for j, (s, o) in enumerate(zip(senders, sender_outs))], k)
             t["weight"] = torch.full((t["ids"].shape[0],), float(sample_w[n]))
             counts[senders[int(mix[:, n].argmax())].name] += 1
         elif choice[n] == SKIP:
@@ -199,7 +232,7 @@ def select_targets(receiver: Party, receiver_out: wire.PublicOutputs, senders: l
             counts["own"] += 1
         else:
             j = int(choice[n])
-            t = transfer(sender_outs[j], senders[j], receiver, n)
+            t = transfer(sender_outs[j], senders[j], receiver, n, bridges)
             counts[senders[j].name] += 1
         examples.append({**ex, **{f"teacher_{key}": v for key, v in t.items()}})
     total = max(len(receiver.public), 1)
@@ -245,20 +278,23 @@ def client_local_step(client: Party, cfg: FedMKTConfig, round_idx: int) -> tuple
 
 
 def server_step(server: Party, server_out: wire.PublicOutputs, clients: list[Party], client_outs: list[wire.PublicOutputs],
-                cfg: FedMKTConfig, round_idx: int, train_server: bool = True) -> tuple[wire.PublicOutputs, dict[str, Any]]:
+                cfg: FedMKTConfig, round_idx: int, train_server: bool = True,
+                bridges: Bridges | None = None) -> tuple[wire.PublicOutputs, dict[str, Any]]:
     """Steps 4-7: align and select the clients' knowledge, train the server, recompute its outputs."""
     info: dict[str, Any] = {}
     if train_server:
-        examples, info["selected"] = select_targets(server, server_out, clients, client_outs, cfg.fedmkt.selection, cfg.fedmkt.top_k)
+        examples, info["selected"] = select_targets(server, server_out, clients, client_outs, cfg.fedmkt.selection,
+                                                    cfg.fedmkt.top_k, bridges)
         info["logs"] = train_phase(server, examples, cfg, cfg.fedmkt.server_epochs, True, seed=cfg.seed + 1000 * round_idx + 1)
         server_out = public_outputs(server, cfg.fedmkt.top_k, cfg.fedmkt.temperature, cfg.eval.batch_size)
     return server_out, info
 
 
 def client_update_step(client: Party, client_out: wire.PublicOutputs, server: Party, server_out: wire.PublicOutputs,
-                       cfg: FedMKTConfig, round_idx: int) -> dict[str, Any]:
+                       cfg: FedMKTConfig, round_idx: int, bridges: Bridges | None = None) -> dict[str, Any]:
     """Steps 9-11 on a client: align the server's distributions, select, train on the public set."""
-    examples, selected = select_targets(client, client_out, [server], [server_out], cfg.fedmkt.selection, cfg.fedmkt.top_k)
+    examples, selected = select_targets(client, client_out, [server], [server_out], cfg.fedmkt.selection,
+                                        cfg.fedmkt.top_k, bridges)
     logs = train_phase(client, examples, cfg, cfg.fedmkt.public_epochs, True, seed=cfg.seed + 1000 * round_idx + 2)
     return {"selected": selected, "logs": logs}
 

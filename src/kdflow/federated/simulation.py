@@ -24,7 +24,7 @@ from kdflow.data import Rows, encode_rows, partition_rows, read_rows, rows_finge
 from kdflow.errors import ConfigError, DataError
 from kdflow.evaluate import evaluate_model, format_table
 from kdflow.federated import payload as wire
-from kdflow.federated.fedmkt import (Party, client_local_step, client_update_step, fedavg, load_base, make_party,
+from kdflow.federated.fedmkt import (Bridges, Party, client_local_step, client_update_step, fedavg, load_base, make_party,
                                      public_outputs, send, server_step, train_phase)
 from kdflow.report import plot_curves, write_atomic, write_json
 from kdflow.training import setup_run
@@ -56,6 +56,7 @@ class World:
         for spec in [cfg.server] + cfg.clients:
             self.bases[spec.name] = load_base(spec, cache)
         self.setting = self._setting()
+        self.bridges = Bridges(cfg.data, cfg.align)
 
     def _setting(self) -> str:
         from kdflow.models import tokenizer_fingerprint
@@ -70,6 +71,7 @@ class World:
         base, tok = self.bases[spec.name]
         party = make_party(spec, base, tok, self.cfg.seed + offset)
         party.public = encode_rows(self.public_rows, tok, self.cfg.data)
+        party.public_rows = self.public_rows
         party.private = encode_rows(private, tok, self.cfg.data) if private is not None else []
         return party
 
@@ -168,14 +170,15 @@ def run_rounds(world: World, out_dir: Path, label: str = "fedmkt", train_server:
             rec["bytes_up"][c.name] = nbytes
             rec["loss"][f"{c.name}/private"] = logs[-1]["loss"] if logs else None
             client_outs.append(out)
-        server_out, info = server_step(server, server_out, clients, client_outs, cfg, r, train_server=train_server)
+        server_out, info = server_step(server, server_out, clients, client_outs, cfg, r, train_server=train_server,
+                                       bridges=world.bridges)
         if train_server:
             rec["selected"][server.name] = info["selected"]
             rec["loss"][f"{server.name}/public"] = info["logs"][-1]["loss"] if info["logs"] else None
         for c, c_out in zip(clients, client_outs):
             received, nbytes = send(server_out, server, server.positions(), cfg.fedmkt.top_k)  # server -> client
             rec["bytes_down"][c.name] = nbytes
-            info_c = client_update_step(c, c_out, server, received, cfg, r)
+            info_c = client_update_step(c, c_out, server, received, cfg, r, bridges=world.bridges)
             rec["selected"][c.name] = info_c["selected"]
             rec["loss"][f"{c.name}/public"] = info_c["logs"][-1]["loss"] if info_c["logs"] else None
         if avg:
