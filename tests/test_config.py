@@ -76,3 +76,35 @@ def test_exponent_without_a_dot_is_a_number():
     assert cfg.minillm.learning_rate == 1e-5 and cfg.minillm.clip_ratio == 0.2
     with pytest.raises(ConfigError, match="expected a number"):
         load_config(MiniLLMConfig, None, ["minillm.learning_rate=fast"])
+
+
+def test_lists_of_sections_from_yaml_and_overrides(tmp_path):
+    from kdflow.config import CoDistillConfig, PeerSpec
+
+    f = tmp_path / "c.yaml"
+    f.write_text("peers:\n  - name: a\n    model: {init: prune_teacher, keep_layers: [0, 1]}\n"
+                 "  - name: b\n    learning_rate: 1\n    model: {lora: {enabled: true}}\n")
+    cfg = load_config(CoDistillConfig, f, ["peers[0].model.keep_layers=[0, 2]", "peers[1].seed=7"])
+    a, b = cfg.peers
+    assert isinstance(a, PeerSpec) and a.model.init == "prune_teacher" and a.model.keep_layers == [0, 2]
+    assert a.learning_rate is None and a.model.lora.enabled is False  # defaults inside each item
+    assert b.learning_rate == 1.0 and isinstance(b.learning_rate, float) and b.model.lora.enabled and b.seed == 7
+    assert b.model.lora.target_modules == ["q_proj", "v_proj"]
+    f.write_text("peers:\n  - name: a\n  - name: b\n    learning_rat: 1\n")
+    with pytest.raises(ConfigError, match=r"unknown setting 'peers\[1\].learning_rat' \(did you mean 'peers\[1\].learning_rate'\?\)"):
+        load_config(CoDistillConfig, f)
+    with pytest.raises(ConfigError, match=r"'peers\[0\].model.lora.r' must be >= 1"):
+        load_config(CoDistillConfig, None, ["peers=[{name: a, model: {lora: {r: 0}}}]"])
+    with pytest.raises(ConfigError, match=r"override 'peers\[3\]': 'peers' has 2 items here"):
+        load_config(CoDistillConfig, None, ["peers=[{name: a}, {name: b}]", "peers[3].seed=1"])
+    with pytest.raises(ConfigError, match=r"'peers\[0\]': expected a mapping of PeerSpec keys"):
+        load_config(CoDistillConfig, None, ["peers=[a, b]"])
+
+
+def test_codistill_help_documents_peer_keys(capsys):
+    from kdflow.cli import main
+
+    assert main(["codistill", "--help"]) == 0
+    text = capsys.readouterr().out
+    for key in ("peers[i].name", "peers[i].learning_rate", "peers[i].model.keep_layers", "peers[i].model.lora.r", "kd.variant"):
+        assert f"  {key}  (" in text, key

@@ -86,3 +86,26 @@ def test_minillm_sampler_on_the_real_model_matches_unpadded_uncached_forwards(re
             s = F.log_softmax(student(torch.tensor([p + y])).logits[0, len(p) - 1:-1].float(), -1)
         assert torch.allclose(cached.teacher_logprobs[i], t, atol=1e-3)
         assert torch.allclose(cached.student_logp[i], s.gather(-1, torch.tensor(y)[:, None]).squeeze(-1), atol=1e-3)
+
+
+def test_codistill_cli_on_the_real_model(tmp_path, real_model, monkeypatch):
+    """The shipped codistill config, cut to two tiny pruned peers and two steps (one as LoRA)."""
+    from conftest import ROOT
+
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "codistill"
+    rc = main(["codistill", "--config", "configs/codistill.yaml", f"output_dir={out}",
+               "peers[0].model.keep_layers=[0, 29]", "peers[1].model.keep_layers=[29]",
+               "peers[1].model.lora={enabled: true, r: 4}", "peers[1].learning_rate=0.001",
+               "train.max_steps=2", "train.batch_size=2", "eval.max_rows=3", "eval.max_new_tokens=6",
+               "train.report_to=[none]", "data.max_train_rows=8", "baseline_alone=false"])
+    assert rc == 0
+    ev = json.loads((out / "metrics.json").read_text())["eval"]
+    assert ev["deep10 (co-trained)"]["answer_nll"] < ev["deep10 (before)"]["answer_nll"]
+    for peer in ("deep10", "shallow6"):
+        assert (out / "peers" / peer / "model" / "model.safetensors").is_file()
+    # the LoRA peer trained its adapter only (B starts at zero; two steps move it off zero)
+    from safetensors.torch import load_file
+
+    adapter = load_file(str(out / "peers" / "shallow6" / "adapter" / "adapter_model.safetensors"))
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items())

@@ -31,6 +31,8 @@ VERBS: dict[str, Verb] = {
                           "run the teacher once over data.train and store its top-k log-probs in teacher_cache.dir"),
     "minillm": Verb("kdflow.config:MiniLLMConfig", "kdflow.methods.minillm:run_minillm",
                     "MiniLLM: reverse-KL distillation by policy gradient on teacher-mixed rollouts; evaluates and reports"),
+    "codistill": Verb("kdflow.config:CoDistillConfig", "kdflow.methods.codistill:run_codistill",
+                      "train N >= 2 models together, each distilling from the others; evaluates every peer and reports"),
     "fedmkt": Verb("kdflow.config:FedMKTConfig", "kdflow.federated.simulation:run_fedmkt",
                    "federated mutual knowledge transfer between a server LLM and client small models (in-process)"),
     "eval": Verb("kdflow.config:EvalRunConfig", "kdflow.evaluate:run_eval",

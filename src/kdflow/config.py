@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -246,6 +247,42 @@ class MiniLLMConfig:
 
 
 @dataclass
+class PeerSpec:
+    name: str = opt("", "the peer's label: names its folder (peers/<name>/), curves and table rows")
+    model: StudentSpec = opt(factory=StudentSpec, help="how the peer is built: pretrained `name`, init=config, or "
+                                                        "init=prune_teacher from `base` (keep_layers / keep_every); lora")
+    base: ModelSpec | None = opt(None, "model that init=prune_teacher / init=config start from (null: the run's `base`)")
+    learning_rate: float | None = opt(None, "this peer's peak learning rate (null: train.learning_rate)")
+    weight_decay: float | None = opt(None, "this peer's AdamW weight decay (null: train.weight_decay)")
+    seed: int | None = opt(None, "seed of this peer's random weights (init=config) and LoRA init (null: run seed + position)")
+
+
+@dataclass
+class CoDistillKDConfig(KDConfig):
+    variant: Literal["soft", "hard"] = opt(
+        "soft", "soft: tau^2 * D(sg(p_j)_tau || p_i_tau) with kd.divergence; hard: CE against peer j's argmax token")
+
+
+@dataclass
+class CoDistillConfig:
+    output_dir: str = opt("runs/codistill", "run folder: peers/<name>/checkpoint-N, resolved config, metrics, report")
+    seed: int = opt(0, "random seed (data order, and the peers' seeds unless they set their own)")
+    base: ModelSpec = opt(factory=lambda: ModelSpec(name="bundled:smollm2-135m-instruct"),
+                          help="default model that peers with init=prune_teacher or init=config derive from")
+    peers: list[PeerSpec] = opt(factory=list, help="the N >= 2 models trained together, each with its own settings")
+    data: DataConfig = opt(factory=DataConfig, help="rows and how they become tokens (each peer uses its own tokenizer)")
+    kd: CoDistillKDConfig = opt(factory=CoDistillKDConfig, help="mutual distillation: model i gets kd_weight * mean over "
+                                                                "peers j != i of the KD term + (1 - kd_weight) * CE")
+    train: TrainConfig = opt(factory=TrainConfig, help="optimisation, shared by all peers (learning rate per peer)")
+    align: AlignConfig = opt(factory=AlignConfig, help="peers with different tokenizers: how a peer's distribution is "
+                                                       "carried to another's positions and vocabulary (kdflow.align)")
+    eval: EvalConfig = opt(factory=EvalConfig, help="final evaluation of every peer on the test split")
+    evaluate_before: bool = opt(True, "evaluate every peer before training too")
+    baseline_alone: bool = opt(False, "also train each peer alone (CE only) for the same steps, batches and seeds, "
+                                      "and add it to the table")
+
+
+@dataclass
 class EvalRunConfig:
     model: ModelSpec = opt(factory=ModelSpec, help="model to evaluate (a run's student folder, Hub id, .gguf, bundled:...)")
     lora_adapter: str | None = opt(None, "folder of a peft adapter to put on the model")
@@ -450,15 +487,38 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+_INDEXED = re.compile(r"(\w+)\[(\d+)\]")
+
+
 def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    """Set tree[a][b]... = value; a part `name[i]` steps into item i of an existing list."""
     node = tree
-    for part in path[:-1]:
+    for n, part in enumerate(path):
+        last = n == len(path) - 1
+        m = _INDEXED.fullmatch(part)
+        if m:
+            items = node.get(m.group(1))
+            i = int(m.group(2))
+            where = ".".join(path[:n + 1])
+            if not isinstance(items, list) or i >= len(items):
+                size = len(items) if isinstance(items, list) else 0
+                raise ConfigError(f"override '{where}': '{m.group(1)}' has {size} items here; "
+                                  f"give the whole list ({m.group(1)}=[...]) or index an existing item")
+            if last:
+                items[i] = value
+                return
+            if not isinstance(items[i], dict):
+                items[i] = {}
+            node = items[i]
+            continue
+        if last:
+            node[part] = value
+            return
         nxt = node.get(part)
         if not isinstance(nxt, dict):
             nxt = {}
             node[part] = nxt
         node = nxt
-    node[path[-1]] = value
 
 
 def load_config(cls: type, path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Any:
@@ -523,6 +583,10 @@ def describe(cls: type, prefix: str = "", defaults: Any = None) -> list[tuple[st
         if _is_dataclass_type(tp):
             rows.append((prefix + f.name, "section", "", f.metadata.get("help", "")))
             rows.extend(describe(tp, prefix + f.name + ".", value))
+        elif typing.get_origin(tp) is list and _is_dataclass_type(typing.get_args(tp)[0]):
+            # a list of sections (e.g. peers): document the keys of one item
+            rows.append((prefix + f.name, "section", "", f.metadata.get("help", "") + " (a list; keys of each item below)"))
+            rows.extend(describe(typing.get_args(tp)[0], prefix + f.name + "[i].", None))
         else:
             rows.append((prefix + f.name, _type_name(tp), repr(value), f.metadata.get("help", "")))
     return rows

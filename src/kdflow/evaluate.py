@@ -185,6 +185,29 @@ def evaluate_model(model: Any, tok: Any, rows: Rows, data_cfg: DataConfig, eval_
     return EvalResult(metrics, shown)
 
 
+def evaluate_cached(path: Any, key: dict[str, Any], model: Any, tok: Any, rows: Rows, data_cfg: DataConfig,
+                    eval_cfg: EvalConfig, name: str = "model") -> EvalResult:
+    """`evaluate_model`, reusing the result saved at `path` by an earlier (interrupted) run whose
+    `key` (what the model and its training depend on) and evaluation settings were the same."""
+    import json
+    from pathlib import Path
+
+    from kdflow.config import to_dict
+    from kdflow.data import rows_fingerprint
+    from kdflow.report import write_json
+
+    path = Path(path)
+    key = {**key, "eval": to_dict(eval_cfg), "data": rows_fingerprint(rows)}
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key:
+            return EvalResult(saved["metrics"], saved["examples"])
+    print(f"[kdflow] evaluating {name} on {min(len(rows), eval_cfg.max_rows or len(rows))} test rows")
+    res = evaluate_model(model, tok, rows, data_cfg, eval_cfg, name=name)
+    write_json(path, {"key": key, "metrics": res.metrics, "examples": res.examples})
+    return res
+
+
 def format_table(results: dict[str, dict[str, float]], keys: list[str] | None = None) -> str:
     """A markdown table, one row per model."""
     if not results:

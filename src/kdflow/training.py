@@ -7,6 +7,7 @@ instead of per micro-batch.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from pathlib import Path
@@ -17,13 +18,15 @@ from kdflow.errors import ConfigError
 from kdflow.report import write_atomic
 
 
-def setup_run(output_dir: str | os.PathLike, cfg: Any, seed: int, num_threads: int = 0, resume: str | None = None) -> Path:
+def setup_run(output_dir: str | os.PathLike, cfg: Any, seed: int, num_threads: int = 0, resume: str | None = None,
+              has_checkpoints: Any = None, ignore: tuple[str, ...] = ()) -> Path:
     """Create the run folder, write the resolved config beside the outputs, seed everything.
 
     A folder that already holds checkpoints of a run with other settings is refused when the
     run would resume from them (`resume`, default `cfg.train.resume`, is "auto"): resuming would
-    mix two experiments. Evaluation settings and `resume` / `num_threads` / `report_to` of any
-    section may change.
+    mix two experiments. `has_checkpoints(out) -> bool` finds a method's own checkpoints
+    (default: `checkpoint-N` folders). Evaluation settings, `resume` / `num_threads` /
+    `report_to` of any section, and keys starting with an `ignore` prefix may change.
     """
     import transformers
     import yaml
@@ -35,9 +38,10 @@ def setup_run(output_dir: str | os.PathLike, cfg: Any, seed: int, num_threads: i
     train = getattr(cfg, "train", None)
     if resume is None:
         resume = train.resume if train is not None else "never"
-    if old_path.is_file() and last_checkpoint(out) and resume == "auto":
+    found = (has_checkpoints or last_checkpoint)(out)
+    if old_path.is_file() and found and resume == "auto":
         changed = _changed_keys(yaml.safe_load(old_path.read_text()) or {}, yaml.safe_load(new_text))
-        changed = [k for k in changed if not k.startswith(("eval.", "evaluate_"))
+        changed = [k for k in changed if not k.startswith(("eval.", "evaluate_") + tuple(ignore))
                    and k.rsplit(".", 1)[-1] not in ("resume", "num_threads", "report_to")]
         if changed:
             raise ConfigError(
@@ -125,6 +129,30 @@ def _has_accelerator() -> bool:
     return torch.cuda.is_available() or (hasattr(torch.backends, "mps") and torch.backends.mps.is_available())
 
 
+def step_normalized(sums: dict[str, tuple[Any, int]], step_counts: dict[str, int] | None,
+                    weights: dict[str, float]) -> tuple[Any, dict[str, float]]:
+    """One micro-batch's share of a step's loss: sum_term weight * sum / (term's tokens in the step).
+
+    `sums` holds each term's (sum over this micro-batch, count in this micro-batch); `step_counts`
+    the term's count over every micro-batch of the optimizer step (and every rank). Summing the
+    returned losses over the micro-batches gives weight * (total sum / total count) whatever the
+    split; dividing by each micro-batch's own count would not. Without `step_counts` (evaluation)
+    a micro-batch is its own step. Also returns each term's normalised value, for logging.
+    """
+    loss = None
+    parts: dict[str, float] = {}
+    for term, (value, count) in sums.items():
+        weight = weights.get(term, 1.0)
+        denom = step_counts.get(term, count) if step_counts is not None else count
+        part = value / max(denom, 1)
+        if weight != 0.0:
+            loss = weight * part if loss is None else loss + weight * part
+        parts[term] = float(part.detach())
+    if loss is None:
+        loss = next(iter(sums.values()))[0] * 0.0
+    return loss, parts
+
+
 def make_token_normalized_trainer_class() -> type:
     """Build the Trainer subclass lazily so importing kdflow does not import transformers."""
     import torch
@@ -177,17 +205,10 @@ def make_token_normalized_trainer_class() -> type:
                          num_items_in_batch: Any = None) -> Any:
             sums = self.loss_sums(model, inputs)
             step_counts = num_items_in_batch if isinstance(num_items_in_batch, dict) else None
-            loss = None
-            for term, (value, count) in sums.items():
-                weight = self.term_weights.get(term, 1.0)
-                denom = step_counts.get(term, count) if step_counts is not None else count
-                part = value / max(denom, 1)
-                if weight != 0.0:
-                    loss = weight * part if loss is None else loss + weight * part
-                if model.training:
-                    self._term_logs.setdefault(term, []).append(float(part.detach()))
-            if loss is None:
-                loss = next(iter(sums.values()))[0] * 0.0
+            loss, parts = step_normalized(sums, step_counts, self.term_weights)
+            if model.training:
+                for term, part in parts.items():
+                    self._term_logs.setdefault(term, []).append(part)
             if model.training and self.args.world_size > 1:
                 # DDP averages gradients over ranks; the counts above already cover all ranks.
                 loss = loss * self.args.world_size
@@ -231,6 +252,174 @@ def train_or_restore(trainer: Any, resume: str | None) -> tuple[float | None, bo
             losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
             return (sum(losses) / len(losses) if losses else None), False
     return trainer.train(resume_from_checkpoint=resume).training_loss, True
+
+
+# ----------------------------------------------------------------------------------------------
+# Data order of custom training loops
+
+
+@functools.lru_cache(maxsize=4)
+def _row_order(n: int, seed: int, epoch: int) -> list[int]:
+    import torch
+
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+
+
+def step_rows(n: int, seed: int, step: int, per_step: int) -> list[int]:
+    """Rows of optimizer step `step` in a stream of seeded per-epoch shuffles. A function of the
+    step only: every model trained from it (co-trained peers, their baselines) sees the same
+    batches, and a resumed run continues exactly where the interrupted one stopped."""
+    out = []
+    for flat in range(step * per_step, (step + 1) * per_step):
+        out.append(_row_order(n, seed, flat // n)[flat % n])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints of custom training loops (methods that train several models, or not on Trainer)
+
+LOOP_STATE = "loop_state.json"
+
+
+def loop_checkpoints(folder: str | os.PathLike) -> dict[int, Path]:
+    """Complete `checkpoint-N` folders under `folder` (those holding loop_state.json), by step."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return {}
+    found = {}
+    for p in folder.iterdir():
+        m = re.fullmatch(r"checkpoint-(\d+)", p.name)
+        if m and p.is_dir() and (p / LOOP_STATE).is_file():
+            found[int(m.group(1))] = p
+    return found
+
+
+def _rng_state() -> tuple[dict[str, Any], dict[str, Any]]:
+    import random
+
+    import numpy as np
+    import torch
+
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, t in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda_{i}"] = t
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    plain = {"python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+             "numpy": [kind, keys.tolist(), pos, has_gauss, cached]}
+    return tensors, plain
+
+
+def _set_rng_state(tensors: dict[str, Any], plain: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda_"))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    version, state, gauss = plain["python"]
+    random.setstate((version, tuple(state), gauss))
+    kind, keys, pos, has_gauss, cached = plain["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def save_loop_checkpoint(folder: str | os.PathLike, model: Any, optimizer: Any, scheduler: Any, state: dict[str, Any]) -> Path:
+    """Write one model's trainable weights (all weights, or only a LoRA adapter's), its optimizer and
+    scheduler, the RNG states and `state` (step, logs, ...) to `folder`, atomically: the folder
+    appears complete or not at all, so an interruption never leaves a checkpoint that resumes wrong.
+    """
+    import json
+    import shutil
+    import tempfile
+
+    import torch
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+    try:
+        # named_parameters() lists a tied weight once, so shared tensors never reach safetensors twice
+        weights = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(weights, str(tmp / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        tensors, plain = _rng_state()
+        save_file(tensors, str(tmp / "rng.safetensors"))
+        (tmp / LOOP_STATE).write_text(json.dumps({**state, "rng": plain}))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def load_loop_checkpoint(folder: str | os.PathLike, model: Any, optimizer: Any, scheduler: Any,
+                         restore_rng: bool = True) -> dict[str, Any]:
+    """Load what `save_loop_checkpoint` wrote into `model`, `optimizer`, `scheduler`; return the state."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    weights = load_file(str(folder / "trainable.safetensors"))
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(weights) != set(params):
+        extra, missing = sorted(set(weights) - set(params)), sorted(set(params) - set(weights))
+        raise ConfigError(f"{folder} does not fit this model (missing {missing[:3]}, unexpected {extra[:3]}); "
+                          "use another output_dir or train.resume=never")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(weights[n].to(p.device, p.dtype))
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
+    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", map_location="cpu", weights_only=True))
+    state = json.loads((folder / LOOP_STATE).read_text())
+    if restore_rng:
+        _set_rng_state(load_file(str(folder / "rng.safetensors")), state["rng"])
+    return state
+
+
+def common_loop_checkpoint(folders: list[Path], resume: str) -> int | None:
+    """The step to resume several models trained together from: the newest checkpoint that every
+    folder holds (resume=auto; an interruption while they were being saved leaves the newest one
+    incomplete), or the `checkpoint-N` that `resume` names. None: start afresh; with
+    resume=never the folders' old checkpoints are deleted so they cannot mix with the new run's.
+    """
+    import shutil
+
+    have = [loop_checkpoints(f) for f in folders]
+    common = set(have[0]).intersection(*have[1:])
+    if resume == "never":
+        for found in have:
+            for ckpt in found.values():
+                shutil.rmtree(ckpt, ignore_errors=True)
+        return None
+    if resume == "auto":
+        return max(common) if common else None
+    m = re.fullmatch(r"checkpoint-(\d+)", Path(resume).name)
+    if not m:
+        raise ConfigError(f"train.resume={resume}: give 'auto', 'never' or checkpoint-N (a step every model has saved)")
+    if int(m.group(1)) not in common:
+        raise ConfigError(f"train.resume={resume}: not every model has checkpoint-{m.group(1)}; common steps: {sorted(common)}")
+    return int(m.group(1))
+
+
+def prune_loop_checkpoints(folder: str | os.PathLike, keep: int, protect: set[int] = frozenset()) -> None:
+    """Delete all but the newest `keep` checkpoints (never those in `protect`)."""
+    import shutil
+
+    if keep <= 0:
+        return
+    found = loop_checkpoints(folder)
+    for step in sorted(found)[:-keep]:
+        if step not in protect:
+            shutil.rmtree(found[step], ignore_errors=True)
 
 
 def train_examples(model: Any, optimizer: Any, examples: list[dict[str, Any]], *, pad_id: int, batch_size: int,
