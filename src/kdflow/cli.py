@@ -31,6 +31,9 @@ VERBS: dict[str, Verb] = {
                           "run the teacher once over data.train and store its top-k log-probs in teacher_cache.dir"),
     "fedmkt": Verb("kdflow.config:FedMKTConfig", "kdflow.federated.simulation:run_fedmkt",
                    "federated mutual knowledge transfer between a server LLM and client small models (in-process)"),
+    "fedmkt-flower": Verb("kdflow.config:FedMKTConfig", "kdflow.federated.flower_launch:run_fedmkt_flower",
+                          "the same FedMKT rounds over Flower: a local simulation, or a SuperLink (flower.superlink) "
+                          "with one SuperNode per client"),
     "eval": Verb("kdflow.config:EvalRunConfig", "kdflow.evaluate:run_eval",
                  "evaluate one model on a test split: answer NLL, perplexity, Rouge-L, exact match, sampled metrics"),
 }
