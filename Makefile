@@ -39,6 +39,7 @@ bench: install
 	$(PY) bench/bench_kd_step.py
 	$(PY) bench/bench_kd_memory.py
 	$(PY) bench/bench_vs_trl.py
+	$(PY) bench/bench_payload.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -174,15 +174,20 @@ def run_status(run_id: int, env: dict[str, str]) -> str:
         return "unknown"
 
 
-def wait_for_run(run_id: int, env: dict[str, str], timeout: float, poll: float = 3.0) -> str:
-    """Poll the run's status until it is finished; returns e.g. 'finished:completed'."""
+def wait_for_run(run_id: int, env: dict[str, str], timeout: float, done_file: Path | None = None,
+                 poll: float = 15.0) -> str:
+    """Wait until the run is finished; returns its status, e.g. 'finished:completed'. Each status
+    query starts a `flwr` process, so it runs every `poll` seconds, and sooner once `done_file`
+    (written by the ServerApp at the end) appears."""
     deadline = time.time() + timeout
-    status = "unknown"
+    status, last = "unknown", 0.0
     while time.time() < deadline:
-        status = run_status(run_id, env)
-        if status.startswith("finished"):
-            return status
-        time.sleep(poll)
+        done = done_file is not None and done_file.exists()
+        if done or time.time() - last >= poll:
+            status, last = run_status(run_id, env), time.time()
+            if status.startswith("finished"):
+                return status
+        time.sleep(1.0 if done else 0.5)
     raise FlowerLaunchError(f"Flower run {run_id} still '{status}' after {timeout:g} s")
 
 
@@ -193,10 +198,15 @@ def run_logs(run_id: int, env: dict[str, str]) -> str:
 
 def run_fedmkt_flower(cfg: FedMKTConfig) -> dict[str, Any]:
     """The verb: FedMKT over Flower, simulated locally or on a running SuperLink."""
+    try:
+        import flwr  # noqa: F401
+    except ImportError:
+        raise FlowerLaunchError("kdflow fedmkt-flower needs Flower: pip install 'kdflow[fed]' (flwr[simulation])") from None
     from kdflow.federated.flower_app import run_config_from_config, write_app, write_run_config
 
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").unlink(missing_ok=True)  # written again by the ServerApp when the run ends
     app_dir = write_app(out / "flower-app")
     toml = write_run_config(out / "flower-run-config.toml", run_config_from_config(cfg))
     logs = out / "flower-logs"
@@ -218,7 +228,7 @@ def run_fedmkt_flower(cfg: FedMKTConfig) -> dict[str, Any]:
             run_id = submit(app_dir, toml, env, fed)
             print(f"[kdflow] Flower run {run_id} started; app {app_dir}, run config {toml}")
             budget = cfg.flower.connect_timeout + 4 * cfg.flower.reply_timeout * cfg.fedmkt.rounds + 600
-            status = wait_for_run(run_id, env, budget)
+            status = wait_for_run(run_id, env, budget, done_file=out / "metrics.json")
             logs.mkdir(parents=True, exist_ok=True)
             (logs / f"run-{run_id}.log").write_text(run_logs(run_id, env))
         finally:

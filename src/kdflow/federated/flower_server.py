@@ -153,9 +153,10 @@ def local_phase(replies: dict[int, Any], nodes: list[int], cfg: FedMKTConfig, pu
         got[m.partition] = (m, out, rep)
         rec["bytes_up"][m.name] = wire.record_nbytes(record)
         rec["loss"][f"{m.name}/private"] = dict(rep.metric_records["metrics"]).get("loss.private")
+    errors = "; ".join(f"node {n}: {e}" for n, e in rec["node_errors"].items())
     for pid, spec in enumerate(cfg.clients):
         if pid not in got and spec.name not in left:
-            left[spec.name] = "no reply from its node" if rec["node_errors"] else "no node connected"
+            left[spec.name] = "no reply" + (f" (unidentified {errors})" if errors else "")
     return dict(sorted(got.items()))
 
 
@@ -276,7 +277,7 @@ def run_server(transport: Transport, cfg: FedMKTConfig) -> dict[str, Any]:
     metrics = {"transport": "flower", "rounds": history, "seconds": time.time() - t_start,
                "bytes_per_round": [{"round": h["round"], "up": sum(h["bytes_up"].values()),
                                     "down": sum(h["bytes_down"].values())} for h in history if "bytes_up" in h],
-               "left_out": {h["round"]: h["left_out"] for h in history if h.get("left_out")}}
+               "left_out": {str(h["round"]): h["left_out"] for h in history if h.get("left_out")}}
     write_json(out_dir / "metrics.json", metrics)
     _write_report(out_dir, cfg, metrics)
     log(f"fedmkt-flower done in {metrics['seconds']:.0f} s; run folder {out_dir}")
