@@ -8,6 +8,8 @@ Tasks (one JSONL row per example, fields `prompt`, `response`, `word`, `pos`):
                    senses in frequency order), examples stripped from the gloss.
   wordnet_antonym  "What is the opposite of ...?" -> the antonym recorded by WordNet's `!`
                    pointer on the word's most frequent sense that has one (adjectives).
+  wordnet_example  "Use ... in a sentence." -> an example sentence WordNet quotes for one of the
+                   word's senses (used e.g. to pretrain a small model with its own tokenizer).
 Only words with at least one sense-tagged occurrence in WordNet's corpus are kept, so the task
 is about words people use. Splits are drawn by word with a fixed seed, so a word never appears
 in two splits. The script is deterministic: running it again gives byte-identical files.
@@ -24,7 +26,7 @@ from pathlib import Path
 
 POS_FILES = {"noun": "n", "verb": "v", "adj": "a", "adv": "r"}
 POS_NAMES = {"n": "noun", "v": "verb", "a": "adjective", "s": "adjective", "r": "adverb"}
-SPLIT_SIZES = {"define": (4000, 300, 300), "antonym": (1200, 150, 150)}
+SPLIT_SIZES = {"define": (4000, 300, 300), "antonym": (1200, 150, 150), "example": (8000, 300, 300)}
 
 
 def read_index(wn: Path, pos_file: str) -> list[tuple[str, int, list[str]]]:
@@ -137,6 +139,28 @@ def build_antonym(wn: Path) -> list[dict]:
     return rows
 
 
+def build_example(wn: Path) -> list[dict]:
+    rows = []
+    for pos_file, pos in POS_FILES.items():
+        data = read_data(wn, pos_file)
+        for lemma, tagged, offsets in read_index(wn, pos_file):
+            if tagged < 1 or not re.fullmatch(r"[a-z][a-z_\-']*", lemma):
+                continue
+            word = clean_word(lemma)
+            for off in offsets:  # the most frequent sense whose examples use the word itself
+                quotes = re.findall(r'"([^"]+)"', data[off]["gloss"])
+                usable = [q.strip() for q in quotes if re.search(rf"\b{re.escape(word)}", q, re.IGNORECASE)]
+                if usable:
+                    rows.append({
+                        "prompt": f'Use the {POS_NAMES[pos]} "{word}" in a sentence.',
+                        "response": usable[0],
+                        "word": word,
+                        "pos": POS_NAMES[pos],
+                    })
+                    break
+    return rows
+
+
 def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -154,7 +178,7 @@ def main() -> None:
     wn = Path(args.wordnet)
     if not (wn / "data.noun").exists():
         raise SystemExit(f"{wn}/data.noun not found: install Debian's wordnet-base (apt-get install wordnet-base) or pass --wordnet")
-    for task, rows in (("define", build_define(wn)), ("antonym", build_antonym(wn))):
+    for task, rows in (("define", build_define(wn)), ("antonym", build_antonym(wn)), ("example", build_example(wn))):
         splits = split_rows(rows, SPLIT_SIZES[task], args.seed)
         folder = Path(args.out) / f"wordnet_{task}"
         folder.mkdir(parents=True, exist_ok=True)
