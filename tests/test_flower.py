@@ -170,6 +170,9 @@ def test_app_folder_is_a_valid_flower_app(tmp_path):
 def test_node_config_errors_name_the_key():
     cfg = load_config(FedMKTConfig, None, ["clients=[{name: c1}, {name: c2}]"])
     assert node_from_config(cfg, {"partition-id": 1, "num-partitions": 2}).name == "c2"
+    node = node_from_config(cfg, {"partition-id": 0, "model": "/models/c1", "state-dir": "/tmp/s", "private-data": "p.jsonl"})
+    assert (node.spec.model.name, str(node.state_dir), node.private_data) == ("/models/c1", "/tmp/s", "p.jsonl")
+    assert node_from_config(cfg, {"partition-id": 0}).state_dir == Path(cfg.output_dir) / "flower-clients" / "c1"
     with pytest.raises(ConfigError, match="partition-id=2.*0..1"):
         node_from_config(cfg, {"partition-id": 2})
     with pytest.raises(ConfigError, match="unknown node config key 'partition'.*valid keys: partition-id"):
@@ -379,7 +382,7 @@ class Deployment:
 def test_deployment_superlink_and_two_supernodes_two_rounds(reference, tiny_dirs, tmp_path):
     ref_out, ref_hist = reference
     out = tmp_path / "deploy"
-    cfg = fed_cfg(tiny_dirs, out, 2, 2)
+    cfg = fed_cfg(tiny_dirs, out, 2, 2, "flower.chunk_bytes=4096")  # payloads of ~12 kB go in chunks
     dep = Deployment(tmp_path, 2)
     try:
         t0 = time.time()

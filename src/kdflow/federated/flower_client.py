@@ -35,7 +35,7 @@ NODE_KEYS = {
     "partition-id": "which client of `clients:` this node is (0-based); also picks its private partition",
     "num-partitions": "set by Flower's simulation; ignored",
     "state-dir": "folder for this client's adapter, optimizer and last outputs between messages",
-    "model": "this node's copy of the client's model (a local folder or any model.name form)",
+    "model": "this node's copy of the client's model (for a pruned or config-built client: of its prune_from model)",
     "data-train": "this node's copy of data.train (public set and, unless private-data is given, the partitions)",
     "data-test": "this node's copy of data.test",
     "private-data": "this client's own private rows (a node-local file used instead of its partition of data.train)",
@@ -75,8 +75,11 @@ def node_from_config(cfg: FedMKTConfig, node_config: Mapping[str, Any]) -> Node:
         raise ConfigError(f"node config partition-id={pid!r}: the config has {len(cfg.clients)} clients, so it must be "
                           f"an integer in 0..{len(cfg.clients) - 1}")
     spec = cfg.clients[pid]
-    if node_config.get("model"):
-        spec = replace(spec, model=replace(spec.model, name=str(node_config["model"])))
+    if node_config.get("model"):  # a pruned or config-built client is built from its prune_from model
+        if spec.model.init == "pretrained":
+            spec = replace(spec, model=replace(spec.model, name=str(node_config["model"])))
+        else:
+            spec = replace(spec, prune_from=str(node_config["model"]))
     base = cfg.flower.state_dir or str(Path(cfg.output_dir) / "flower-clients")
     state_dir = Path(str(node_config.get("state-dir") or Path(base) / spec.name))
     return Node(pid, spec, state_dir, str(node_config.get("data-train") or cfg.data.train or ""),
