@@ -8,6 +8,7 @@ import json
 import shutil
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -275,6 +276,26 @@ def test_flower_server_and_clients_equal_the_in_process_runner(reference, tiny_d
     state = json.loads((client_state_dir(out, "c1") / "state.json").read_text())
     assert state["local_round"] == 2 and state["update_round"] == 2
     assert (out / "report.md").is_file() and not metrics["left_out"]
+
+
+def test_fedavg_over_flower_equals_in_process(tiny_dirs, tmp_path):
+    """Homogeneous clients with fedmkt.fedavg: adapters travel up with the update replies, the
+    average comes back in a third message; same adapters and metrics as in-process."""
+    from kdflow.federated.simulation import World, run_rounds
+    from kdflow.training import setup_run
+
+    student = tiny_dirs["student"]
+    same = f"clients=[{{name: c1, model: {{name: {student}}}}}, {{name: c2, model: {{name: {student}}}}}]"
+    ref = fed_cfg(tiny_dirs, tmp_path / "inproc", 2, 1, "fedmkt.fedavg=true", same)
+    setup_run(ref.output_dir, ref, ref.seed)
+    ref_hist = run_rounds(World(ref), Path(ref.output_dir))
+    cfg = replace(ref, output_dir=str(tmp_path / "flower"))
+    metrics = run_server(LocalTransport(cfg, 2), cfg)
+    for ha, hb in zip(ref_hist, metrics["rounds"]):
+        assert_same_evals(ha["eval"], hb["eval"])
+    a1, a2 = (adapters(client_state_dir(Path(cfg.output_dir), c), c) for c in ("c1", "c2"))
+    assert_same_adapters(a1, a2)  # both hold the average
+    assert_same_adapters(adapters(Path(ref.output_dir) / "rounds/round-001", "c1"), a1)
 
 
 @pytest.fixture(scope="module")

@@ -253,12 +253,19 @@ def run_server(transport: Transport, cfg: FedMKTConfig) -> dict[str, Any]:
                 left[m.name] = problem
                 log(f"round {r}: client '{m.name}' left out of the update ({problem})")
                 continue
+            try:
+                selected, loss = dict(rep.metric_records["selected"]), dict(rep.metric_records["metrics"]).get("loss.public")
+                ev = dict(rep.metric_records["eval"]) if "eval" in rep.metric_records else None
+            except (KeyError, TypeError, AttributeError) as e:
+                left[m.name] = f"malformed update reply: {e!r}"
+                log(f"round {r}: client '{m.name}' left out of the update ({left[m.name]})")
+                continue
             done[p] = rep
             rec["bytes_down"][m.name] = wire.record_nbytes(payload)
-            rec["selected"][m.name] = dict(rep.metric_records["selected"])
-            rec["loss"][f"{m.name}/public"] = dict(rep.metric_records["metrics"]).get("loss.public")
-            if "eval" in rep.metric_records:
-                evals[m.name] = dict(rep.metric_records["eval"])
+            rec["selected"][m.name] = selected
+            rec["loss"][f"{m.name}/public"] = loss
+            if ev is not None:
+                evals[m.name] = ev
         _need(len(done), cfg, r, "update", left)
 
         if cfg.fedmkt.fedavg:
