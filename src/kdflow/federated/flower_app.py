@@ -18,6 +18,7 @@ written by `write_app` (and committed as `flower/pyproject.toml`).
 from __future__ import annotations
 
 import shlex
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -151,13 +152,18 @@ class GridTransport:
         ttl = max(float(timeout), 1.0) + 60.0
         messages = [Message(content, dst_node_id=node, message_type=kind, group_id=group, ttl=ttl)
                     for node, (kind, content) in requests.items()]
+        t0 = time.time()
         out: dict[int, Any] = {}
         for reply in self.grid.send_and_receive(messages, timeout=timeout):
             node = reply.metadata.src_node_id
             if reply.has_error():
-                out[node] = f"{reply.error.reason} (code {reply.error.code})"
+                out[node] = f"failed: {reply.error.reason} (Flower error code {reply.error.code})"
             else:
                 out[node] = reply.content
+        elapsed = time.time() - t0
+        if elapsed < timeout - 1:  # Flower stopped waiting early (the SuperLink saw the node go offline)
+            for node in requests:
+                out.setdefault(node, f"no reply; Flower stopped waiting after {elapsed:.0f} s (node offline or message expired)")
         return out
 
 

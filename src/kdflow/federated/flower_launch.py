@@ -198,10 +198,10 @@ def run_logs(run_id: int, env: dict[str, str]) -> str:
 
 def run_fedmkt_flower(cfg: FedMKTConfig) -> dict[str, Any]:
     """The verb: FedMKT over Flower, simulated locally or on a running SuperLink."""
-    try:
-        import flwr  # noqa: F401
-    except ImportError:
-        raise FlowerLaunchError("kdflow fedmkt-flower needs Flower: pip install 'kdflow[fed]' (flwr[simulation])") from None
+    import importlib.util
+
+    if importlib.util.find_spec("flwr") is None:
+        raise FlowerLaunchError("kdflow fedmkt-flower needs Flower: pip install 'kdflow[fed]' (flwr[simulation])")
     from kdflow.federated.flower_app import run_config_from_config, write_app, write_run_config
 
     out = Path(cfg.output_dir).resolve()

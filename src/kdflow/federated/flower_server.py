@@ -40,8 +40,9 @@ class Transport(Protocol):
         """Node ids connected now."""
 
     def ask(self, requests: dict[int, tuple[str, Any]], timeout: float, group: str) -> dict[int, Any]:
-        """Send (message type, RecordDict) to each node; return node -> reply RecordDict, or an error
-        string for a node whose client failed. Nodes without a reply within `timeout` are absent."""
+        """Send (message type, RecordDict) to each node; return node -> reply RecordDict, or a string
+        saying why a node has none (its client failed, its node went offline). Nodes without a reply
+        within `timeout` are absent."""
 
 
 @dataclass
@@ -97,7 +98,7 @@ def reply_problem(reply: Any, timeout: float) -> str | None:
     if reply is None:
         return f"no reply within {timeout:g} s"
     if isinstance(reply, str):
-        return f"failed: {reply}"
+        return reply
     return None
 
 
@@ -118,19 +119,25 @@ def wait_for_nodes(transport: Transport, cfg: FedMKTConfig) -> list[int]:
 
 
 def local_phase(replies: dict[int, Any], nodes: list[int], cfg: FedMKTConfig, public_fp: str, n_public: int,
-                refused: dict[int, str], left: dict[str, str],
-                rec: dict[str, Any]) -> dict[int, tuple[Member, wire.PublicOutputs, Any]]:
+                refused: dict[int, str], left: dict[str, str], rec: dict[str, Any],
+                known: dict[int, Member] | None = None) -> dict[int, tuple[Member, wire.PublicOutputs, Any]]:
     """partition -> (member, validated payload, reply) from the local-step replies, in the config's
-    client order; everything else ends in `left` (a configured client) or `refused` (a node that is
-    no client of this run and is not asked again)."""
+    client order; everything else ends in `left` (a configured client; `known` maps the nodes seen
+    in earlier rounds to their clients) or `refused` (a node that is no client of this run and is
+    not asked again)."""
     got: dict[int, tuple[Member, wire.PublicOutputs, Any]] = {}
+    known = {} if known is None else known
     timeout = cfg.flower.reply_timeout
     for node in nodes:
         rep = replies.get(node)
         problem = reply_problem(rep, timeout)
         if problem:
-            rec["node_errors"][str(node)] = problem
-            log(f"round {rec['round']}: node {node}: {problem}")
+            if node in known:
+                left[known[node].name] = problem
+                log(f"round {rec['round']}: client '{known[node].name}' left out ({problem})")
+            else:
+                rec["node_errors"][str(node)] = problem
+                log(f"round {rec['round']}: node {node}: {problem}")
             continue
         try:
             m = read_identity(rep, cfg, node, public_fp, n_public)
@@ -138,6 +145,7 @@ def local_phase(replies: dict[int, Any], nodes: list[int], cfg: FedMKTConfig, pu
             refused[node] = str(e)
             log(f"node {node} refused: {e}")
             continue
+        known[node] = m
         if m.partition in got:
             log(f"round {rec['round']}: nodes {got[m.partition][0].node} and {node} both claim client '{m.name}'; "
                 "keeping the first")
@@ -189,6 +197,9 @@ def run_server(transport: Transport, cfg: FedMKTConfig) -> dict[str, Any]:
         raise FlowerRunError(f"flower.min_clients={cfg.flower.min_clients} exceeds the {len(cfg.clients)} clients")
     out_dir = setup_run(cfg.output_dir, cfg, cfg.seed, cfg.train.num_threads)
     t_start = time.time()
+    if [b for b in cfg.baselines if b != "zero_shot"]:
+        log(f"baselines {cfg.baselines} are not run over Flower (they need every party's data in one place); "
+            "`kdflow fedmkt` runs them from the same config")
     rows = read_rows(cfg.data.train, "data.train").head(cfg.data.max_train_rows)
     public_rows, _ = partition_rows(rows, cfg.data.public_rows, len(cfg.clients), cfg.data.private_rows,
                                     cfg.data.partition, cfg.data.partition_field, cfg.data.dirichlet_alpha, cfg.seed)
@@ -209,6 +220,7 @@ def run_server(transport: Transport, cfg: FedMKTConfig) -> dict[str, Any]:
     wait_for_nodes(transport, cfg)
     f, timeout = cfg.flower, cfg.flower.reply_timeout
     refused: dict[int, str] = {}  # nodes that are no client of this run
+    known: dict[int, Any] = {}  # node -> the client it said it is
     for r in range(start + 1, cfg.fedmkt.rounds + 1):
         t0 = time.time()
         rec: dict[str, Any] = {"round": r, "bytes_up": {}, "bytes_down": {}, "selected": {}, "loss": {},
@@ -220,7 +232,7 @@ def run_server(transport: Transport, cfg: FedMKTConfig) -> dict[str, Any]:
         first = len(history) == 1  # round 0 still lacks the clients' own evaluation
         request = RecordDict({"task": _task(round=r, **{"evaluate-before": first})})
         replies = transport.ask({n: ("train", request) for n in nodes}, timeout, f"{r}.local")
-        outs = local_phase(replies, nodes, cfg, public_fp, len(server.public), refused, left, rec)
+        outs = local_phase(replies, nodes, cfg, public_fp, len(server.public), refused, left, rec, known)
         if first:
             history[0]["eval"].update({m.name: dict(rep.metric_records["eval-before"])
                                        for m, _, rep in outs.values() if "eval-before" in rep.metric_records})
