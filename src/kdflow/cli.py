@@ -35,6 +35,9 @@ VERBS: dict[str, Verb] = {
                       "train N >= 2 models together, each distilling from the others; evaluates every peer and reports"),
     "fedmkt": Verb("kdflow.config:FedMKTConfig", "kdflow.federated.simulation:run_fedmkt",
                    "federated mutual knowledge transfer between a server LLM and client small models (in-process)"),
+    "fedmkt-flower": Verb("kdflow.config:FedMKTConfig", "kdflow.federated.flower_launch:run_fedmkt_flower",
+                          "the same FedMKT rounds over Flower: a local simulation, or a SuperLink (flower.superlink) "
+                          "with one SuperNode per client"),
     "eval": Verb("kdflow.config:EvalRunConfig", "kdflow.evaluate:run_eval",
                  "evaluate one model on a test split: answer NLL, perplexity, Rouge-L, exact match, sampled metrics"),
 }

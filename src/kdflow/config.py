@@ -333,6 +333,25 @@ class FedMKTSection:
 
 
 @dataclass
+class FlowerSection:
+    superlink: str | None = opt(None, "`kdflow fedmkt-flower`: address host:port of a running SuperLink to submit the run to "
+                                      "(deployment: one `flower-supernode` per client); null runs a local simulation")
+    insecure: bool = opt(False, "deployment: talk to the SuperLink without TLS (loopback or a trusted network only)")
+    root_certificates: str | None = opt(None, "deployment: PEM file of the CA that signed the SuperLink's certificate")
+    min_clients: int = opt(1, "a phase goes on when at least this many clients replied in time; fewer stop the run")
+    reply_timeout: float = opt(900.0, "seconds the server waits for the clients' replies in each phase; a client that "
+                                      "fails or has not replied by then is left out of the round")
+    connect_timeout: float = opt(120.0, "seconds the server waits before round 1 for every client's SuperNode to connect")
+    chunk_bytes: int = opt(64 * 2**20, "payload arrays larger than this are sent as several arrays, split along the "
+                                       "position axis")
+    max_payload_bytes: int = opt(2**31 - 1, "a received payload declaring more bytes than this is rejected unread")
+    state_dir: str | None = opt(None, "where each client keeps its adapter, optimizer and last outputs between messages "
+                                      "(default <output_dir>/flower-clients/<client name>); node config `state-dir` overrides it")
+    client_cpus: int = opt(1, "simulation: CPU cores reserved per simulated client (clients run in parallel up to the "
+                              "machine's cores)")
+
+
+@dataclass
 class FedMKTConfig:
     output_dir: str = opt("runs/fedmkt", "run folder: per-round checkpoints, metrics, report")
     seed: int = opt(0, "random seed (partitions, shuffling, LoRA init)")
@@ -347,6 +366,7 @@ class FedMKTConfig:
     eval: EvalConfig = opt(factory=EvalConfig, help="per-round evaluation on data.test")
     align: AlignConfig = opt(factory=AlignConfig, help="how distributions cross between parties with different tokenizers "
                                                        "(top_k is fedmkt.top_k here)")
+    flower: FlowerSection = opt(factory=FlowerSection, help="`kdflow fedmkt-flower`: the same rounds over Flower")
     baselines: list[Literal["zero_shot", "standalone", "public_only", "centralized", "private_public", "llm2slm", "fedavg"]] = opt(
         factory=lambda: ["zero_shot", "standalone", "public_only", "centralized"],
         help="comparisons run from the same config: zero_shot, standalone (clients on private data), public_only "
@@ -523,17 +543,23 @@ def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
 
 def load_config(cls: type, path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Any:
     """Read YAML `path` (optional), apply `key=value` overrides, validate into `cls`."""
-    tree: dict[str, Any] = {}
+    text = ""
     if path is not None:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {p} not found")
-        try:
-            tree = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"config file {p}: the top level must be a mapping of settings")
+        text = p.read_text()
+    return load_config_text(cls, text, overrides, where=f"config file {path}")
+
+
+def load_config_text(cls: type, text: str, overrides: list[str] | None = None, where: str = "config") -> Any:
+    """As `load_config`, from YAML text (e.g. a config carried inside a Flower run config)."""
+    try:
+        tree = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where} is not valid YAML: {e}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{where}: the top level must be a mapping of settings")
     for ov in overrides or []:
         keys, value = parse_override(ov)
         _set_path(tree, keys, value)
@@ -557,11 +583,12 @@ def validate(cfg: Any) -> None:
                             "ce_weight", "mix_alpha") and v is not None:
                 if not 0.0 <= v <= 1.0:
                     raise ConfigError(f"setting '{key}' must lie in [0, 1], got {v}")
-            elif f.name in ("temperature", "sample_temperature", "learning_rate", "clip_ratio") and v is not None:
+            elif f.name in ("temperature", "sample_temperature", "learning_rate", "clip_ratio", "reply_timeout",
+                            "connect_timeout", "chunk_bytes", "max_payload_bytes", "client_cpus") and v is not None:
                 if v <= 0:
                     raise ConfigError(f"setting '{key}' must be > 0, got {v}")
             elif f.name in ("batch_size", "grad_accum", "max_length", "r", "max_new_tokens", "k", "shard_size", "rounds",
-                            "top_k",
+                            "top_k", "min_clients",
                             "rollout_batch_size", "inner_epochs", "lm_batch_size") and v is not None:
                 if v < 1:
                     raise ConfigError(f"setting '{key}' must be >= 1, got {v}")

@@ -57,18 +57,39 @@ class Party:
     private: list[dict[str, Any]] = field(default_factory=list)
     optimizer: Any = None
     public_rows: Rows | None = None  # the shared public rows (text), for cross-tokenizer alignment
+    _fingerprint: str | None = field(default=None, repr=False)
 
     @property
     def vocab_size(self) -> int:
         return len(self.tok)
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = tokenizer_fingerprint(self.tok)
+        return self._fingerprint
 
     def positions(self) -> list[int]:
         """Answer positions per public sample: the rows of every payload about the public set."""
         return [sum(1 for t in e["labels"][1:] if t != -100) for e in self.public]
 
 
-def load_base(spec: PartyConfig, cache: dict[str, Any]) -> tuple[Any, Any]:
-    """(frozen base model, tokenizer) for a party; models to prune from are loaded once and shared."""
+@dataclass
+class Peer:
+    """A party known only through its messages (the other side of a Flower link): what a receiver
+    needs to read its payloads — its name, vocabulary size and tokenizer fingerprint."""
+
+    name: str
+    vocab_size: int
+    fingerprint: str
+
+
+def load_base(spec: PartyConfig, cache: dict[str, Any], seed: int = 0) -> tuple[Any, Any]:
+    """(frozen base model, tokenizer) for a party; models to prune from are loaded once and shared.
+
+    Random weights (model.init=config) are drawn from `seed`, so a party builds the same base
+    whether it is built alone (a Flower client) or beside the others (the in-process runner).
+    """
     m = spec.model
     if m.init == "pretrained":
         return freeze(load_model(m)), load_tokenizer(m)
@@ -78,6 +99,7 @@ def load_base(spec: PartyConfig, cache: dict[str, Any]) -> tuple[Any, Any]:
     if spec.prune_from not in cache:
         cache[spec.prune_from] = (load_model(src), load_tokenizer(src))
     base, tok = cache[spec.prune_from]
+    torch.manual_seed(seed)
     return freeze(build_student(m, base, src)), tok
 
 
@@ -154,13 +176,13 @@ class Bridges:
     def get(self, sender: Party, receiver: Party) -> Any:
         from kdflow.align.targets import CrossTokenizer
 
-        key = (tokenizer_fingerprint(sender.tok), tokenizer_fingerprint(receiver.tok))
+        key = (sender.fingerprint, receiver.fingerprint)
         if key not in self._pairs:
             self._pairs[key] = CrossTokenizer(sender.tok, receiver.tok, self.data_cfg, self.align_cfg)
         return self._pairs[key]
 
 
-def transfer(out: wire.PublicOutputs, sender: Party, receiver: Party, n: int, bridges: Bridges | None) -> dict[str, torch.Tensor]:
+def transfer(out: wire.PublicOutputs, sender: Party | Peer, receiver: Party, n: int, bridges: Bridges | None = None) -> dict[str, torch.Tensor]:
     """Sample n's top-k rows of `sender`, carried to `receiver`'s answer positions and vocabulary.
 
     Same tokenizer: the rows are the receiver's rows. Otherwise each receiver answer position takes
@@ -169,9 +191,12 @@ def transfer(out: wire.PublicOutputs, sender: Party, receiver: Party, n: int, br
     leave the KD term (or get a one-hot on their own next token, align.unpaired=onehot_next).
     """
     ids, lp, tail = out.sample(n)
-    if tokenizer_fingerprint(sender.tok) == tokenizer_fingerprint(receiver.tok):
+    if sender.fingerprint == receiver.fingerprint:
         return {"ids": torch.from_numpy(ids), "logp": torch.from_numpy(lp),
                 "tail_logp": torch.from_numpy(tail), "valid": torch.ones(len(ids), dtype=torch.bool)}
+    if isinstance(sender, Peer):
+        raise ConfigError(f"parties '{sender.name}' and '{receiver.name}' use different tokenizers: over Flower, parties "
+                          "must share one tokenizer for now; run heterogeneous tokenizers with `kdflow fedmkt`")
     if bridges is None or receiver.public_rows is None:
         raise ConfigError(f"parties '{sender.name}' and '{receiver.name}' use different tokenizers: pass the public rows "
                           "and alignment settings (kdflow.align) to carry distributions between them")
@@ -204,7 +229,7 @@ def _merge(parts: list[tuple[dict[str, torch.Tensor], float]], k: int) -> dict[s
     return {"ids": out_ids, "logp": out_lp, "tail_logp": torch.log(tails.clamp(min=1e-45)), "valid": valid}
 
 
-def select_targets(receiver: Party, receiver_out: wire.PublicOutputs, senders: list[Party],
+def select_targets(receiver: Party, receiver_out: wire.PublicOutputs, senders: list[Party | Peer],
                    sender_outs: list[wire.PublicOutputs], rule: str, k: int,
                    bridges: Bridges | None = None) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Per public sample, the KD target the receiver learns from (as `teacher_*` example fields)."""
@@ -265,6 +290,10 @@ def train_phase(party: Party, examples: list[dict[str, Any]], cfg: FedMKTConfig,
         return head_losses(hidden, head, targets, torch.ones_like(targets, dtype=torch.bool), teacher, spec)
 
     weights = {"ce": f.ce_weight, "kd": 1.0 - f.ce_weight} if with_kd else {"ce": 1.0}
+    # LoRA dropout draws from torch's global generator: seeding it here makes each phase a function
+    # of (adapter, optimizer, data, seed) alone, so a Flower client that runs each phase in a fresh
+    # process reproduces the in-process runner.
+    torch.manual_seed(seed)
     return train_examples(party.model, optimizer_for(party, cfg.train, f.reset_optimizer), examples,
                           pad_id=party.tok.pad_token_id, batch_size=cfg.train.batch_size, grad_accum=cfg.train.grad_accum,
                           epochs=epochs, seed=seed, loss_sums=loss_sums, count_tokens=count_tokens, term_weights=weights,
@@ -277,7 +306,7 @@ def client_local_step(client: Party, cfg: FedMKTConfig, round_idx: int) -> tuple
     return public_outputs(client, cfg.fedmkt.top_k, cfg.fedmkt.temperature, cfg.eval.batch_size), logs
 
 
-def server_step(server: Party, server_out: wire.PublicOutputs, clients: list[Party], client_outs: list[wire.PublicOutputs],
+def server_step(server: Party, server_out: wire.PublicOutputs, clients: list[Party | Peer], client_outs: list[wire.PublicOutputs],
                 cfg: FedMKTConfig, round_idx: int, train_server: bool = True,
                 bridges: Bridges | None = None) -> tuple[wire.PublicOutputs, dict[str, Any]]:
     """Steps 4-7: align and select the clients' knowledge, train the server, recompute its outputs."""
@@ -290,7 +319,7 @@ def server_step(server: Party, server_out: wire.PublicOutputs, clients: list[Par
     return server_out, info
 
 
-def client_update_step(client: Party, client_out: wire.PublicOutputs, server: Party, server_out: wire.PublicOutputs,
+def client_update_step(client: Party, client_out: wire.PublicOutputs, server: Party | Peer, server_out: wire.PublicOutputs,
                        cfg: FedMKTConfig, round_idx: int, bridges: Bridges | None = None) -> dict[str, Any]:
     """Steps 9-11 on a client: align the server's distributions, select, train on the public set."""
     examples, selected = select_targets(client, client_out, [server], [server_out], cfg.fedmkt.selection,
@@ -299,13 +328,46 @@ def client_update_step(client: Party, client_out: wire.PublicOutputs, server: Pa
     return {"selected": selected, "logs": logs}
 
 
+def average_adapters(states: list[dict[str, torch.Tensor]], sizes: list[int]) -> dict[str, torch.Tensor]:
+    """FedAvg of adapter state dicts, weighted by private data size."""
+    if not states or any(set(s) != set(states[0]) for s in states):
+        raise ConfigError("fedavg needs adapters with the same parameters (homogeneous clients)")
+    w = torch.tensor(sizes, dtype=torch.float32)
+    w = w / w.sum()
+    return {k: sum(wi * s[k].float() for wi, s in zip(w.tolist(), states)).to(states[0][k].dtype) for k in states[0]}
+
+
 def fedavg(clients: list[Party]) -> None:
     """Average the clients' adapters, weighted by private data size (homogeneous clients only)."""
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-    states = [get_peft_model_state_dict(c.model) for c in clients]
-    sizes = torch.tensor([len(c.private) for c in clients], dtype=torch.float32)
-    w = sizes / sizes.sum()
-    avg = {k: sum(wi * s[k].float() for wi, s in zip(w.tolist(), states)).to(states[0][k].dtype) for k in states[0]}
+    avg = average_adapters([get_peft_model_state_dict(c.model) for c in clients], [len(c.private) for c in clients])
     for c in clients:
         set_peft_model_state_dict(c.model, avg)
+
+
+# ----------------------------------------------------------------------------------------------
+# A party's trainable state on disk (round checkpoints; a Flower client between messages)
+
+
+def save_party_state(party: Party, folder: Path) -> None:
+    """Adapter (safetensors) and optimizer state (torch.save of tensors and numbers only) into `folder`."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(party.model).items()},
+              str(folder / f"{party.name}.adapter.safetensors"))
+    if party.optimizer is not None:
+        torch.save(party.optimizer.state_dict(), folder / f"{party.name}.optimizer.pt")
+
+
+def load_party_state(party: Party, folder: Path, train: TrainConfig) -> None:
+    """The inverse of `save_party_state`; the optimizer file is read with weights_only=True (no pickled code)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(party.model, load_file(str(folder / f"{party.name}.adapter.safetensors")))
+    opt_path = folder / f"{party.name}.optimizer.pt"
+    if opt_path.is_file():
+        party.optimizer = make_optimizer(party, train)
+        party.optimizer.load_state_dict(torch.load(opt_path, weights_only=True))

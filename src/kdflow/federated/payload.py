@@ -9,18 +9,28 @@ A payload is a dict of numpy arrays (never pickled):
 P counts answer positions of the N public samples in the sender's own tokenization, which the
 receiver can recompute (the public set and tokenizers are shared; private data never is), so
 every shape is checked against what the receiver expects.
+
+Over Flower the same arrays travel in an `ArrayRecord` (`to_array_record` / `from_array_record`):
+each field is one or more arrays named `<field>.<i>`, split along the position axis so that no
+array exceeds a byte limit. The receiver checks every array's declared dtype, shape and size
+before reading its bytes (NumPy's .npy format, read with allow_pickle=False), joins the chunks and
+then runs `decode`'s checks.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from kdflow.errors import KDFlowError
 
 FIELDS = ("ids", "logp", "tail_logp", "offsets", "ce")
+DTYPES = {"ids": ("uint16", "int32"), "logp": ("float16",), "tail_logp": ("float32",), "offsets": ("int64",),
+          "ce": ("float32",)}
 
 
 class PayloadError(KDFlowError):
@@ -111,3 +121,94 @@ def reference_format_bytes(out: PublicOutputs) -> int:
         per_sample.append({"logits": lp.astype(np.float32).tolist(), "ids": ids.astype(np.int64).tolist(),
                            "ce": float(out.ce[i])})
     return len(json.dumps(per_sample).encode())
+
+
+# ----------------------------------------------------------------------------------------------
+# Flower array records, in chunks
+
+
+def split_rows(a: np.ndarray, chunk_bytes: int) -> list[np.ndarray]:
+    """`a` cut along its first axis into pieces of at most `chunk_bytes` (at least one row each)."""
+    if a.nbytes <= chunk_bytes or a.ndim == 0 or a.shape[0] <= 1:
+        return [a]
+    row = max(a.nbytes // a.shape[0], 1)
+    rows = max(chunk_bytes // row, 1)
+    return [a[s:s + rows] for s in range(0, a.shape[0], rows)]
+
+
+def to_array_record(arrays: dict[str, np.ndarray], chunk_bytes: int = 64 * 2**20) -> Any:
+    """An encoded payload as a Flower `ArrayRecord`: field `f` becomes arrays `f.0`, `f.1`, ... ."""
+    from flwr.app import Array, ArrayRecord
+
+    if chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
+    record = ArrayRecord()
+    for name in FIELDS:
+        for i, piece in enumerate(split_rows(arrays[name], chunk_bytes)):
+            record[f"{name}.{i}"] = Array(np.ascontiguousarray(piece))
+    return record
+
+
+_KEY = re.compile(r"^([a-z_]+)\.(0|[1-9][0-9]{0,8})$")
+
+
+def from_array_record(record: Any, *, sender: str, vocab_size: int, k: int, positions: list[int],
+                      max_bytes: int = 2**31 - 1) -> PublicOutputs:
+    """Read a received `ArrayRecord` back into `PublicOutputs`, rejecting it (PayloadError) unless every
+    chunk is a plain NumPy array of the field's dtype and the right shape, the chunks are complete,
+    the total size is within `max_bytes`, and the joined payload passes `decode`'s checks."""
+    from flwr.app import ArrayRecord
+
+    if not isinstance(record, ArrayRecord):
+        raise PayloadError(f"payload from {sender}: expected an ArrayRecord, got {type(record).__name__}")
+    chunks: dict[str, dict[int, Any]] = {}
+    for key, arr in record.items():
+        m = _KEY.match(key)
+        if not m or m.group(1) not in FIELDS:
+            raise PayloadError(f"payload from {sender}: unexpected array '{key}' (expected <field>.<chunk> for fields "
+                               f"{', '.join(FIELDS)})")
+        chunks.setdefault(m.group(1), {})[int(m.group(2))] = arr
+    missing = [f for f in FIELDS if f not in chunks]
+    if missing:
+        raise PayloadError(f"payload from {sender}: fields {missing} missing")
+    # Everything below is decided from the declared metadata, before any bytes are read.
+    declared, tails = 0, {}
+    for name, parts in chunks.items():
+        if sorted(parts) != list(range(len(parts))):
+            raise PayloadError(f"payload from {sender}: '{name}' chunks {sorted(parts)} are not 0..{len(parts) - 1}")
+        for i in range(len(parts)):
+            arr = parts[i]
+            if arr.stype != "numpy.ndarray":
+                raise PayloadError(f"payload from {sender}: '{name}.{i}' is serialised as '{arr.stype}', not a NumPy array")
+            if arr.dtype not in DTYPES[name]:
+                raise PayloadError(f"payload from {sender}: '{name}' must be {' or '.join(DTYPES[name])}, got {arr.dtype}")
+            shape = tuple(arr.shape)
+            if not shape or any(not isinstance(d, int) or d < 0 for d in shape):
+                raise PayloadError(f"payload from {sender}: '{name}.{i}' has shape {shape}")
+            tail = shape[1:]
+            if tails.setdefault(name, tail) != tail:
+                raise PayloadError(f"payload from {sender}: '{name}' chunks disagree on shape ({tails[name]} vs {tail})")
+            declared += int(np.prod(shape, dtype=np.int64)) * np.dtype(arr.dtype).itemsize
+            if declared > max_bytes:
+                raise PayloadError(f"payload from {sender} declares more than {max_bytes} bytes, over the limit")
+            if len(arr.data) > int(np.prod(shape, dtype=np.int64)) * np.dtype(arr.dtype).itemsize + 4096:
+                raise PayloadError(f"payload from {sender}: '{name}.{i}' carries {len(arr.data)} bytes for shape {shape}")
+    arrays = {}
+    for name, parts in chunks.items():
+        pieces = []
+        for i in range(len(parts)):
+            try:
+                a = parts[i].numpy()  # np.load(allow_pickle=False)
+            except Exception as e:  # a malformed .npy buffer
+                raise PayloadError(f"payload from {sender}: '{name}.{i}' is not a readable NumPy array ({e})") from None
+            if str(a.dtype) != parts[i].dtype or tuple(a.shape) != tuple(parts[i].shape):
+                raise PayloadError(f"payload from {sender}: '{name}.{i}' holds {a.dtype}{list(a.shape)}, declared "
+                                   f"{parts[i].dtype}{list(parts[i].shape)}")
+            pieces.append(a)
+        arrays[name] = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+    return decode(arrays, sender=sender, vocab_size=vocab_size, k=k, positions=positions, max_bytes=max_bytes)
+
+
+def record_nbytes(record: Any) -> int:
+    """Bytes of array data a record declares (the payload size, as `nbytes` counts it)."""
+    return int(sum(int(np.prod(a.shape, dtype=np.int64)) * np.dtype(a.dtype).itemsize for a in record.values()))

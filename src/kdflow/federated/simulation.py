@@ -17,15 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from kdflow.config import FedMKTConfig, PartyConfig, to_dict
 from kdflow.data import Rows, encode_rows, partition_rows, read_rows, rows_fingerprint
 from kdflow.errors import ConfigError, DataError
 from kdflow.evaluate import evaluate_model, format_table
 from kdflow.federated import payload as wire
-from kdflow.federated.fedmkt import (Bridges, Party, client_local_step, client_update_step, fedavg, load_base, make_party,
-                                     public_outputs, send, server_step, train_phase)
+from kdflow.federated.fedmkt import (Bridges, Party, client_local_step, client_update_step, fedavg, load_base,
+                                     load_party_state, make_party, public_outputs, save_party_state, send, server_step,
+                                     train_phase)
 from kdflow.report import plot_curves, write_atomic, write_json
 from kdflow.training import setup_run
 
@@ -53,8 +53,8 @@ class World:
         self.test_rows = read_rows(cfg.data.test, "data.test").head(cfg.eval.max_rows)
         cache: dict[str, Any] = {}
         self.bases = {}
-        for spec in [cfg.server] + cfg.clients:
-            self.bases[spec.name] = load_base(spec, cache)
+        for offset, spec in enumerate([cfg.server] + cfg.clients):
+            self.bases[spec.name] = load_base(spec, cache, seed=cfg.seed + offset)
         self.setting = self._setting()
         self.bridges = Bridges(cfg.data, cfg.align)
 
@@ -82,12 +82,13 @@ class World:
         return [self.fresh(spec, i + 1, self.private_rows[i]) for i, spec in enumerate(self.cfg.clients)]
 
 
+def evaluate_party(p: Party, test_rows: Rows, cfg: FedMKTConfig) -> dict[str, float]:
+    res = evaluate_model(p.model, p.tok, test_rows, cfg.data, cfg.eval, progress=False, name=p.name)
+    return {k: v for k, v in res.metrics.items() if k in ("answer_nll", "perplexity", "rougeL", "exact_match")}
+
+
 def evaluate_parties(parties: list[Party], world: World) -> dict[str, dict[str, float]]:
-    out = {}
-    for p in parties:
-        res = evaluate_model(p.model, p.tok, world.test_rows, world.cfg.data, world.cfg.eval, progress=False, name=p.name)
-        out[p.name] = {k: v for k, v in res.metrics.items() if k in ("answer_nll", "perplexity", "rougeL", "exact_match")}
-    return out
+    return {p.name: evaluate_party(p, world.test_rows, world.cfg) for p in parties}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -95,16 +96,11 @@ def evaluate_parties(parties: list[Party], world: World) -> dict[str, dict[str, 
 
 
 def _save_round(folder: Path, r: int, parties: list[Party], server_out: wire.PublicOutputs, history: list[dict]) -> None:
-    from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file
-
     final = folder / f"round-{r:03d}"
     tmp = Path(tempfile.mkdtemp(prefix=final.name + ".", dir=folder))
     try:
         for p in parties:
-            save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(p.model).items()}, str(tmp / f"{p.name}.adapter.safetensors"))
-            if p.optimizer is not None:
-                torch.save(p.optimizer.state_dict(), tmp / f"{p.name}.optimizer.pt")
+            save_party_state(p, tmp)
         np.savez(tmp / "server_outputs.npz", **wire.encode(server_out, parties[0].vocab_size))
         write_json(tmp / "state.json", {"round": r, "history": history})
         if final.exists():
@@ -116,22 +112,13 @@ def _save_round(folder: Path, r: int, parties: list[Party], server_out: wire.Pub
 
 
 def _load_round(folder: Path, parties: list[Party], cfg: FedMKTConfig) -> tuple[int, wire.PublicOutputs | None, list[dict]]:
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    from kdflow.federated.fedmkt import make_optimizer
-
     done = sorted(p for p in folder.glob("round-[0-9][0-9][0-9]") if (p / "state.json").is_file())
     if not done:
         return 0, None, []
     last = done[-1]
     state = json.loads((last / "state.json").read_text())
     for p in parties:
-        set_peft_model_state_dict(p.model, load_file(str(last / f"{p.name}.adapter.safetensors")))
-        opt_path = last / f"{p.name}.optimizer.pt"
-        if opt_path.is_file():
-            p.optimizer = make_optimizer(p, cfg.train)
-            p.optimizer.load_state_dict(torch.load(opt_path, weights_only=True))
+        load_party_state(p, last, cfg.train)
     with np.load(last / "server_outputs.npz", allow_pickle=False) as z:
         arrays = {k: z[k] for k in z.files}
     server = parties[0]

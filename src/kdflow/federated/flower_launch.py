@@ -1,0 +1,242 @@
+"""`kdflow fedmkt-flower`: submit the FedMKT Flower app to a SuperLink and wait for it to finish.
+
+With `flower.superlink` unset the verb starts its own SuperLink in simulation mode on a free
+loopback port (Flower's simulation runtime runs the ClientApps on Ray, one virtual SuperNode per
+client), submits the run, waits, and stops the SuperLink. With `flower.superlink: host:port` it
+submits the run to that SuperLink, whose SuperNodes were started by the clients' owners:
+
+    flower-superlink --insecure --host 127.0.0.1 --port 9093 --disable-runtime-dependency-installation
+    flower-supernode --insecure --superlink 127.0.0.1:9093 --port 9101 --node-config 'partition-id=0'
+    flower-supernode --insecure --superlink 127.0.0.1:9093 --port 9102 --node-config 'partition-id=1'
+    kdflow fedmkt-flower --config configs/fedmkt_tiny.yaml flower.superlink=127.0.0.1:9093 flower.insecure=true
+
+Everything goes through Flower's own command line (`flower-superlink`, `flwr run`, `flwr ls`,
+`flwr log`) with a private FLWR_HOME, so a user's Flower configuration is never touched. The
+helpers here also serve the tests, which start real SuperNodes on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kdflow.config import FedMKTConfig
+from kdflow.errors import KDFlowError
+
+CONNECTION = "kdflow"
+
+
+class FlowerLaunchError(KDFlowError):
+    """A Flower process did not start, or the run did not complete."""
+
+
+def _bin(name: str) -> str:
+    """Flower's executables from the environment kdflow runs in."""
+    path = Path(sys.executable).parent / name
+    return str(path) if path.exists() else name
+
+
+def flower_env(home: Path) -> dict[str, str]:
+    """Environment for every Flower process: a private FLWR_HOME, offline, no telemetry."""
+    env = dict(os.environ)
+    env.update({
+        "FLWR_HOME": str(home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "RAY_DISABLE_USAGE_STATS": "1",
+        "PATH": str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""),
+        "PYTHONUNBUFFERED": "1",
+    })
+    return env
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(host: str, port: int, proc: subprocess.Popen | None, timeout: float, what: str, log: Path | None) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise FlowerLaunchError(f"{what} exited with code {proc.returncode}" + (f"; see {log}" if log else ""))
+        try:
+            with socket.create_connection((host, port), timeout=1.0):
+                return
+        except OSError:
+            time.sleep(0.3)
+    raise FlowerLaunchError(f"{what} did not open {host}:{port} within {timeout:g} s" + (f"; see {log}" if log else ""))
+
+
+@dataclass
+class Processes:
+    """Flower processes started here, each in its own process group, stopped by their ids."""
+
+    procs: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
+
+    def start(self, name: str, args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "ab") as fh:
+            proc = subprocess.Popen(args, env=env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True)
+        self.procs.append((name, proc))
+        return proc
+
+    def stop(self, proc: subprocess.Popen, grace: float = 10.0) -> None:
+        """SIGTERM to the process's group (it and the app processes it spawned), SIGKILL after `grace`."""
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # children left in the group
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def stop_all(self) -> None:
+        for _, proc in reversed(self.procs):
+            self.stop(proc)
+
+
+def start_superlink(procs: Processes, env: dict[str, str], logs: Path, simulation: bool, host: str = "127.0.0.1",
+                    port: int | None = None, timeout: float = 60.0) -> str:
+    """An insecure SuperLink on loopback (one HTTP port for the Fleet, Control and Runtime APIs)."""
+    port = port or free_port(host)
+    args = [_bin("flower-superlink"), "--insecure", "--host", host, "--port", str(port),
+            "--disable-runtime-dependency-installation"]
+    if simulation:
+        args.append("--simulation")
+    proc = procs.start("superlink", args, env, logs / "superlink.log")
+    wait_for_port(host, port, proc, timeout, "flower-superlink", logs / "superlink.log")
+    return f"{host}:{port}"
+
+
+def start_supernode(procs: Processes, env: dict[str, str], logs: Path, superlink: str, node_config: str,
+                    name: str, host: str = "127.0.0.1") -> subprocess.Popen:
+    args = [_bin("flower-supernode"), "--insecure", "--superlink", superlink, "--host", host,
+            "--port", str(free_port(host)), "--node-config", node_config]
+    return procs.start(name, args, env, logs / f"{name}.log")
+
+
+def write_connection(home: Path, address: str, insecure: bool, root_certificates: str | None = None) -> None:
+    import tomli_w
+
+    conn: dict[str, Any] = {"address": address, "insecure": bool(insecure)}
+    if root_certificates:
+        conn["root-certificates"] = root_certificates
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: conn}}))
+
+
+def _flwr(args: list[str], env: dict[str, str], timeout: float = 120.0) -> subprocess.CompletedProcess:
+    return subprocess.run([_bin("flwr"), *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def submit(app_dir: Path, run_config_toml: Path, env: dict[str, str], federation_config: str | None = None) -> int:
+    """`flwr run`; returns the run id."""
+    args = ["run", str(app_dir), CONNECTION, "--run-config", str(run_config_toml), "--format", "json"]
+    if federation_config:
+        args += ["--federation-config", federation_config]
+    res = _flwr(args, env)
+    try:
+        out = json.loads(res.stdout[res.stdout.index("{"):])
+        return int(out["run-id"])
+    except (ValueError, KeyError, TypeError):
+        raise FlowerLaunchError(f"flwr run failed (code {res.returncode}): {(res.stdout + res.stderr).strip()[-2000:]}") from None
+
+
+def run_status(run_id: int, env: dict[str, str]) -> str:
+    res = _flwr(["ls", CONNECTION, "--run-id", str(run_id), "--format", "json"], env)
+    try:
+        out = json.loads(res.stdout[res.stdout.index("{"):])
+        return str(out["runs"][0]["status"])
+    except (ValueError, KeyError, IndexError, TypeError):
+        return "unknown"
+
+
+def wait_for_run(run_id: int, env: dict[str, str], timeout: float, done_file: Path | None = None,
+                 poll: float = 15.0) -> str:
+    """Wait until the run is finished; returns its status, e.g. 'finished:completed'. Each status
+    query starts a `flwr` process, so it runs every `poll` seconds, and sooner once `done_file`
+    (written by the ServerApp at the end) appears."""
+    deadline = time.time() + timeout
+    status, last = "unknown", 0.0
+    while time.time() < deadline:
+        done = done_file is not None and done_file.exists()
+        if done or time.time() - last >= poll:
+            status, last = run_status(run_id, env), time.time()
+            if status.startswith("finished"):
+                return status
+        time.sleep(1.0 if done else 0.5)
+    raise FlowerLaunchError(f"Flower run {run_id} still '{status}' after {timeout:g} s")
+
+
+def run_logs(run_id: int, env: dict[str, str]) -> str:
+    res = _flwr(["log", str(run_id), CONNECTION, "--show"], env)
+    return res.stdout + res.stderr
+
+
+def run_fedmkt_flower(cfg: FedMKTConfig) -> dict[str, Any]:
+    """The verb: FedMKT over Flower, simulated locally or on a running SuperLink."""
+    import importlib.util
+
+    if importlib.util.find_spec("flwr") is None:
+        raise FlowerLaunchError("kdflow fedmkt-flower needs Flower: pip install 'kdflow[fed]' (flwr[simulation])")
+    from kdflow.federated.flower_app import run_config_from_config, write_app, write_run_config
+
+    out = Path(cfg.output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").unlink(missing_ok=True)  # written again by the ServerApp when the run ends
+    app_dir = write_app(out / "flower-app")
+    toml = write_run_config(out / "flower-run-config.toml", run_config_from_config(cfg))
+    logs = out / "flower-logs"
+    procs = Processes()
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix="kdflow-flwr-home-") as home:
+        env = flower_env(Path(home))
+        try:
+            if cfg.flower.superlink is None:
+                address = start_superlink(procs, env, logs, simulation=True)
+                write_connection(Path(home), address, insecure=True)
+                fed = f"num-supernodes={len(cfg.clients)} client-resources-num-cpus={cfg.flower.client_cpus}"
+                print(f"[kdflow] fedmkt-flower: local simulation, {len(cfg.clients)} simulated SuperNodes (SuperLink {address})")
+            else:
+                address = cfg.flower.superlink
+                write_connection(Path(home), address, cfg.flower.insecure, cfg.flower.root_certificates)
+                fed = None
+                print(f"[kdflow] fedmkt-flower: submitting to the SuperLink at {address}")
+            run_id = submit(app_dir, toml, env, fed)
+            print(f"[kdflow] Flower run {run_id} started; app {app_dir}, run config {toml}")
+            budget = cfg.flower.connect_timeout + 4 * cfg.flower.reply_timeout * cfg.fedmkt.rounds + 600
+            status = wait_for_run(run_id, env, budget, done_file=out / "metrics.json")
+            logs.mkdir(parents=True, exist_ok=True)
+            (logs / f"run-{run_id}.log").write_text(run_logs(run_id, env))
+        finally:
+            procs.stop_all()
+    if status != "finished:completed":
+        raise FlowerLaunchError(f"Flower run {run_id} ended '{status}'; the ServerApp's log is {logs / f'run-{run_id}.log'}")
+    metrics_path = out / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    metrics["wall_seconds"] = time.time() - t0
+    print(f"[kdflow] fedmkt-flower finished in {metrics['wall_seconds']:.0f} s; report {out / 'report.md'}")
+    return metrics

@@ -1,0 +1,483 @@
+"""FedMKT over Flower: wire format in array records, run config, client state, faults, and real runs
+(a Ray simulation, and a deployment of flower-superlink + flower-supernode processes on 127.0.0.1)
+whose results must equal the in-process runner's."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+flwr = pytest.importorskip("flwr")  # the `fed` extra; `make install` installs it
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict  # noqa: E402
+
+from kdflow.cli import main  # noqa: E402
+from kdflow.config import FedMKTConfig, load_config  # noqa: E402
+from kdflow.errors import ConfigError  # noqa: E402
+from kdflow.federated import flower_launch as launch  # noqa: E402
+from kdflow.federated import payload as wire  # noqa: E402
+from kdflow.federated.flower_app import (APP_PYPROJECT, RUN_CONFIG_KEYS, config_from_run_config,  # noqa: E402
+                                         run_config_from_yaml, write_app, write_run_config)
+from kdflow.federated.flower_client import HANDLERS, ClientState, node_from_config  # noqa: E402
+from kdflow.federated.flower_server import FlowerRunError, local_phase, run_server  # noqa: E402
+
+from conftest import DATA, ROOT  # noqa: E402
+
+
+# ----------------------------------------------------------------------------------------------
+# Payloads in Flower array records
+
+
+def synthetic_outputs(n: int = 7, k: int = 5, vocab: int = 300, seed: int = 0) -> tuple[wire.PublicOutputs, list[int]]:
+    rng = np.random.default_rng(seed)
+    positions = rng.integers(1, 9, size=n).tolist()
+    rows = sum(positions)
+    logits = rng.normal(size=(rows, vocab)).astype(np.float32)
+    logp = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+    ids = np.argsort(-logp, axis=1)[:, :k]
+    top = np.take_along_axis(logp, ids, axis=1)
+    tail = np.log1p(-np.exp(np.logaddexp.reduce(top, axis=1)))
+    out = wire.PublicOutputs(ids.astype(np.int64), top, tail.astype(np.float32),
+                             np.concatenate([[0], np.cumsum(positions)]).astype(np.int64),
+                             rng.uniform(0.5, 3, size=n).astype(np.float32))
+    return out, positions
+
+
+def test_array_record_round_trip_in_chunks():
+    out, positions = synthetic_outputs()
+    arrays = wire.encode(out, 300)
+    assert arrays["ids"].dtype == np.uint16 and wire.encode(out, 70000)["ids"].dtype == np.int32
+    whole = wire.to_array_record(arrays)
+    assert sorted(whole.keys()) == sorted(f"{f}.0" for f in wire.FIELDS)
+    chunked = wire.to_array_record(arrays, chunk_bytes=64)
+    ids_chunks = [key for key in chunked.keys() if key.startswith("ids.")]
+    assert len(ids_chunks) == -(-arrays["ids"].shape[0] // (64 // (5 * 2)))  # rows of 10 bytes, 6 per chunk
+    assert all(chunked[key].numpy().nbytes <= 64 for key in chunked.keys() if not key.startswith("offsets"))
+    assert wire.record_nbytes(chunked) == wire.nbytes(arrays)
+    for record in (whole, chunked):
+        got = wire.from_array_record(record, sender="c1", vocab_size=300, k=5, positions=positions)
+        ref = wire.decode(arrays, sender="c1", vocab_size=300, k=5, positions=positions)
+        for f in wire.FIELDS:
+            assert np.array_equal(getattr(got, f), getattr(ref, f))
+
+
+def _set(record, key, a):
+    record[key] = Array(a)
+
+
+@pytest.mark.parametrize("corrupt,match", [
+    (lambda r: _set(r, "logp.1", np.full_like(r["logp.1"].numpy(), np.nan)), "finite or -inf"),
+    (lambda r: _set(r, "ids.0", np.full_like(r["ids.0"].numpy(), 299 + 1)), "outside the vocabulary of 300"),
+    (lambda r: _set(r, "tail_logp.0", r["tail_logp.0"].numpy()[:-1]), "'tail_logp' has shape"),
+    (lambda r: _set(r, "ids.1", r["ids.1"].numpy()[:, :3]), "chunks disagree on shape"),
+    (lambda r: _set(r, "logp.0", r["logp.0"].numpy().astype(np.float32)), "'logp' must be float16"),
+    (lambda r: r.__delitem__("ids.1"), r"'ids' chunks \[0, 2"),
+    (lambda r: _set(r, "weights.0", np.zeros(3, np.float32)), "unexpected array 'weights.0'"),
+    (lambda r: r.__setitem__("ce.0", Array(dtype="float32", shape=(7,), stype="pickle", data=b"\x80\x04.")),
+     "not a NumPy array"),
+    (lambda r: r.__setitem__("ce.0", Array(dtype="float32", shape=(7,), stype="numpy.ndarray", data=b"\x00" * 8000)),
+     "carries 8000 bytes"),
+    (lambda r: r.__setitem__("ce.0", Array(dtype="float32", shape=(7,), stype="numpy.ndarray", data=b"not npy")),
+     "not a readable NumPy array"),
+])
+def test_malformed_array_records_are_rejected(corrupt, match):
+    out, positions = synthetic_outputs()
+    record = wire.to_array_record(wire.encode(out, 300), chunk_bytes=64)
+    corrupt(record)
+    with pytest.raises(wire.PayloadError, match=match):
+        wire.from_array_record(record, sender="c9", vocab_size=300, k=5, positions=positions)
+
+
+def test_oversize_payload_is_rejected_before_its_bytes_are_read():
+    out, positions = synthetic_outputs()
+    record = wire.to_array_record(wire.encode(out, 300))
+    with pytest.raises(wire.PayloadError, match="over the limit"):
+        wire.from_array_record(record, sender="c9", vocab_size=300, k=5, positions=positions, max_bytes=100)
+    # a declared shape of 10^12 rows with a few bytes behind it: refused from the metadata alone
+    record["logp.0"] = Array(dtype="float16", shape=(10**12, 5), stype="numpy.ndarray", data=b"\x00" * 16)
+    with pytest.raises(wire.PayloadError, match="declares more than"):
+        wire.from_array_record(record, sender="c9", vocab_size=300, k=5, positions=positions)
+
+
+def test_server_leaves_out_a_client_whose_payload_is_malformed():
+    """The server's local phase on mock replies: a NaN payload and a stranger node are left out, the
+    good client is kept, and nothing raises."""
+    cfg = load_config(FedMKTConfig, None, ["clients=[{name: c1}, {name: c2}]", "fedmkt.top_k=5"])
+    out, positions = synthetic_outputs()
+
+    def reply(pid, name, corrupt=False):
+        record = wire.to_array_record(wire.encode(out, 300))
+        if corrupt:
+            record["logp.0"] = Array(np.full_like(record["logp.0"].numpy(), np.nan))
+        return RecordDict({"client": ConfigRecord({"name": name, "partition-id": pid, "fingerprint": "f", "vocab-size": 300,
+                                                   "public": "P"}),
+                           "positions": ArrayRecord({"positions": Array(np.asarray(positions, dtype=np.int64))}),
+                           "payload": record, "metrics": MetricRecord({"loss.private": 1.5})})
+
+    replies = {1: reply(0, "c1"), 2: reply(1, "c2", corrupt=True), 3: reply(5, "c6"), 4: "ClientAppException: boom"}
+    refused, left, known = {}, {}, {}
+    rec = {"round": 1, "bytes_up": {}, "loss": {}, "node_errors": {}}
+    got = local_phase(replies, [1, 2, 3, 4, 5], cfg, "P", len(positions), refused, left, rec, known)
+    assert list(got) == [0] and got[0][0].name == "c1"
+    assert "finite" in left["c2"] and "payload rejected" in left["c2"]
+    assert "partition-id 5" in refused[3]
+    assert "boom" in rec["node_errors"]["4"] and "no reply" in rec["node_errors"]["5"]
+    assert rec["bytes_up"] == {"c1": wire.nbytes(wire.encode(out, 300))}
+    # next round: c1's node (seen before) fails, and is reported as c1
+    left, rec = {}, {"round": 2, "bytes_up": {}, "loss": {}, "node_errors": {}}
+    assert local_phase({1: "failed: out of memory"}, [1], cfg, "P", len(positions), refused, left, rec, known) == {}
+    assert left["c1"] == "failed: out of memory" and not rec["node_errors"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Run config and node config
+
+
+def test_run_config_carries_the_kdflow_config_both_ways(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    rc = run_config_from_yaml("configs/fedmkt_flower.yaml", ["fedmkt.rounds=5"])
+    assert set(rc) == set(RUN_CONFIG_KEYS) and all(isinstance(v, (str, int, float, bool)) for v in rc.values())
+    cfg = config_from_run_config(rc)
+    ref = load_config(FedMKTConfig, "configs/fedmkt_flower.yaml", ["fedmkt.rounds=5"])
+    assert cfg.fedmkt == ref.fedmkt and cfg.clients[1].model.keep_layers == ref.clients[1].model.keep_layers
+    assert cfg.data.train == str(ROOT / "data/wordnet_define/train.jsonl")  # paths made absolute for other processes
+    assert Path(cfg.output_dir).is_absolute()
+    # through Flower's own TOML file form, and with overrides on top
+    toml = write_run_config(tmp_path / "rc.toml", {**rc, "kdflow.overrides": "fedmkt.top_k=32 flower.min_clients=2"})
+    from flwr.common.config import parse_config_args
+
+    back = config_from_run_config(parse_config_args([str(toml)]))
+    assert back.fedmkt.top_k == 32 and back.flower.min_clients == 2 and back.fedmkt.rounds == 5
+    with pytest.raises(ConfigError, match="unknown run config key 'rounds'"):
+        config_from_run_config({**rc, "rounds": 3})
+    with pytest.raises(ConfigError, match="'kdflow.config' is empty"):
+        config_from_run_config({"kdflow.config": "", "kdflow.overrides": ""})
+    with pytest.raises(ConfigError, match="unknown setting 'fedmkt.top_kk'"):
+        config_from_run_config({**rc, "kdflow.overrides": "fedmkt.top_kk=3"})
+
+
+def test_app_folder_is_a_valid_flower_app(tmp_path):
+    from flwr.cli.config_utils import load_and_validate
+
+    assert (ROOT / "flower" / "pyproject.toml").read_text() == APP_PYPROJECT  # the committed copy is the one written
+    config, _ = load_and_validate(write_app(tmp_path / "app") / "pyproject.toml")
+    assert config["tool"]["flwr"]["app"]["components"]["clientapp"] == "kdflow.federated.flower_app:client_app"
+    assert set(config["tool"]["flwr"]["app"]["config"]) == set(RUN_CONFIG_KEYS)
+
+
+def test_node_config_errors_name_the_key():
+    cfg = load_config(FedMKTConfig, None, ["clients=[{name: c1}, {name: c2}]"])
+    assert node_from_config(cfg, {"partition-id": 1, "num-partitions": 2}).name == "c2"
+    node = node_from_config(cfg, {"partition-id": 0, "model": "/models/c1", "state-dir": "/tmp/s", "private-data": "p.jsonl"})
+    assert (node.spec.model.name, str(node.state_dir), node.private_data) == ("/models/c1", "/tmp/s", "p.jsonl")
+    assert node_from_config(cfg, {"partition-id": 0}).state_dir == Path(cfg.output_dir) / "flower-clients" / "c1"
+    with pytest.raises(ConfigError, match="partition-id=2.*0..1"):
+        node_from_config(cfg, {"partition-id": 2})
+    with pytest.raises(ConfigError, match="unknown node config key 'partition'.*valid keys: partition-id"):
+        node_from_config(cfg, {"partition": 0})
+    with pytest.raises(ConfigError, match="needs partition-id"):
+        node_from_config(cfg, {})
+
+
+# ----------------------------------------------------------------------------------------------
+# Runs on tiny models
+
+
+def fed_cfg(tiny_dirs, out: Path, clients: int = 2, rounds: int = 2, *extra: str) -> FedMKTConfig:
+    specs = ", ".join(f"{{name: c{i + 1}, model: {{name: {tiny_dirs['student']}, lora: {{enabled: true, r: {8 if i % 2 == 0 else 4}}}}}}}"
+                      for i in range(clients))
+    return load_config(FedMKTConfig, None, [
+        f"output_dir={out}", f"server.model.name={tiny_dirs['teacher']}", f"clients=[{specs}]",
+        f"data.train={DATA / 'train.jsonl'}", f"data.test={DATA / 'test.jsonl'}", "data.public_rows=12",
+        "data.private_rows=8", f"fedmkt.rounds={rounds}", "fedmkt.top_k=8", "eval.max_rows=2", "eval.max_new_tokens=2",
+        "train.batch_size=4", "baselines=[]", "flower.reply_timeout=300", "flower.connect_timeout=120",
+        # one torch thread per process: tiny models gain nothing from more, and on a shared 2-core
+        # machine several processes spinning 2 threads each run 5-10x slower
+        "train.num_threads=1", *extra])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def restore_torch_threads():
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+class LocalTransport:
+    """Delivers each request straight to the client handler (a fresh client built from disk, as a
+    deployed ClientApp is); `silent` maps a round to the partitions that do not answer in it."""
+
+    def __init__(self, cfg: FedMKTConfig, clients: int, silent: dict[int, set[int]] | None = None,
+                 restart: dict[int, set[int]] | None = None):
+        self.cfg, self.silent, self.restart = cfg, silent or {}, restart or {}
+        self.node_of = {p: 100 + p for p in range(clients)}
+
+    def nodes(self) -> list[int]:
+        return sorted(self.node_of.values())
+
+    def ask(self, requests, timeout, group):
+        r = int(group.split(".")[0])
+        out = {}
+        for node, (kind, content) in requests.items():
+            pid = next(p for p, n in self.node_of.items() if n == node)
+            if pid in self.silent.get(r, set()):
+                continue
+            try:
+                out[node] = HANDLERS[kind](content, self.cfg, {"partition-id": pid})
+            except Exception as e:  # what Flower turns into an error reply
+                out[node] = f"{type(e).__name__}: {e}"
+        if group.endswith(".update"):  # SuperNodes restarted before the next round get new node ids
+            for pid in self.restart.get(r + 1, set()):
+                self.node_of[pid] += 1000
+        return out
+
+
+def adapters(folder: Path, name: str) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / f"{name}.adapter.safetensors"))
+
+
+def client_state_dir(out: Path, name: str) -> Path:
+    return ClientState(out / "flower-clients" / name).current()
+
+
+def assert_same_adapters(a: dict, b: dict, atol: float = 0.0):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert (a[key] - b[key]).abs().max().item() <= atol, key
+
+
+def assert_same_evals(ha: dict, hb: dict, atol: float = 1e-6):
+    assert ha.keys() == hb.keys()
+    for who in ha:
+        for metric in ("answer_nll", "rougeL", "exact_match"):
+            assert abs(ha[who][metric] - hb[who][metric]) <= atol, (who, metric)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dirs, tmp_path_factory):
+    """The in-process runner: 2 clients, 2 rounds."""
+    from kdflow.federated.simulation import World, run_rounds
+    from kdflow.training import setup_run
+
+    out = tmp_path_factory.mktemp("inproc")
+    cfg = fed_cfg(tiny_dirs, out)
+    setup_run(cfg.output_dir, cfg, cfg.seed)
+    history = run_rounds(World(cfg), out)
+    return out, history
+
+
+def test_flower_server_and_clients_equal_the_in_process_runner(reference, tiny_dirs, tmp_path):
+    ref_out, ref_hist = reference
+    out = tmp_path / "flower"
+    cfg = fed_cfg(tiny_dirs, out)
+    metrics = run_server(LocalTransport(cfg, 2), cfg)
+    assert [h["round"] for h in metrics["rounds"]] == [0, 1, 2]
+    for ha, hb in zip(ref_hist, metrics["rounds"]):
+        assert_same_evals(ha["eval"], hb["eval"])
+        assert ha.get("bytes_up") == hb.get("bytes_up") and ha.get("selected") == hb.get("selected")
+    assert_same_adapters(adapters(ref_out / "rounds/round-002", "server"), adapters(out / "rounds/round-002", "server"))
+    for c in ("c1", "c2"):
+        assert_same_adapters(adapters(ref_out / "rounds/round-002", c), adapters(client_state_dir(out, c), c))
+    state = json.loads((client_state_dir(out, "c1") / "state.json").read_text())
+    assert state["local_round"] == 2 and state["update_round"] == 2
+    assert (out / "report.md").is_file() and not metrics["left_out"]
+
+
+def test_fedavg_over_flower_equals_in_process(tiny_dirs, tmp_path):
+    """Homogeneous clients with fedmkt.fedavg: adapters travel up with the update replies, the
+    average comes back in a third message; same adapters and metrics as in-process."""
+    from kdflow.federated.simulation import World, run_rounds
+    from kdflow.training import setup_run
+
+    student = tiny_dirs["student"]
+    same = f"clients=[{{name: c1, model: {{name: {student}}}}}, {{name: c2, model: {{name: {student}}}}}]"
+    ref = fed_cfg(tiny_dirs, tmp_path / "inproc", 2, 1, "fedmkt.fedavg=true", same)
+    setup_run(ref.output_dir, ref, ref.seed)
+    ref_hist = run_rounds(World(ref), Path(ref.output_dir))
+    cfg = replace(ref, output_dir=str(tmp_path / "flower"))
+    metrics = run_server(LocalTransport(cfg, 2), cfg)
+    for ha, hb in zip(ref_hist, metrics["rounds"]):
+        assert_same_evals(ha["eval"], hb["eval"])
+    a1, a2 = (adapters(client_state_dir(Path(cfg.output_dir), c), c) for c in ("c1", "c2"))
+    assert_same_adapters(a1, a2)  # both hold the average
+    assert_same_adapters(adapters(Path(ref.output_dir) / "rounds/round-001", "c1"), a1)
+
+
+@pytest.fixture(scope="module")
+def faulty(tiny_dirs, tmp_path_factory):
+    """3 clients, 3 rounds: c3 is silent in round 2 (its node died) and back in round 3 on a new node."""
+    out = tmp_path_factory.mktemp("faulty")
+    cfg = fed_cfg(tiny_dirs, out, 3, 3, "flower.min_clients=2")
+    transport = LocalTransport(cfg, 3, silent={2: {2}}, restart={3: {2}})
+    snapshots = {}
+    local, update = HANDLERS["train"], HANDLERS["train.update"]
+
+    def c3_state():
+        d = client_state_dir(out, "c3")
+        return adapters(d, "c3"), json.loads((d / "state.json").read_text())
+
+    def spy_local(content, cfg_, node_config):
+        if node_config["partition-id"] == 2 and int(dict(content.config_records["task"])["round"]) == 3:
+            snapshots["before_round_3"] = c3_state()
+        return local(content, cfg_, node_config)
+
+    def spy_update(content, cfg_, node_config):
+        reply = update(content, cfg_, node_config)
+        if node_config["partition-id"] == 2 and int(dict(content.config_records["task"])["round"]) == 1:
+            snapshots["after_round_1"] = c3_state()
+        return reply
+
+    HANDLERS["train"], HANDLERS["train.update"] = spy_local, spy_update
+    try:
+        metrics = run_server(transport, cfg)
+    finally:
+        HANDLERS["train"], HANDLERS["train.update"] = local, update
+    return out, metrics, snapshots
+
+
+def test_a_silent_client_is_left_out_and_continues_from_its_saved_state(faulty):
+    out, metrics, snapshots = faulty
+    rounds = {h["round"]: h for h in metrics["rounds"]}
+    assert rounds[1]["clients"] == ["c1", "c2", "c3"]
+    assert rounds[2]["clients"] == ["c1", "c2"] and "no reply" in rounds[2]["left_out"]["c3"]
+    assert rounds[3]["clients"] == ["c1", "c2", "c3"] and not rounds[3]["left_out"]
+    assert set(rounds[2]["selected"]["server"]) == {"skipped", "own", "c1", "c2"}  # the server learned from 2 clients
+    assert metrics["left_out"] == {"2": {"c3": rounds[2]["left_out"]["c3"]}}
+    # c3 came back (on a new node id) holding exactly what it saved after round 1, and went on from there
+    (a1, s1), (a3, s3) = snapshots["after_round_1"], snapshots["before_round_3"]
+    assert s1 == s3 and s3["local_round"] == 1 and s3["update_round"] == 1
+    assert_same_adapters(a1, a3)
+    final = json.loads((client_state_dir(out, "c3") / "state.json").read_text())
+    assert final["local_round"] == 3 and final["update_round"] == 3
+
+
+def test_too_few_clients_stop_the_run_with_a_clear_error(tiny_dirs, tmp_path):
+    cfg = fed_cfg(tiny_dirs, tmp_path / "few", 2, 1, "flower.min_clients=2")
+    with pytest.raises(FlowerRunError, match=r"round 1 \(local\): 1 of 2 clients remain.*min_clients=2.*c2: no reply"):
+        run_server(LocalTransport(cfg, 2, silent={1: {1}}), cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# Real Flower runs
+
+
+def test_simulation_two_clients_one_round_equals_in_process(reference, tiny_dirs, tmp_path):
+    """`kdflow fedmkt-flower` without a SuperLink: Flower's simulation runtime (Ray), 2 clients x 1 round."""
+    ref_out, ref_hist = reference
+    out = tmp_path / "sim"
+    cfg = fed_cfg(tiny_dirs, out, 2, 1)
+    yaml_path = tmp_path / "sim.yaml"
+    from kdflow.config import dump_yaml
+
+    yaml_path.write_text(dump_yaml(cfg))
+    assert main(["fedmkt-flower", "--config", str(yaml_path)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert [h["round"] for h in m["rounds"]] == [0, 1] and m["rounds"][1]["clients"] == ["c1", "c2"]
+    for r in (0, 1):
+        assert_same_evals(ref_hist[r]["eval"], m["rounds"][r]["eval"])
+    assert m["rounds"][1]["bytes_up"] == ref_hist[1]["bytes_up"]
+    assert_same_adapters(adapters(ref_out / "rounds/round-001", "server"), adapters(out / "rounds/round-001", "server"))
+    for c in ("c1", "c2"):
+        assert_same_adapters(adapters(ref_out / "rounds/round-001", c), adapters(client_state_dir(out, c), c))
+
+
+class Deployment:
+    """flower-superlink and one flower-supernode per client on 127.0.0.1, free ports, a private FLWR_HOME."""
+
+    def __init__(self, root: Path, clients: int):
+        self.root, self.procs = root, launch.Processes()
+        self.home = Path(tempfile.mkdtemp(prefix="flwr-home-"))
+        self.env = launch.flower_env(self.home)
+        self.logs = root / "logs"
+        try:
+            self.address = launch.start_superlink(self.procs, self.env, self.logs, simulation=False)
+            launch.write_connection(self.home, self.address, insecure=True)
+            self.nodes = [launch.start_supernode(self.procs, self.env, self.logs, self.address, f"partition-id={p}",
+                                                 f"supernode-{p}") for p in range(clients)]
+        except BaseException:
+            self.close()
+            raise
+
+    def submit(self, cfg: FedMKTConfig) -> int:
+        from kdflow.federated.flower_app import run_config_from_config
+
+        app = write_app(self.root / "app")
+        return launch.submit(app, write_run_config(self.root / "run_config.toml", run_config_from_config(cfg)), self.env)
+
+    def close(self):
+        self.procs.stop_all()
+        shutil.rmtree(self.home, ignore_errors=True)
+
+
+def test_deployment_superlink_and_two_supernodes_two_rounds(reference, tiny_dirs, tmp_path):
+    ref_out, ref_hist = reference
+    out = tmp_path / "deploy"
+    cfg = fed_cfg(tiny_dirs, out, 2, 2, "flower.chunk_bytes=4096")  # payloads of ~12 kB go in chunks
+    dep = Deployment(tmp_path, 2)
+    try:
+        t0 = time.time()
+        run_id = dep.submit(cfg)
+        status = launch.wait_for_run(run_id, dep.env, 900, done_file=out / "metrics.json")
+        seconds = time.time() - t0
+        log = launch.run_logs(run_id, dep.env)
+    finally:
+        dep.close()
+    assert status == "finished:completed", log[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    print(f"deployment run: {seconds:.0f} s wall from flwr run to completion; rounds "
+          + ", ".join(f"{h['seconds']:.0f} s" for h in m["rounds"][1:]))
+    assert [h["round"] for h in m["rounds"]] == [0, 1, 2] and all(h["clients"] == ["c1", "c2"] for h in m["rounds"][1:])
+    for ha, hb in zip(ref_hist, m["rounds"]):
+        assert_same_evals(ha["eval"], hb["eval"])
+        assert ha.get("bytes_up") == hb.get("bytes_up")
+    assert_same_adapters(adapters(ref_out / "rounds/round-002", "server"), adapters(out / "rounds/round-002", "server"))
+    for c in ("c1", "c2"):
+        assert_same_adapters(adapters(ref_out / "rounds/round-002", c), adapters(client_state_dir(out, c), c))
+    # the processes are gone
+    assert all(p.poll() is not None for _, p in dep.procs.procs)
+
+
+def test_deployment_one_of_three_supernodes_killed_mid_run(faulty, tiny_dirs, tmp_path):
+    """c3's SuperNode is killed (SIGKILL) once round 1 is saved; round 2 goes on with c1 and c2, and
+    matches the local run in which c3 was silent in round 2."""
+    import os
+    import signal
+
+    ref_out, ref_metrics, _ = faulty
+    out = tmp_path / "kill"
+    # a long timeout: Flower itself stops waiting for a node its SuperLink sees go offline
+    cfg = fed_cfg(tiny_dirs, out, 3, 2, "flower.min_clients=2", "flower.reply_timeout=600")
+    dep = Deployment(tmp_path, 3)
+    try:
+        run_id = dep.submit(cfg)
+        deadline, checked = time.time() + 600, time.time()
+        while not (out / "rounds" / "round-001" / "state.json").is_file():
+            assert time.time() < deadline, "round 1 did not finish in 600 s"
+            if time.time() - checked > 20:
+                status, checked = launch.run_status(run_id, dep.env), time.time()
+                assert not status.startswith("finished"), launch.run_logs(run_id, dep.env)[-3000:]
+            time.sleep(0.5)
+        os.killpg(dep.nodes[2].pid, signal.SIGKILL)  # c3's SuperNode and everything it started
+        status = launch.wait_for_run(run_id, dep.env, 900, done_file=out / "metrics.json")
+        log = launch.run_logs(run_id, dep.env)
+    finally:
+        dep.close()
+    assert status == "finished:completed", log[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["rounds"][1]["clients"] == ["c1", "c2", "c3"]
+    assert m["rounds"][2]["clients"] == ["c1", "c2"] and "no reply" in m["rounds"][2]["left_out"]["c3"]
+    print(f"round 2 without the killed c3: {m['rounds'][2]['seconds']:.0f} s; c3: {m['rounds'][2]['left_out']['c3']}")
+    for r in (1, 2):
+        assert_same_adapters(adapters(ref_out / f"rounds/round-00{r}", "server"), adapters(out / f"rounds/round-00{r}", "server"))
+        assert m["rounds"][r]["loss"] == pytest.approx(ref_metrics["rounds"][r]["loss"], abs=1e-6)
