@@ -186,6 +186,19 @@ def test_a_client_with_another_tokenizer_is_carried_into_the_servers_vocabulary(
     assert valid_rows / total_rows > 0.5  # tiny 400/500-token vocabularies share fewer word boundaries than real ones
 
 
+def test_a_remote_sender_with_another_tokenizer_is_refused_clearly(parties):
+    """Over Flower a sender is known by name, vocabulary size and tokenizer fingerprint only."""
+    from kdflow.config import ConfigError
+    from kdflow.federated.fedmkt import Peer, transfer
+
+    (server, c1, _), _, _ = parties
+    out = public_outputs(c1, 4, 1.0)
+    same = transfer(out, Peer("c1", c1.vocab_size, c1.fingerprint), server, 0)
+    assert torch.equal(same["ids"], torch.from_numpy(out.sample(0)[0]))
+    with pytest.raises(ConfigError, match="'far' and 'server' use different tokenizers.*kdflow fedmkt"):
+        transfer(out, Peer("far", c1.vocab_size, "another-tokenizer"), server, 0)
+
+
 def test_partitions():
     rows = read_rows(str(DATA / "train.jsonl")).head(200)
     public, private = partition_rows(rows, 50, 3, seed=1)
