@@ -298,7 +298,7 @@ def test_two_step_minillm_run_from_a_pruned_teacher_writes_its_outputs(tmp_path,
     assert rc == 0, capsys.readouterr().err
     assert "| student (after) |" in capsys.readouterr().out
     for name in ("config.yaml", "metrics.json", "report.md", "loss_curve.png", "reward_curve.png", "log_history.json",
-                 "student/config.json", "checkpoint-2/trainer_state.json"):
+                 "student/config.json", "checkpoint-2/loop_state.json"):
         assert (out / name).exists(), name
     m = json.loads((out / "metrics.json").read_text())
     assert m["method"] == "minillm" and m["train"]["steps"] == 2 and m["train"]["sampled_tokens"] > 0

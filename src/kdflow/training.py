@@ -385,7 +385,7 @@ def load_loop_checkpoint(folder: str | os.PathLike, model: Any, optimizer: Any, 
     return state
 
 
-def common_loop_checkpoint(folders: list[Path], resume: str) -> int | None:
+def common_loop_checkpoint(folders: list[Path], resume: str, setting: str = "train.resume") -> int | None:
     """The step to resume several models trained together from: the newest checkpoint that every
     folder holds (resume=auto; an interruption while they were being saved leaves the newest one
     incomplete), or the `checkpoint-N` that `resume` names. None: start afresh; with
@@ -404,9 +404,9 @@ def common_loop_checkpoint(folders: list[Path], resume: str) -> int | None:
         return max(common) if common else None
     m = re.fullmatch(r"checkpoint-(\d+)", Path(resume).name)
     if not m:
-        raise ConfigError(f"train.resume={resume}: give 'auto', 'never' or checkpoint-N (a step every model has saved)")
+        raise ConfigError(f"{setting}={resume}: give 'auto', 'never' or checkpoint-N (a step every model has saved)")
     if int(m.group(1)) not in common:
-        raise ConfigError(f"train.resume={resume}: not every model has checkpoint-{m.group(1)}; common steps: {sorted(common)}")
+        raise ConfigError(f"{setting}={resume}: not every model has checkpoint-{m.group(1)}; common steps: {sorted(common)}")
     return int(m.group(1))
 
 

@@ -21,10 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import re
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -41,7 +37,8 @@ from kdflow.models import (apply_lora, build_student, count_parameters, freeze, 
                            require_same_tokenizer, save_model, selected_logits)
 from kdflow.report import plot_curves, write_atomic, write_json
 from kdflow.rollout import Rollout, length_normalized_returns, mixed_sample, pack_right
-from kdflow.training import resolve_resume, setup_run
+from kdflow.training import (common_loop_checkpoint, load_loop_checkpoint, loop_checkpoints, prune_loop_checkpoints,
+                             save_loop_checkpoint, setup_run)
 
 TERMS = ("single_step", "pg", "lm")
 
@@ -195,54 +192,6 @@ def _cycled(n_items: int, start: int, count: int, seed: int) -> list[int]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints: student's trainable weights, optimizer, scheduler, RNG, step and log history
-
-
-def save_checkpoint(out: Path, step: int, student: Any, optimizer: Any, scheduler: Any, state: dict[str, Any],
-                    keep: int) -> Path:
-    """Write `checkpoint-<step>` atomically (complete or absent), keep the newest `keep`."""
-    from safetensors.torch import save_file
-
-    for stale in out.glob(".checkpoint-*"):  # left by an interrupted save
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.", dir=out))
-    try:
-        weights = {n: p.detach().contiguous().cpu() for n, p in student.named_parameters() if p.requires_grad}
-        save_file(weights, str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))  # last: marks the folder complete
-        final = out / f"checkpoint-{step}"
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    found = sorted((int(m.group(1)), p) for p in out.iterdir()
-                   if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and p.is_dir())
-    for _, old in found[:-max(keep, 1)]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def load_checkpoint(path: Path, student: Any, optimizer: Any, scheduler: Any) -> dict[str, Any]:
-    from safetensors.torch import load_file
-
-    weights = load_file(str(path / "trainable.safetensors"))
-    expected = {n for n, p in student.named_parameters() if p.requires_grad}
-    if set(weights) != expected:
-        raise ConfigError(f"{path} does not hold this student's trainable weights (e.g. {sorted(set(weights) ^ expected)[:2]}); "
-                          "use another output_dir, or minillm.resume=never")
-    student.load_state_dict(weights, strict=False)
-    extra = torch.load(path / "optimizer.pt", weights_only=True)
-    optimizer.load_state_dict(extra["optimizer"])
-    scheduler.load_state_dict(extra["scheduler"])
-    torch.set_rng_state(extra["torch_rng"])
-    return json.loads((path / "trainer_state.json").read_text())
-
-
-# ----------------------------------------------------------------------------------------------
 # Training
 
 
@@ -263,10 +212,10 @@ def train(cfg: MiniLLMConfig, student: Any, teacher: Any, tok: Any, prompts: lis
                               num_training_steps=s.max_steps)
     state: dict[str, Any] = {"global_step": 0, "max_steps": s.max_steps, "log_history": [], "rollout_seconds": 0.0,
                              "update_seconds": 0.0, "sampled_tokens": 0}
-    resume = resolve_resume(s, out)
-    if resume:
-        print(f"[kdflow] resuming from {resume}")
-        state = load_checkpoint(Path(resume), student, optimizer, scheduler)
+    resume = common_loop_checkpoint([out], s.resume, "minillm.resume")
+    if resume is not None:
+        print(f"[kdflow] resuming from {out / f'checkpoint-{resume}'}")
+        state = load_loop_checkpoint(out / f"checkpoint-{resume}", student, optimizer, scheduler)
     step = state["global_step"]
     last_saved = step
     bar = tqdm(total=s.max_steps, initial=step, desc="minillm")
@@ -314,7 +263,8 @@ def train(cfg: MiniLLMConfig, student: Any, teacher: Any, tok: Any, prompts: lis
         state["update_seconds"] += time.time() - t1
         state["global_step"] = step
         if step >= s.max_steps or (s.save_steps > 0 and step // s.save_steps > last_saved // s.save_steps):
-            save_checkpoint(out, step, student, optimizer, scheduler, state, s.save_total_limit)
+            save_loop_checkpoint(out / f"checkpoint-{step}", student, optimizer, scheduler, state)
+            prune_loop_checkpoints(out, max(s.save_total_limit, 1))
             last_saved = step
     bar.close()
     return state
@@ -358,7 +308,8 @@ def _check_settings(cfg: MiniLLMConfig) -> None:
 
 def run_minillm(cfg: MiniLLMConfig) -> dict[str, Any]:
     _check_settings(cfg)
-    out = setup_run(cfg.output_dir, cfg, cfg.seed, cfg.minillm.num_threads, resume=cfg.minillm.resume)
+    out = setup_run(cfg.output_dir, cfg, cfg.seed, cfg.minillm.num_threads, resume=cfg.minillm.resume,
+                    has_checkpoints=lambda o: bool(loop_checkpoints(o)))
     t_start = time.time()
     # Read every data file first: a bad row should stop the run before minutes of model loading.
     train_rows = read_rows(cfg.data.train, "data.train").head(cfg.data.max_train_rows)
