@@ -24,7 +24,6 @@ def child(variant: str, tokens: int, chunk: int, vocab: int, hidden_size: int) -
     import resource
 
     import torch
-    import torch.nn.functional as F
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
     from kdflow.losses import DenseTeacher, HeadLossSpec, TopKTargets, ce_sum, get_divergence, head_losses, kd_sum, topk_kd_sum

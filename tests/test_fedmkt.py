@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from kdflow.cli import main
 from kdflow.config import DataConfig, FedMKTConfig, LoraSpec, PartyConfig, StudentSpec, load_config
-from kdflow.data import Rows, collate, encode_rows, partition_rows, read_rows
+from kdflow.data import encode_rows, partition_rows, read_rows
 from kdflow.federated import payload as wire
 from kdflow.federated.fedmkt import client_local_step, make_party, public_outputs, select_targets
 from kdflow.federated.selection import OWN, SKIP, dualmince, no_selection, reference_rule, weighted

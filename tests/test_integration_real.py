@@ -26,7 +26,7 @@ def test_bundled_model_loads_from_gguf_once_and_matches(real_model):
 def test_converted_folder_gives_the_same_logits_as_the_gguf_file(real_model):
     from transformers import AutoModelForCausalLM
 
-    from kdflow.models import BUNDLED, bundled_gguf
+    from kdflow.models import bundled_gguf
 
     tok, model = real_model
     path = bundled_gguf("bundled:smollm2-135m-instruct")

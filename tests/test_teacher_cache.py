@@ -136,7 +136,6 @@ def test_full_vocabulary_cache_gives_the_online_kd_loss(tmp_path, bpe_tok, tiny_
     from kdflow.methods.kd import make_distill_trainer_class
     from kdflow.models import freeze, load_model
     from kdflow.config import ModelSpec
-    from kdflow.teacher_cache import batch_targets
     from kdflow.training import training_arguments
 
     examples = encode_rows(read_rows(str(tiny_data["train"])).head(6), bpe_tok, DataConfig())

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from kdflow.errors import DataError
 from kdflow.losses import TopKTargets, shifted_masks
-from kdflow.report import write_atomic, write_json
+from kdflow.report import write_json
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

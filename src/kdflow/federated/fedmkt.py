@@ -20,10 +20,6 @@ code's fresh optimizer per phase).
 from __future__ import annotations
 
 import copy
-import os
-import shutil
-import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from kdflow.config import AlignConfig, DataConfig, FedMKTConfig, ModelSpec, PartyConfig, TrainConfig
-from kdflow.data import Rows, encode_rows
+from kdflow.data import Rows
 from kdflow.errors import ConfigError
 from kdflow.federated import payload as wire
 from kdflow.federated.selection import OWN, SELECTIONS, SKIP, weighted

@@ -20,8 +20,8 @@ import numpy as np
 
 from kdflow.config import FedMKTConfig, PartyConfig, to_dict
 from kdflow.data import Rows, encode_rows, partition_rows, read_rows, rows_fingerprint
-from kdflow.errors import ConfigError, DataError
-from kdflow.evaluate import evaluate_model, format_table
+from kdflow.errors import ConfigError
+from kdflow.evaluate import evaluate_model
 from kdflow.federated import payload as wire
 from kdflow.federated.fedmkt import (Bridges, Party, client_local_step, client_update_step, fedavg, load_base,
                                      load_party_state, make_party, public_outputs, save_party_state, send, server_step,

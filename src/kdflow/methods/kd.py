@@ -26,7 +26,7 @@ import torch
 from kdflow.config import DistillConfig, to_dict
 from kdflow.data import Collator, ListDataset, Rows, encode_rows, prompts_of, read_rows, rows_fingerprint, row_turns
 from kdflow.errors import ConfigError, DataError
-from kdflow.evaluate import EvalResult, evaluate_model, format_table, generate
+from kdflow.evaluate import EvalResult, evaluate_cached, format_table, generate
 from kdflow.losses import DenseTeacher, HeadLossSpec, check_sparse_divergence, get_divergence, head_losses, shifted_masks
 from kdflow.models import (apply_lora, build_student, count_parameters, freeze, load_model, load_tokenizer,
                            model_identity, require_same_tokenizer, save_model, selected_hidden, tokenizer_fingerprint)
@@ -166,18 +166,9 @@ def seqkd_rows(cfg: DistillConfig, rows: Rows, teacher: Any, teacher_tok: Any, o
 
 def _eval_cached(out: Path, name: str, model: Any, tok: Any, rows: Rows, cfg: DistillConfig) -> EvalResult:
     """Evaluate, reusing a result saved by an earlier (interrupted) run with the same settings."""
-    path = out / "eval" / f"{name}.json"
     settings = {k: v for k, v in to_dict(cfg).items() if k not in ("eval", "evaluate_teacher", "evaluate_before")}
     settings["train"] = {k: v for k, v in settings["train"].items() if k not in ("resume", "num_threads", "report_to")}
-    key = {"eval": to_dict(cfg.eval), "data": rows_fingerprint(rows), "run": settings}
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        if saved.get("key") == key:
-            return EvalResult(saved["metrics"], saved["examples"])
-    print(f"[kdflow] evaluating {name} on {min(len(rows), cfg.eval.max_rows or len(rows))} test rows")
-    res = evaluate_model(model, tok, rows, cfg.data, cfg.eval, name=name)
-    write_json(path, {"key": key, "metrics": res.metrics, "examples": res.examples})
-    return res
+    return evaluate_cached(out / "eval" / f"{name}.json", {"run": settings}, model, tok, rows, cfg.data, cfg.eval, name)
 
 
 def _data_settings(cfg: DistillConfig) -> dict[str, Any]:

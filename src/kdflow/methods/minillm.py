@@ -19,7 +19,6 @@ micro-batches); the optional LM loss on `lm_data` is divided by its own token co
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -29,9 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from kdflow.config import MiniLLMConfig, MiniLLMSettings, to_dict
-from kdflow.data import Encoder, Rows, collate, left_pad, prompts_of, read_rows, rows_fingerprint
+from kdflow.data import Encoder, Rows, collate, left_pad, prompts_of, read_rows
 from kdflow.errors import ConfigError, DataError, KDFlowError
-from kdflow.evaluate import EvalResult, evaluate_model, format_table
+from kdflow.evaluate import EvalResult, evaluate_cached, format_table
 from kdflow.losses import ce_sum, reverse_kl
 from kdflow.models import (apply_lora, build_student, count_parameters, freeze, load_model, load_tokenizer,
                            require_same_tokenizer, save_model, selected_logits)
@@ -276,18 +275,9 @@ def train(cfg: MiniLLMConfig, student: Any, teacher: Any, tok: Any, prompts: lis
 
 def _eval_cached(out: Path, name: str, model: Any, tok: Any, rows: Rows, cfg: MiniLLMConfig) -> EvalResult:
     """Evaluate, reusing a result saved by an earlier (interrupted) run with the same settings."""
-    path = out / "eval" / f"{name}.json"
     settings = {k: v for k, v in to_dict(cfg).items() if k not in ("eval", "evaluate_teacher", "evaluate_before")}
     settings["minillm"] = {k: v for k, v in settings["minillm"].items() if k not in ("resume", "num_threads")}
-    key = {"eval": to_dict(cfg.eval), "data": rows_fingerprint(rows), "run": settings}
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        if saved.get("key") == key:
-            return EvalResult(saved["metrics"], saved["examples"])
-    print(f"[kdflow] evaluating {name} on {min(len(rows), cfg.eval.max_rows or len(rows))} test rows")
-    res = evaluate_model(model, tok, rows, cfg.data, cfg.eval, name=name)
-    write_json(path, {"key": key, "metrics": res.metrics, "examples": res.examples})
-    return res
+    return evaluate_cached(out / "eval" / f"{name}.json", {"run": settings}, model, tok, rows, cfg.data, cfg.eval, name)
 
 
 def _check_settings(cfg: MiniLLMConfig) -> None:
