@@ -27,7 +27,8 @@ $(STAMP): pyproject.toml
 demo: install
 	$(VENV)/bin/kdflow distill --config configs/demo.yaml
 
-# FedMKT on this machine: builds the two client bases once (about 10 minutes), then runs the rounds.
+# FedMKT on this machine: builds the two client bases once (about 10 minutes), then runs the rounds
+# and baselines (about 18 minutes).
 fedmkt-demo: install
 	test -f runs/small_lm/pretrain/student/config.json || $(PY) scripts/make_small_lm.py --out runs/small_lm --steps 500
 	test -f runs/smol10/student/config.json || $(VENV)/bin/kdflow distill --config configs/client_smol10.yaml
