@@ -38,12 +38,10 @@ def corpus(n: int = 600) -> list[str]:
     return texts
 
 
-def train_tokenizer(kind: str = "bpe", vocab_size: int = 400, chat: bool = True, pad_is_eos: bool = True):
-    """A genuinely trained tokenizer (byte-level BPE, WordPiece or Unigram) wrapped for transformers."""
+def untrained_tokenizer(kind: str, vocab_size: int, specials: list[str]):
+    """(tokenizers.Tokenizer, its trainer) for a byte-level BPE, WordPiece or Unigram tokenizer."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>", "<unk>"]
     if kind == "bpe":
         tk = Tokenizer(models.BPE())
         tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -63,6 +61,14 @@ def train_tokenizer(kind: str = "bpe", vocab_size: int = 400, chat: bool = True,
         trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>")
     else:
         raise ValueError(kind)
+    return tk, trainer
+
+
+def train_tokenizer(kind: str = "bpe", vocab_size: int = 400, chat: bool = True, pad_is_eos: bool = True):
+    """A genuinely trained tokenizer (byte-level BPE, WordPiece or Unigram) wrapped for transformers."""
+    from transformers import PreTrainedTokenizerFast
+
+    tk, trainer = untrained_tokenizer(kind, vocab_size, ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>", "<unk>"])
     tk.train_from_iterator(corpus(), trainer)
     tok = PreTrainedTokenizerFast(
         tokenizer_object=tk,

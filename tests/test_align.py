@@ -25,7 +25,7 @@ from kdflow.align.vocab import (BYTE_BASE, MARKER, Scheme, build_map, canonical_
 from kdflow.config import AlignConfig, DataConfig
 from kdflow.data import Encoder, collate, row_turns
 
-from conftest import CHATML, corpus, tiny_llama
+from conftest import CHATML, corpus, tiny_llama, untrained_tokenizer
 
 UTILIZE = ["we utilize the tools; they utilize the land"] * 40  # makes " utilize" one token
 UTIL_IZE = ["the utility of util; utilities; organize and realize; ize"] * 40  # util + ize, never utilize
@@ -35,27 +35,10 @@ UNICODE = ["café naïve résumé 東京 🎉 👩‍💻 “quotes” — ok"] 
 def make_tok(kind: str, extra: list[str] = (), vocab: int = 500, chat: bool = True, bos: bool = False,
              pad_is_eos: bool = True):
     """A tokenizer trained here on the WordNet text plus `extra` lines."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>", "<unk>", "<s>"]
-    if kind == "bpe":
-        tk = Tokenizer(models.BPE())
-        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tk.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=specials,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    elif kind == "wordpiece":
-        tk = Tokenizer(models.WordPiece(unk_token="<unk>"))
-        tk.normalizer = normalizers.Lowercase()
-        tk.pre_tokenizer = pre_tokenizers.Whitespace()
-        tk.decoder = decoders.WordPiece()
-        trainer = trainers.WordPieceTrainer(vocab_size=vocab, special_tokens=specials)
-    else:
-        tk = Tokenizer(models.Unigram())
-        tk.pre_tokenizer = pre_tokenizers.Metaspace()
-        tk.decoder = decoders.Metaspace()
-        trainer = trainers.UnigramTrainer(vocab_size=vocab, special_tokens=specials, unk_token="<unk>")
+    tk, trainer = untrained_tokenizer(kind, vocab, ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>", "<unk>", "<s>"])
     tk.train_from_iterator(corpus() + list(extra), trainer)
     if bos:
         tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tk.token_to_id("<s>"))])
