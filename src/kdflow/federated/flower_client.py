@@ -265,19 +265,23 @@ def _identity(node: Node, party: Any, public_fp: str, r: int) -> dict[str, Any]:
     }
 
 
+def _open_client(content: Any, cfg: FedMKTConfig, node_config: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What every client message starts with: the node, the task and its round, and the client
+    rebuilt from its state folder (records module, node, task, round, party, state, saved info)."""
+    node = node_from_config(cfg, node_config)
+    task = _task(content)
+    party = build_client(cfg, node)
+    state = ClientState(node.state_dir)
+    return _records(), node, task, int(task["round"]), party, state, state.load(party, cfg)
+
+
 def handle_local(content: Any, cfg: FedMKTConfig, node_config: Mapping[str, Any]) -> Any:
     """Steps 1-2: private training, then the public top-k + CE, sent as a chunked payload with the
     client's identity (name, partition, tokenizer fingerprint, answer positions on the public set)."""
     from kdflow.data import rows_fingerprint
     from kdflow.federated.fedmkt import client_local_step
 
-    app = _records()
-    node = node_from_config(cfg, node_config)
-    task = _task(content)
-    r = int(task["round"])
-    party = build_client(cfg, node)
-    state = ClientState(node.state_dir)
-    info = state.load(party, cfg)
+    app, node, task, r, party, state, info = _open_client(content, cfg, node_config)
     before = _evaluate(party, cfg, node) if task.get("evaluate-before") else None
     if int(info["local_round"]) == r and int(info["update_round"]) < r:
         # The same request again (a resumed server, a re-sent message): answer with the saved outputs
@@ -323,13 +327,7 @@ def handle_update(content: Any, cfg: FedMKTConfig, node_config: Mapping[str, Any
     """Steps 9-11 on the server's payload; then evaluation and/or the adapter when the server asks."""
     from kdflow.federated.fedmkt import client_update_step
 
-    app = _records()
-    node = node_from_config(cfg, node_config)
-    task = _task(content)
-    r = int(task["round"])
-    party = build_client(cfg, node)
-    state = ClientState(node.state_dir)
-    info = state.load(party, cfg)
+    app, node, task, r, party, state, info = _open_client(content, cfg, node_config)
     if int(info["update_round"]) >= r:
         raise StateError(f"client '{node.name}' already took the server's knowledge of round {r}")
     if int(info["local_round"]) != r:
@@ -362,13 +360,7 @@ def handle_fedavg(content: Any, cfg: FedMKTConfig, node_config: Mapping[str, Any
     import torch
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-    app = _records()
-    node = node_from_config(cfg, node_config)
-    task = _task(content)
-    r = int(task["round"])
-    party = build_client(cfg, node)
-    state = ClientState(node.state_dir)
-    info = state.load(party, cfg)
+    app, node, task, r, party, state, info = _open_client(content, cfg, node_config)
     mine = get_peft_model_state_dict(party.model)
     avg = read_adapter(content.array_records["adapter"], mine, "the server")
     set_peft_model_state_dict(party.model, {k: torch.from_numpy(v) for k, v in avg.items()})
