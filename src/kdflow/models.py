@@ -341,21 +341,14 @@ def count_parameters(model: Any) -> tuple[int, int]:
 
 def save_model(model: Any, tokenizer: Any, folder: Path) -> None:
     """Save a full model (LoRA merged into a copy) and tokenizer atomically to `folder`."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
-    try:
+    from kdflow.report import atomic_folder
+
+    with atomic_folder(folder) as tmp:
         to_save = model
         if hasattr(model, "merge_and_unload"):
             to_save = copy.deepcopy(model).merge_and_unload()
         to_save.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------

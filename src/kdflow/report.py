@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 
 def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
@@ -24,6 +26,23 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_folder(folder: str | os.PathLike) -> Iterator[Path]:
+    """Fill a temporary sibling of `folder`, then put it in place of `folder` in one rename: readers
+    (and a resumed run) see the old folder or the complete new one, never half of it."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+    try:
+        yield tmp
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -68,3 +87,11 @@ def loss_series(log_history: list[dict[str, Any]], keys: tuple[str, ...] = ("los
             if k in entry:
                 out[k].append((float(step), float(entry[k])))
     return {k: v for k, v in out.items() if v}
+
+
+def examples_markdown(name: str, examples: list[dict[str, Any]]) -> list[str]:
+    """Report lines for one model's generated examples: a heading, then prompt / reference / generated."""
+    lines = [f"## Examples — {name}", ""]
+    for ex in examples:
+        lines += [f"- **prompt**: {ex['prompt']}", f"  - reference: {ex['reference']}", f"  - generated: {ex['prediction']}"]
+    return lines + [""]

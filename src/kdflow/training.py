@@ -15,7 +15,7 @@ from typing import Any
 
 from kdflow.config import TrainConfig, dump_yaml
 from kdflow.errors import ConfigError
-from kdflow.report import write_atomic
+from kdflow.report import atomic_folder, write_atomic
 
 
 def setup_run(output_dir: str | os.PathLike, cfg: Any, seed: int, num_threads: int = 0, resume: str | None = None,
@@ -332,16 +332,12 @@ def save_loop_checkpoint(folder: str | os.PathLike, model: Any, optimizer: Any, 
     appears complete or not at all, so an interruption never leaves a checkpoint that resumes wrong.
     """
     import json
-    import shutil
-    import tempfile
 
     import torch
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as tmp:
         # named_parameters() lists a tied weight once, so shared tensors never reach safetensors twice
         weights = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
         save_file(weights, str(tmp / "trainable.safetensors"))
@@ -350,12 +346,6 @@ def save_loop_checkpoint(folder: str | os.PathLike, model: Any, optimizer: Any, 
         tensors, plain = _rng_state()
         save_file(tensors, str(tmp / "rng.safetensors"))
         (tmp / LOOP_STATE).write_text(json.dumps({**state, "rng": plain}))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

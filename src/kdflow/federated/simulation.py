@@ -9,9 +9,6 @@ the same config and are cached under `baselines/`.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +23,7 @@ from kdflow.federated import payload as wire
 from kdflow.federated.fedmkt import (Bridges, Party, client_local_step, client_update_step, fedavg, load_base,
                                      load_party_state, make_party, public_outputs, save_party_state, send, server_step,
                                      train_phase)
-from kdflow.report import plot_curves, write_atomic, write_json
+from kdflow.report import atomic_folder, plot_curves, write_atomic, write_json
 from kdflow.training import setup_run
 
 
@@ -96,19 +93,11 @@ def evaluate_parties(parties: list[Party], world: World) -> dict[str, dict[str, 
 
 
 def _save_round(folder: Path, r: int, parties: list[Party], server_out: wire.PublicOutputs, history: list[dict]) -> None:
-    final = folder / f"round-{r:03d}"
-    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".", dir=folder))
-    try:
+    with atomic_folder(folder / f"round-{r:03d}") as tmp:
         for p in parties:
             save_party_state(p, tmp)
         np.savez(tmp / "server_outputs.npz", **wire.encode(server_out, parties[0].vocab_size))
         write_json(tmp / "state.json", {"round": r, "history": history})
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _load_round(folder: Path, parties: list[Party], cfg: FedMKTConfig) -> tuple[int, wire.PublicOutputs | None, list[dict]]:

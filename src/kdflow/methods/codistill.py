@@ -35,7 +35,7 @@ from kdflow.losses import (DenseTeacher, HeadLossSpec, TopKTargets, check_sparse
                            shifted_masks)
 from kdflow.models import (apply_lora, build_student, count_parameters, load_model, load_tokenizer, model_identity,
                            save_model, selected_hidden, tokenizer_fingerprint)
-from kdflow.report import plot_curves, write_atomic, write_json
+from kdflow.report import examples_markdown, plot_curves, write_atomic, write_json
 from kdflow.training import (common_loop_checkpoint, load_loop_checkpoint, loop_checkpoints, prune_loop_checkpoints,
                              save_loop_checkpoint, setup_run, step_normalized, step_rows)
 
@@ -593,6 +593,5 @@ def _report(cfg: CoDistillConfig, metrics: dict[str, Any], results: dict[str, Ev
     for f in curves:
         lines += [f"![{f}]({f})", ""]
     for name, res in [(n, r) for n, r in results.items() if r.examples and "before" not in n]:
-        lines += [f"## Examples — {name}", ""] + [f"- **prompt**: {ex['prompt']}\n  - reference: {ex['reference']}\n"
-                                                  f"  - generated: {ex['prediction']}" for ex in res.examples] + [""]
+        lines += examples_markdown(name, res.examples)
     return "\n".join(lines)

@@ -31,7 +31,7 @@ from kdflow.losses import DenseTeacher, HeadLossSpec, check_sparse_divergence, g
 from kdflow.models import (apply_lora, build_student, count_parameters, freeze, load_model, load_tokenizer,
                            model_identity, require_same_tokenizer, save_model, selected_hidden, tokenizer_fingerprint)
 from kdflow.teacher_cache import TeacherCache, batch_targets, build_cache, manifest_key, same_tokenizer_targets
-from kdflow.report import loss_series, plot_curves, write_atomic, write_json
+from kdflow.report import examples_markdown, loss_series, plot_curves, write_atomic, write_json
 from kdflow.training import (make_token_normalized_trainer_class, resolve_resume, setup_run, train_or_restore,
                              training_arguments)
 
@@ -413,9 +413,5 @@ def _report(cfg: DistillConfig, metrics: dict[str, Any], results: dict[str, Eval
         lines += ["## Loss", "", "![loss curve](loss_curve.png)", ""]
     for name, res in results.items():
         if res.examples:
-            lines += [f"## Examples — {name}", ""]
-            for ex in res.examples:
-                lines += [f"- **prompt**: {ex['prompt']}", f"  - reference: {ex['reference']}",
-                          f"  - generated: {ex['prediction']}"]
-            lines.append("")
+            lines += examples_markdown(name, res.examples)
     return "\n".join(lines)

@@ -34,7 +34,7 @@ from kdflow.evaluate import EvalResult, evaluate_cached, format_table
 from kdflow.losses import ce_sum, reverse_kl
 from kdflow.models import (apply_lora, build_student, count_parameters, freeze, load_model, load_tokenizer,
                            require_same_tokenizer, save_model, selected_logits)
-from kdflow.report import plot_curves, write_atomic, write_json
+from kdflow.report import examples_markdown, plot_curves, write_atomic, write_json
 from kdflow.rollout import Rollout, length_normalized_returns, mixed_sample, pack_right
 from kdflow.training import (common_loop_checkpoint, load_loop_checkpoint, loop_checkpoints, prune_loop_checkpoints,
                              save_loop_checkpoint, setup_run)
@@ -401,9 +401,5 @@ def _report(cfg: MiniLLMConfig, metrics: dict[str, Any], results: dict[str, Eval
         lines += ["## Curves", "", "![loss terms](loss_curve.png)", "", "![rollout reward](reward_curve.png)", ""]
     for name, res in results.items():
         if res.examples:
-            lines += [f"## Examples — {name} (greedy)", ""]
-            for ex in res.examples:
-                lines += [f"- **prompt**: {ex['prompt']}", f"  - reference: {ex['reference']}",
-                          f"  - generated: {ex['prediction']}"]
-            lines.append("")
+            lines += examples_markdown(f"{name} (greedy)", res.examples)
     return "\n".join(lines)
