@@ -125,6 +125,10 @@ def test_client_payload_carries_no_private_data(parties, bpe_tok):
     (lambda a: a.__setitem__("extra", np.zeros(3)), "unexpected"),
     (lambda a: a.__setitem__("offsets", a["offsets"] + 1), "offsets do not match"),
     (lambda a: a.__setitem__("ce", -a["ce"]), "cross-entropies must be finite and >= 0"),
+    # a position with no probability at all (reverse KL against it is infinite), or twice the mass
+    (lambda a: (a["logp"].__setitem__(2, -np.inf), a["tail_logp"].__setitem__(2, -np.inf)), "position 2 sum to 0, not 1"),
+    (lambda a: a["logp"].__setitem__((0, slice(None)), 0.0), r"position 0 sum to 4\.\d+, not 1"),
+    (lambda a: a["ids"].__setitem__((1, 1), a["ids"][1, 0]), "position 1 lists a token id twice"),
 ])
 def test_malformed_payloads_are_rejected(parties, corrupt, match):
     (server, *_), _, _ = parties
@@ -132,6 +136,21 @@ def test_malformed_payloads_are_rejected(parties, corrupt, match):
     corrupt(arrays)
     with pytest.raises(wire.PayloadError, match=match):
         wire.decode(arrays, sender="c9", vocab_size=server.vocab_size, k=4, positions=server.positions())
+
+
+def test_reverse_kl_refuses_a_payload_with_zero_probabilities(parties):
+    """A top-k id (or the tail) with probability 0 makes KL(q || p) infinite: refused when the
+    divergence is rkl, accepted by the others (the mass still sums to 1)."""
+    (server, *_), _, _ = parties
+    arrays = wire.encode(public_outputs(server, 4, 1.0), server.vocab_size)
+    lp = arrays["logp"].astype(np.float32)
+    lp[3, 0] = np.logaddexp(lp[3, 0], lp[3, 3])  # move the 4th id's mass to the 1st: same total
+    lp[3, 3] = -np.inf
+    arrays["logp"] = lp.astype(np.float16)
+    kw = dict(sender="c9", vocab_size=server.vocab_size, k=4, positions=server.positions())
+    wire.decode(arrays, **kw)
+    with pytest.raises(wire.PayloadError, match="position 3 gives a token or its tail probability 0.*rkl"):
+        wire.decode(arrays, **kw, finite_support=True)
 
 
 def test_oversize_payload_is_rejected(parties):
@@ -241,3 +260,165 @@ def test_two_round_run_with_two_tiny_clients_and_resume(tmp_path, tiny_dirs, uni
     capsys.readouterr()
     assert main(args) == 0  # a second run resumes after the last round and retrains nothing
     assert "resuming after round 2" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------
+# KD weighting (methods.md §0), selection across tokenizers (§8), settings refused up front
+
+
+def _kd_party(bpe_tok, public, name="server"):
+    """A party without LoRA dropout, so that its training forward is the plain forward."""
+    p = make_party(PartyConfig(name=name, model=StudentSpec(lora=LoraSpec(enabled=True, r=4, dropout=0.0)),
+                               learning_rate=1e-3), tiny_llama(bpe_tok, layers=2, hidden=32, seed=10), bpe_tok, seed=0)
+    p.public = encode_rows(public, bpe_tok, DataConfig())
+    return p
+
+
+def test_kd_term_keeps_unselected_samples_in_its_denominator(parties, bpe_tok):
+    """One sample of 8 selected: the KD term is that sample's divergence summed over its positions,
+    divided by the answer positions of all 8 samples (not by the selected sample's own), by hand."""
+    from kdflow.federated.fedmkt import train_phase
+
+    (_, c1, _), public, _ = parties
+    server = _kd_party(bpe_tok, public)
+    s_out, c_out = public_outputs(server, 4, 1.0), public_outputs(c1, 4, 1.0)
+    c_out.ce[:] = 99.0
+    c_out.ce[2] = 0.0  # c1 beats the server on sample 2 only
+    a, b = c_out.offsets[2:4]  # a peaked target there, so that the divergence is far from 0
+    c_out.logp[a:b], c_out.tail_logp[a:b] = np.log([0.7, 0.1, 0.05, 0.05]), np.log(0.1)
+    examples, share = select_targets(server, s_out, [c1], [c_out], "dualmince", 4)
+    assert share["c1"] == pytest.approx(1 / 8) and share["skipped"] == pytest.approx(7 / 8)
+    # the hand computation: forward KL over the 4 ids + the tail bucket, at the selected rows
+    e = server.public[2]
+    with torch.no_grad():
+        logits = server.model(input_ids=torch.tensor([e["input_ids"]])).logits[0, :-1].float()
+    mask = torch.tensor(e["labels"][1:]) != -100
+    q = F.log_softmax(logits[mask], -1).double()
+    ids, lp, tail = (torch.from_numpy(x).double() for x in c_out.sample(2))
+    ids = ids.long()
+    q_k = q.gather(-1, ids)
+    q_rest = torch.log1p(-q_k.exp().sum(-1))
+    kd_sum = ((lp.exp() * (lp - q_k)).sum(-1) + tail.exp() * (tail - q_rest)).sum().item()
+    total = sum(server.positions())
+    assert int(mask.sum()) < total / 4  # the two denominators differ by far
+    cfg = load_config(FedMKTConfig, None, ["train.batch_size=8", "train.grad_accum=1", "fedmkt.top_k=4"])
+    logs = train_phase(server, examples, cfg, epochs=1, with_kd=True, seed=0)
+    assert logs[0]["kd"] == pytest.approx(kd_sum / total, rel=1e-6)
+
+
+@pytest.mark.parametrize("rule", ["dualmince", "reference", "none", "weighted"])
+def test_every_selection_rule_counts_every_position_in_the_kd_denominator(parties, rule):
+    """Server and client side, every rule: with one tokenizer every answer position stays in the KD
+    term's denominator however many samples were selected."""
+    (server, c1, c2), _, _ = parties
+    outs = [public_outputs(p, 4, 1.0) for p in (server, c1, c2)]
+    outs[1].ce[::2] = 0.0  # c1 beats the server on half the samples
+    outs[1].ce[1::2] = 99.0
+    outs[2].ce[:] = 99.0
+    for receiver, r_out, senders, s_outs in ((server, outs[0], [c1, c2], outs[1:]), (c1, outs[1], [server], outs[:1])):
+        examples, _ = select_targets(receiver, r_out, senders, s_outs, rule, 4)
+        assert sum(int(e["teacher_counted"].sum()) for e in examples) == sum(receiver.positions())
+        in_term = sum(int(e["teacher_valid"].sum()) for e in examples)
+        assert in_term == (sum(receiver.positions()) if rule != "dualmince" else
+                           sum(n for i, n in enumerate(receiver.positions()) if examples[i]["teacher_valid"].any()))
+
+
+def test_across_tokenizers_a_skipped_sample_keeps_its_aligned_positions_only(parties, unigram_dir):
+    """Unaligned positions leave the KD denominator; a sample left out by selection keeps exactly
+    the positions the alignment would have covered."""
+    from kdflow.config import AlignConfig, ModelSpec
+    from kdflow.federated.fedmkt import Bridges
+    from kdflow.models import load_model, load_tokenizer
+
+    (server, _, _), public, _ = parties
+    tok = load_tokenizer(ModelSpec(name=str(unigram_dir)))
+    client = make_party(PartyConfig(name="uni", model=StudentSpec(lora=LoraSpec(enabled=True, r=4))),
+                        load_model(ModelSpec(name=str(unigram_dir))), tok, seed=5)
+    client.public = encode_rows(public, tok, DataConfig())
+    server.public_rows = client.public_rows = public
+    bridges = Bridges(DataConfig(), AlignConfig())
+    s_out, c_out = public_outputs(server, 6, 1.0), public_outputs(client, 6, 1.0)
+    c_out.ce[:] = 0.0
+    chosen, _ = select_targets(server, s_out, [client], [c_out], "dualmince", 6, bridges)
+    c_out.ce[:] = 99.0
+    skipped, share = select_targets(server, s_out, [client], [c_out], "dualmince", 6, bridges)
+    assert share["skipped"] == 1.0
+    aligned = [e["teacher_valid"] for e in chosen]
+    assert sum(int(v.sum()) for v in aligned) < sum(server.positions())  # some positions are unaligned
+    for e, v in zip(skipped, aligned):
+        assert torch.equal(e["teacher_counted"], v) and not bool(e["teacher_valid"].any())
+
+
+def test_dualmince_across_tokenizers_compares_answer_nll_per_character(parties, unigram_dir):
+    """The same answer is a different number of tokens for each tokenizer: selection compares the
+    answer's NLL per character (sum over its tokens / its characters), never per-token means; within
+    one tokenizer it keeps the per-token mean."""
+    from kdflow.config import AlignConfig, ModelSpec
+    from kdflow.data import reference_answers
+    from kdflow.federated.fedmkt import Bridges, selection_scores
+    from kdflow.models import load_model, load_tokenizer
+
+    (server, c1, _), public, _ = parties
+    tok = load_tokenizer(ModelSpec(name=str(unigram_dir)))
+    client = make_party(PartyConfig(name="uni", model=StudentSpec(lora=LoraSpec(enabled=True, r=4))),
+                        load_model(ModelSpec(name=str(unigram_dir))), tok, seed=5)
+    client.public = encode_rows(public, tok, DataConfig())
+    server.public_rows = client.public_rows = public
+    bridges = Bridges(DataConfig(), AlignConfig())
+    s_out, c_out = public_outputs(server, 6, 1.0), public_outputs(client, 6, 1.0)
+    n_s, n_c = np.array(server.positions()), np.array(client.positions())
+    chars = np.array([len(a) for a in reference_answers(public, DataConfig())])
+    assert (n_c > 1.05 * n_s).any() and (n_c < 0.95 * n_s).any()  # the tokenizations differ both ways
+    s_out.ce[:] = 1.0
+    for factor in (1.05, 0.95):  # the client's answer NLL is 5% above / below the server's, per sample
+        c_out.ce[:] = (factor * n_s / n_c).astype(np.float32)
+        recv, send = selection_scores(server, s_out, [client], [c_out], bridges)
+        assert np.allclose(recv, n_s / chars, rtol=1e-5) and np.allclose(send[0], factor * n_s / chars, rtol=1e-5)
+        _, share = select_targets(server, s_out, [client], [c_out], "dualmince", 6, bridges)
+        assert share == pytest.approx({"skipped": float(factor > 1), "own": 0.0, "uni": float(factor < 1)})
+    # one tokenizer: the per-token means as sent
+    c1_out = public_outputs(c1, 4, 1.0)
+    recv, send = selection_scores(server, s_out, [c1], [c1_out])
+    assert np.array_equal(recv, s_out.ce) and np.array_equal(send[0], c1_out.ce)
+
+
+def test_answer_characters_of_a_truncated_answer(parties, unigram_dir, bpe_tok):
+    """An answer cut at data.max_length covers only the characters of its kept tokens."""
+    from kdflow.data import Encoder, reference_answers, row_turns
+    from kdflow.federated.fedmkt import answer_chars
+
+    (server, _, _), public, _ = parties
+    dc = DataConfig(max_length=40, min_response_tokens=1)
+    party = _kd_party(bpe_tok, public)
+    party.public, party.public_rows = encode_rows(public, bpe_tok, dc), public
+    chars = answer_chars(party, dc)
+    enc, cut = Encoder(bpe_tok, dc), 0
+    for n, (ex, answer) in enumerate(zip(party.public, reference_answers(public, dc))):
+        kept = ex["input_ids"][ex["prompt_len"]:]
+        if len(kept) < len(enc.response_ids(row_turns(public.items[n], public.locations[n], dc))):
+            cut += 1
+            assert 0 < chars[n] < len(answer) and bpe_tok.decode(kept) == answer[:int(chars[n])]
+        else:
+            assert chars[n] == len(answer)
+    assert cut > 0
+
+
+@pytest.mark.parametrize("settings,match", [
+    (["fedmkt.fedavg=true"], r"fedmkt.fedavg=true averages .* clients 'c1' and 'c2' differ in model.name: .*set fedmkt.fedavg=false"),
+    (["fedmkt.fedavg=true", "clients=[{name: c1, model: {name: /nowhere/a}}, {name: c2, model: {name: /nowhere/a, lora: {enabled: true, r: 4}}}]"],
+     r"differ in model.lora.r: 8 vs 4"),
+    (["baselines=[zero_shot, fedavg]"], r"baseline fedavg averages .* differ in model.name.*remove fedavg from baselines"),
+])
+def test_fedavg_of_different_client_models_is_refused_before_any_model_loads(tmp_path, capsys, settings, match):
+    out = tmp_path / "run"
+    args = [f"output_dir={out}", "server.model.name=/nowhere/server",
+            "clients=[{name: c1, model: {name: /nowhere/a}}, {name: c2, model: {name: /nowhere/b}}]",
+            f"data.train={DATA / 'train.jsonl'}", f"data.test={DATA / 'test.jsonl'}", *settings]
+    assert main(["fedmkt", *args]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("kdflow: error: ")
+    assert __import__("re").search(match, err), err
+    assert not out.exists()  # refused before the run folder (or any model: the paths do not exist)
+    if "fedmkt.fedavg=true" in settings:
+        assert main(["fedmkt-flower", *args]) == 2
+        assert "fedmkt.fedavg=true averages" in capsys.readouterr().err and not out.exists()

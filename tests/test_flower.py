@@ -5,6 +5,7 @@ whose results must equal the in-process runner's."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 import time
@@ -26,7 +27,7 @@ from kdflow.federated import payload as wire  # noqa: E402
 from kdflow.federated.flower_app import (APP_PYPROJECT, RUN_CONFIG_KEYS, config_from_run_config,  # noqa: E402
                                          run_config_from_yaml, write_app, write_run_config)
 from kdflow.federated.flower_client import HANDLERS, ClientState, node_from_config  # noqa: E402
-from kdflow.federated.flower_server import FlowerRunError, local_phase, run_server  # noqa: E402
+from kdflow.federated.flower_server import Facts, FlowerRunError, Member, local_phase, run_server  # noqa: E402
 
 from conftest import DATA, ROOT  # noqa: E402
 
@@ -106,6 +107,16 @@ def test_oversize_payload_is_rejected_before_its_bytes_are_read():
         wire.from_array_record(record, sender="c9", vocab_size=300, k=5, positions=positions)
 
 
+def forged_reply(pid: int, name: str, out: wire.PublicOutputs, positions: list[int], vocab: int = 300, **client) -> RecordDict:
+    """A local-step reply as a client would send it (the server's facts: vocabulary 300, tokenizer
+    fingerprint 'f', public set 'P'); keyword arguments override the client record."""
+    return RecordDict({"client": ConfigRecord({"name": name, "partition-id": pid, "fingerprint": "f", "vocab-size": vocab,
+                                               "public": "P", **client}),
+                       "positions": ArrayRecord({"positions": Array(np.asarray(positions, dtype=np.int64))}),
+                       "payload": wire.to_array_record(wire.encode(out, vocab)),
+                       "metrics": MetricRecord({"loss.private": 1.5, "private_rows": 8})})
+
+
 def test_server_leaves_out_a_client_whose_payload_is_malformed():
     """The server's local phase on mock replies: a NaN payload and a stranger node are left out, the
     good client is kept, and nothing raises."""
@@ -113,18 +124,16 @@ def test_server_leaves_out_a_client_whose_payload_is_malformed():
     out, positions = synthetic_outputs()
 
     def reply(pid, name, corrupt=False):
-        record = wire.to_array_record(wire.encode(out, 300))
+        rep = forged_reply(pid, name, out, positions)
         if corrupt:
-            record["logp.0"] = Array(np.full_like(record["logp.0"].numpy(), np.nan))
-        return RecordDict({"client": ConfigRecord({"name": name, "partition-id": pid, "fingerprint": "f", "vocab-size": 300,
-                                                   "public": "P"}),
-                           "positions": ArrayRecord({"positions": Array(np.asarray(positions, dtype=np.int64))}),
-                           "payload": record, "metrics": MetricRecord({"loss.private": 1.5})})
+            rep["payload"]["logp.0"] = Array(np.full_like(rep["payload"]["logp.0"].numpy(), np.nan))
+        return rep
 
     replies = {1: reply(0, "c1"), 2: reply(1, "c2", corrupt=True), 3: reply(5, "c6"), 4: "ClientAppException: boom"}
     refused, left, known = {}, {}, {}
     rec = {"round": 1, "bytes_up": {}, "loss": {}, "node_errors": {}}
-    got = local_phase(replies, [1, 2, 3, 4, 5], cfg, "P", len(positions), refused, left, rec, known)
+    facts = Facts("server", "P", 300, "f", positions)
+    got = local_phase(replies, [1, 2, 3, 4, 5], cfg, facts, refused, left, rec, known)
     assert list(got) == [0] and got[0][0].name == "c1"
     assert "finite" in left["c2"] and "payload rejected" in left["c2"]
     assert "partition-id 5" in refused[3]
@@ -132,8 +141,142 @@ def test_server_leaves_out_a_client_whose_payload_is_malformed():
     assert rec["bytes_up"] == {"c1": wire.nbytes(wire.encode(out, 300))}
     # next round: c1's node (seen before) fails, and is reported as c1
     left, rec = {}, {"round": 2, "bytes_up": {}, "loss": {}, "node_errors": {}}
-    assert local_phase({1: "failed: out of memory"}, [1], cfg, "P", len(positions), refused, left, rec, known) == {}
+    assert local_phase({1: "failed: out of memory"}, [1], cfg, facts, refused, left, rec, known) == {}
     assert left["c1"] == "failed: out of memory" and not rec["node_errors"]
+
+
+def _shift_positions(out, positions):
+    """The same rows with one extra answer position in sample 0 and one fewer in sample 1."""
+    moved = [positions[0] + 1, positions[1] - 1, *positions[2:]]
+    return wire.PublicOutputs(out.ids, out.logp, out.tail_logp,
+                              np.concatenate([[0], np.cumsum(moved)]).astype(np.int64), out.ce), moved
+
+
+def _with(out, **arrays):
+    return wire.PublicOutputs(**{f: arrays.get(f, getattr(out, f)) for f in wire.FIELDS})
+
+
+def _zero_prob_id(out):
+    """Position 0's last id gets probability 0, its mass moved to the first id: still sums to 1."""
+    lp = out.logp.copy()
+    lp[0, 0], lp[0, -1] = np.logaddexp(lp[0, 0], lp[0, -1]), -np.inf
+    return _with(out, logp=lp)
+
+
+def _forge(case: str, out, positions) -> RecordDict:
+    if case == "vocabulary claim":  # ids past the server's vocabulary, "allowed" by a claimed 70000
+        ids = out.ids.copy()
+        ids[0, 0] = 65000
+        return forged_reply(1, "c2", _with(out, ids=ids), positions, vocab=70000)
+    if case == "other tokenizer":
+        return forged_reply(1, "c2", out, positions, fingerprint="g")
+    if case == "shifted positions":
+        return forged_reply(1, "c2", *_shift_positions(out, positions))
+    if case == "zero mass":
+        lp, tail = out.logp.copy(), out.tail_logp.copy()
+        lp[4], tail[4] = -np.inf, -np.inf
+        return forged_reply(1, "c2", _with(out, logp=lp, tail_logp=tail), positions)
+    if case == "zero probability under rkl":
+        return forged_reply(1, "c2", _zero_prob_id(out), positions)
+    rep = forged_reply(1, "c2", out, positions)
+    if case == "no metrics":
+        del rep["metrics"]
+    elif case == "infinite loss":
+        rep["metrics"] = MetricRecord({"loss.private": float("inf"), "private_rows": 8})
+    elif case == "NaN evaluation":
+        rep["eval-before"] = MetricRecord({"answer_nll": float("nan"), "rougeL": 0.1, "exact_match": 0.0})
+    elif case == "oversize":  # a small declared shape with a megabyte behind it
+        good = rep["positions"]["positions"]
+        rep["positions"]["positions"] = Array(dtype="int64", shape=tuple(good.shape), stype="numpy.ndarray",
+                                              data=good.data + b"\x00" * 2**20)
+    return rep
+
+
+@pytest.mark.parametrize("case,match", [
+    ("vocabulary claim", r"uses another tokenizer than the server \(70000 tokens"),
+    ("other tokenizer", r"uses another tokenizer .*kdflow fedmkt"),
+    ("shifted positions", r"counts \d+ answer positions in public sample 0 where the server's tokenization has \d+"),
+    ("no metrics", r"malformed reply: no 'metrics' record"),
+    ("zero mass", r"payload rejected: .*position 4 sum to 0, not 1"),
+    ("zero probability under rkl", r"position 0 gives a token or its tail probability 0.*rkl"),
+    ("infinite loss", r"'loss.private' must be a finite number"),
+    ("NaN evaluation", r"'answer_nll' must be a finite number"),
+    ("oversize", r"carries \d+ bytes, over flower.max_payload_bytes=100000"),
+])
+def test_a_forged_local_reply_is_left_out_and_the_round_goes_on(case, match):
+    """Checked against the server's own facts (its vocabulary, tokenizer, tokenization of the public
+    set), never the sender's claims; whatever the reply holds, the server does not stop."""
+    cfg = load_config(FedMKTConfig, None, ["clients=[{name: c1}, {name: c2}]", "fedmkt.top_k=5", "fedmkt.divergence=rkl",
+                                           "flower.max_payload_bytes=100000"])
+    out, positions = synthetic_outputs()
+    replies = {1: forged_reply(0, "c1", out, positions), 2: _forge(case, out, positions)}
+    refused, left, rec = {}, {}, {"round": 1, "bytes_up": {}, "loss": {}, "node_errors": {}}
+    got = local_phase(replies, [1, 2], cfg, Facts("server", "P", 300, "f", positions), refused, left, rec, {})
+    assert list(got) == [0] and set(rec["bytes_up"]) == {"c1"}
+    assert set(left) == {"c2"} and re.search(match, left["c2"]), left["c2"]
+
+
+def test_a_node_cannot_take_another_clients_slot():
+    cfg = load_config(FedMKTConfig, None, ["clients=[{name: c1}, {name: c2}]", "fedmkt.top_k=5"])
+    out, positions = synthetic_outputs()
+    facts, refused, known = Facts("server", "P", 300, "f", positions), {}, {}
+
+    def phase(r, replies):
+        left, rec = {}, {"round": r, "bytes_up": {}, "loss": {}, "node_errors": {}}
+        got = local_phase(replies, sorted(replies), cfg, facts, refused, left, rec, known)
+        return {p: m.node for p, (m, _) in got.items()}, left
+
+    c1, c2 = forged_reply(0, "c1", out, positions), forged_reply(1, "c2", out, positions)
+    assert phase(1, {5: c1, 6: c2}) == ({0: 5, 1: 6}, {})
+    # round 2: a newcomer with a lower node id claims c1, and c2's node claims c1 too
+    got, left = phase(2, {2: c1, 5: c1, 6: c1})
+    assert got == {0: 5}
+    assert refused[2] == "claims client 'c1', which node 5 holds"
+    assert "node 6 answered as client 'c2' before and now claims 'c1'" in left["c2"] and 6 in refused
+    # round 3: c1's node is gone (a restarted SuperNode has a new id): the new node takes c1 over
+    assert phase(3, {9: c1})[0] == {0: 9}
+
+
+@pytest.mark.parametrize("case,match", [
+    ("speaks for another client", r"the reply from client 'c1' \(partition 0\) says it is 'c2' \(partition 1\)"),
+    ("no selection record", r"no 'selected' record"),
+    ("selection of a stranger", r"'selected' names \['c9'\]"),
+    ("evaluation without Rouge-L", r"'rougeL' must be a finite number"),
+    ("no adapter under fedavg", r"no 'adapter' record"),
+    ("negative private rows under fedavg", r"'private_rows' must be an integer in \[1, inf\], got -8"),
+    ("fractional private rows under fedavg", r"'private_rows' must be an integer"),
+])
+def test_a_forged_update_reply_is_left_out(case, match):
+    from kdflow.federated.flower_server import update_phase
+
+    cfg = load_config(FedMKTConfig, None, ["clients=[{name: c1}, {name: c2}]", "fedmkt.fedavg=true"])
+    facts = Facts("server", "P", 300, "f", [1, 2])
+    members = [Member(5, 0, "c1", facts), Member(6, 1, "c2", facts)]
+
+    def reply(pid, name):
+        return RecordDict({"client": ConfigRecord({"name": name, "partition-id": pid, "round": 1}),
+                           "metrics": MetricRecord({"loss.public": 2.0, "private_rows": 8.0}),
+                           "selected": MetricRecord({"skipped": 0.5, "own": 0.0, "server": 0.5}),
+                           "eval": MetricRecord({"answer_nll": 2.0, "perplexity": 7.4, "rougeL": 0.2, "exact_match": 0.0}),
+                           "adapter": ArrayRecord({"a": Array(np.zeros((2, 3), np.float32))})})
+
+    bad = reply(0, "c1")
+    if case == "speaks for another client":
+        bad["client"] = ConfigRecord({"name": "c2", "partition-id": 1, "round": 1})
+    elif case == "no selection record":
+        del bad["selected"]
+    elif case == "selection of a stranger":
+        bad["selected"] = MetricRecord({"skipped": 0.5, "c9": 0.5})
+    elif case == "evaluation without Rouge-L":
+        bad["eval"] = MetricRecord({"answer_nll": 2.0, "exact_match": 0.0})
+    elif case == "no adapter under fedavg":
+        del bad["adapter"]
+    else:
+        bad["metrics"] = MetricRecord({"loss.public": 2.0, "private_rows": -8.0 if "negative" in case else 2.5})
+    left = {}
+    done = update_phase({5: bad, 6: reply(1, "c2")}, members, cfg, left, 1)
+    assert list(done) == [1] and done[1][1]["private_rows"] == 8 and done[1][1]["eval"]["rougeL"] == 0.2
+    assert set(left) == {"c1"} and re.search(match, left["c1"]), left["c1"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -360,6 +503,75 @@ def test_a_silent_client_is_left_out_and_continues_from_its_saved_state(faulty):
     assert_same_adapters(a1, a3)
     final = json.loads((client_state_dir(out, "c3") / "state.json").read_text())
     assert final["local_round"] == 3 and final["update_round"] == 3
+
+
+class TamperingTransport(LocalTransport):
+    """LocalTransport whose replies pass through `tamper(kind, partition, reply)` on the way back."""
+
+    def __init__(self, cfg, clients, tamper):
+        super().__init__(cfg, clients)
+        self.tamper = tamper
+
+    def ask(self, requests, timeout, group):
+        kinds = {node: kind for node, (kind, _) in requests.items()}
+        out = super().ask(requests, timeout, group)
+        pid_of = {n: p for p, n in self.node_of.items()}
+        return {node: self.tamper(kinds[node], pid_of[node], rep) if not isinstance(rep, str) else rep
+                for node, rep in out.items()}
+
+
+def test_a_round_goes_on_without_the_clients_whose_fedavg_replies_are_forged(tiny_dirs, tmp_path):
+    """FedAvg over 4 homogeneous clients: c1 (the first reply) sends no adapter, c2 claims -8 private
+    rows (the weights would sum to 0), c3's evaluation lacks Rouge-L (the report needs it). Each is
+    left out with its reason; the round ends with c4, and the report is written."""
+    student = tiny_dirs["student"]
+    same = "clients=[" + ", ".join(f"{{name: c{i}, model: {{name: {student}}}}}" for i in range(1, 5)) + "]"
+    cfg = fed_cfg(tiny_dirs, tmp_path / "forged", 4, 1, "fedmkt.fedavg=true", same)
+
+    def tamper(kind, pid, rep):
+        if kind == "train.update" and pid == 0:
+            del rep["adapter"]
+        elif kind == "train.update" and pid == 1:
+            rep["metrics"] = MetricRecord({**dict(rep["metrics"]), "private_rows": -8.0})
+        elif kind == "train.fedavg" and pid == 2:
+            rep["eval"] = MetricRecord({k: v for k, v in dict(rep["eval"]).items() if k != "rougeL"})
+        return rep
+
+    metrics = run_server(TamperingTransport(cfg, 4, tamper), cfg)
+    r1 = metrics["rounds"][1]
+    assert r1["clients"] == ["c4"] and set(r1["eval"]) == {"server", "c4"}
+    assert "no 'adapter' record" in r1["left_out"]["c1"]
+    assert "'private_rows' must be an integer in [1, inf], got -8" in r1["left_out"]["c2"]
+    assert "'rougeL' must be a finite number" in r1["left_out"]["c3"]
+    assert (Path(cfg.output_dir) / "report.md").is_file()
+
+
+def test_a_client_with_a_broken_private_file_tells_the_server_no_details(tiny_dirs, tmp_path, capsys):
+    """The client's error names its file, line and fields; the server (and metrics.json) gets only
+    which client failed and where; the details stay in the client's own log."""
+    from kdflow.federated.flower_client import ClientFailure
+
+    cfg = fed_cfg(tiny_dirs, tmp_path / "leak", 2, 1)
+    secret = tmp_path / "alice-medical-records"
+    secret.mkdir()
+    private = secret / "private.jsonl"
+    private.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n"
+                       + json.dumps({"prompt": "diagnosis?", "patient_ssn": "078-05-1120"}) + "\n")
+    request = RecordDict({"task": ConfigRecord({"round": 1, "evaluate-before": False})})
+    with pytest.raises(ClientFailure) as failure:
+        HANDLERS["train"](request, cfg, {"partition-id": 0, "private-data": str(private)})
+    reason = str(failure.value)
+    assert reason.startswith("client 'c1' failed while reading its private data")
+    for detail in ("alice-medical-records", "private.jsonl", ":2", "patient_ssn", "response", "diagnosis"):
+        assert detail not in reason
+    log = capsys.readouterr().err
+    assert f"{private}:2" in log and "patient_ssn" in log  # the client's own log keeps the details
+    # what Flower delivers to the server, and what the server records
+    flower_reason = f"failed: {type(failure.value)}:<'{reason}'> (Flower error code 2)"
+    left, rec = {}, {"round": 1, "bytes_up": {}, "loss": {}, "node_errors": {}}
+    local_phase({7: flower_reason}, [7], cfg, None, {}, left, rec, {7: Member(7, 0, "c1", None)})
+    assert "reading its private data" in left["c1"]
+    assert "alice-medical-records" not in json.dumps([left, rec]) and "patient_ssn" not in json.dumps([left, rec])
 
 
 def test_too_few_clients_stop_the_run_with_a_clear_error(tiny_dirs, tmp_path):

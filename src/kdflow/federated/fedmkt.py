@@ -54,6 +54,7 @@ class Party:
     optimizer: Any = None
     public_rows: Rows | None = None  # the shared public rows (text), for cross-tokenizer alignment
     _fingerprint: str | None = field(default=None, repr=False)
+    _answer_chars: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def vocab_size(self) -> int:
@@ -78,6 +79,45 @@ class Peer:
     name: str
     vocab_size: int
     fingerprint: str
+
+
+def _first_difference(a: Any, b: Any, prefix: str) -> str | None:
+    """The first setting (dotted key: a vs b) where two nested dicts of settings differ."""
+    for key in list(a) + [k for k in b if k not in a]:
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            found = _first_difference(va, vb, f"{prefix}{key}.")
+            if found:
+                return found
+        elif va != vb:
+            return f"{prefix}{key}: {va!r} vs {vb!r}"
+    return None
+
+
+def check_config(cfg: FedMKTConfig, baselines: bool = True) -> None:
+    """What can be refused from the settings alone, before any model loads.
+
+    Averaging adapters (fedmkt.fedavg, the fedavg baseline) is only meaningful between copies of one
+    model: the same base and the same LoRA layout. Clients that differ would average unrelated
+    weights (or fail on shapes after every round has run), so they are refused here.
+    """
+    from kdflow.config import to_dict
+
+    def spec(c: PartyConfig) -> dict[str, Any]:
+        return {"model": to_dict(c.model), "prune_from": c.prune_from}
+
+    first = cfg.clients[0] if cfg.clients else None
+    for c in cfg.clients[1:]:
+        diff = _first_difference(spec(first), spec(c), "")
+        if diff is None:
+            continue
+        why = f"clients '{first.name}' and '{c.name}' differ in {diff}"
+        if cfg.fedmkt.fedavg:
+            raise ConfigError(f"fedmkt.fedavg=true averages the clients' adapters, which needs the same model and LoRA "
+                              f"settings for every client, but {why}; set fedmkt.fedavg=false or give every client one model")
+        if baselines and "fedavg" in cfg.baselines:
+            raise ConfigError(f"baseline fedavg averages the clients' adapters, which needs the same model and LoRA "
+                              f"settings for every client, but {why}; remove fedavg from baselines")
 
 
 def load_base(spec: PartyConfig, cache: dict[str, Any], seed: int = 0) -> tuple[Any, Any]:
@@ -150,11 +190,13 @@ def public_outputs(party: Party, k: int, temperature: float, batch_size: int = 1
                               np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), np.array(ces, dtype=np.float32))
 
 
-def send(out: wire.PublicOutputs, sender: Party, receiver_expects: list[int], k: int) -> tuple[wire.PublicOutputs, int]:
+def send(out: wire.PublicOutputs, sender: Party, receiver_expects: list[int], k: int,
+         divergence: str = "fkl") -> tuple[wire.PublicOutputs, int]:
     """Encode, count the bytes, and decode with the receiver's checks: the in-process runner uses the
     same wire format (and the same validation) as the Flower app."""
     arrays = wire.encode(out, sender.vocab_size)
-    decoded = wire.decode(arrays, sender=sender.name, vocab_size=sender.vocab_size, k=k, positions=receiver_expects)
+    decoded = wire.decode(arrays, sender=sender.name, vocab_size=sender.vocab_size, k=k, positions=receiver_expects,
+                          finite_support=divergence == "rkl")
     return decoded, wire.nbytes(arrays)
 
 
@@ -178,6 +220,66 @@ class Bridges:
         return self._pairs[key]
 
 
+def _check_cross(sender: Party | Peer, receiver: Party, bridges: Bridges | None) -> None:
+    """Parties with different tokenizers: what carrying knowledge between them needs."""
+    if isinstance(sender, Peer):
+        raise ConfigError(f"parties '{sender.name}' and '{receiver.name}' use different tokenizers: over Flower, parties "
+                          "must share one tokenizer for now; run heterogeneous tokenizers with `kdflow fedmkt`")
+    if bridges is None or receiver.public_rows is None or sender.public_rows is None:
+        raise ConfigError(f"parties '{sender.name}' and '{receiver.name}' use different tokenizers: pass the public rows "
+                          "and alignment settings (kdflow.align) to carry distributions between them")
+
+
+def answer_chars(party: Party, data_cfg: DataConfig) -> np.ndarray:
+    """Per public sample, the characters of the answer that the party's answer positions cover (at
+    least 1): the answer's length, or for an answer cut at data.max_length, up to the end of its last
+    kept token (in proportion to the kept tokens when the tokenizer gives no character offsets)."""
+    if party._answer_chars is None:
+        from kdflow.data import Encoder, row_turns
+        from kdflow.errors import AlignmentError
+
+        enc, chars = Encoder(party.tok, data_cfg), []
+        rows = party.public_rows
+        for row, where, ex in zip(rows.items, rows.locations, party.public):
+            turns = row_turns(row, where, data_cfg)
+            n, kept = len(turns.response), len(ex["input_ids"]) - ex["prompt_len"]
+            full = len(enc.response_ids(turns))
+            if kept < full:
+                try:
+                    spans = enc.response_encoding(turns, spans=True).spans
+                    n = min(n, spans[kept - 1][1]) if kept else 0
+                except AlignmentError:
+                    n = n * kept // full
+            chars.append(max(n, 1))
+        party._answer_chars = np.asarray(chars, dtype=np.float64)
+    return party._answer_chars
+
+
+def selection_scores(receiver: Party, receiver_out: wire.PublicOutputs, senders: list[Party | Peer],
+                     sender_outs: list[wire.PublicOutputs], bridges: Bridges | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-sample answer NLL of the receiver [N] and of every sender [K, N], in one unit, for selection.
+
+    Within one tokenizer it is the payload's `ce`, the mean over answer tokens. Across tokenizers the
+    same answer is a different number of tokens for each party (11, 13 or 15), so per-token means are
+    not comparable: every party's NLL is then summed over its answer tokens (ce x its positions) and
+    divided by the answer characters those tokens cover (methods.md §8). The wire keeps the per-token
+    mean either way; the receiver converts.
+    """
+    if all(s.fingerprint == receiver.fingerprint for s in senders):
+        return receiver_out.ce, np.stack([o.ce for o in sender_outs])
+    for s in senders:
+        if s.fingerprint != receiver.fingerprint:
+            _check_cross(s, receiver, bridges)
+
+    def per_char(party: Party, out: wire.PublicOutputs) -> np.ndarray:
+        if party.public_rows is None:
+            raise ConfigError(f"party '{party.name}': pass the public rows to compare answer NLL across tokenizers")
+        nll = out.ce.astype(np.float64) * np.diff(out.offsets)
+        return (nll / answer_chars(party, bridges.data_cfg)).astype(np.float32)
+
+    return per_char(receiver, receiver_out), np.stack([per_char(s, o) for s, o in zip(senders, sender_outs)])
+
+
 def transfer(out: wire.PublicOutputs, sender: Party | Peer, receiver: Party, n: int, bridges: Bridges | None = None) -> dict[str, torch.Tensor]:
     """Sample n's top-k rows of `sender`, carried to `receiver`'s answer positions and vocabulary.
 
@@ -190,12 +292,7 @@ def transfer(out: wire.PublicOutputs, sender: Party | Peer, receiver: Party, n: 
     if sender.fingerprint == receiver.fingerprint:
         return {"ids": torch.from_numpy(ids), "logp": torch.from_numpy(lp),
                 "tail_logp": torch.from_numpy(tail), "valid": torch.ones(len(ids), dtype=torch.bool)}
-    if isinstance(sender, Peer):
-        raise ConfigError(f"parties '{sender.name}' and '{receiver.name}' use different tokenizers: over Flower, parties "
-                          "must share one tokenizer for now; run heterogeneous tokenizers with `kdflow fedmkt`")
-    if bridges is None or receiver.public_rows is None:
-        raise ConfigError(f"parties '{sender.name}' and '{receiver.name}' use different tokenizers: pass the public rows "
-                          "and alignment settings (kdflow.align) to carry distributions between them")
+    _check_cross(sender, receiver, bridges)
     from kdflow.data import row_turns
 
     rows = receiver.public_rows
@@ -228,13 +325,20 @@ def _merge(parts: list[tuple[dict[str, torch.Tensor], float]], k: int) -> dict[s
 def select_targets(receiver: Party, receiver_out: wire.PublicOutputs, senders: list[Party | Peer],
                    sender_outs: list[wire.PublicOutputs], rule: str, k: int,
                    bridges: Bridges | None = None) -> tuple[list[dict[str, Any]], dict[str, float]]:
-    """Per public sample, the KD target the receiver learns from (as `teacher_*` example fields)."""
-    sender_ce = np.stack([o.ce for o in sender_outs])
+    """Per public sample, the KD target the receiver learns from (as `teacher_*` example fields).
+
+    `teacher_valid` marks the rows in the KD term, `teacher_counted` the rows in its denominator
+    (methods.md §0): a sample the rule leaves out keeps the rows the sender it was compared with would
+    cover, so the KD term's per-token weight does not grow when fewer samples are selected; a row no
+    alignment pairs leaves both.
+    """
+    receiver_ce, sender_ce = selection_scores(receiver, receiver_out, senders, sender_outs, bridges)
+    best = sender_ce.argmin(0)
     examples, counts = [], {"skipped": 0, "own": 0, **{s.name: 0 for s in senders}}
     if rule == "weighted":
-        mix, sample_w = weighted(receiver_out.ce, sender_ce)
+        mix, sample_w = weighted(receiver_ce, sender_ce)
     else:
-        choice = SELECTIONS[rule](receiver_out.ce, sender_ce)
+        choice = SELECTIONS[rule](receiver_ce, sender_ce)
     for n, ex in enumerate(receiver.public):
         if rule == "weighted":
             t = _merge([(transfer(o, s, receiver, n, bridges), float(mix[j, n]))
@@ -242,9 +346,9 @@ def select_targets(receiver: Party, receiver_out: wire.PublicOutputs, senders: l
             t["weight"] = torch.full((t["ids"].shape[0],), float(sample_w[n]))
             counts[senders[int(mix[:, n].argmax())].name] += 1
         elif choice[n] == SKIP:
-            ids, lp, tail = receiver_out.sample(n)
-            t = {"ids": torch.from_numpy(ids), "logp": torch.from_numpy(lp), "tail_logp": torch.from_numpy(tail),
-                 "valid": torch.zeros(len(ids), dtype=torch.bool)}
+            j = int(best[n])
+            t = transfer(sender_outs[j], senders[j], receiver, n, bridges)
+            t["counted"], t["valid"] = t["valid"], torch.zeros_like(t["valid"])
             counts["skipped"] += 1
         elif choice[n] == OWN:
             ids, lp, tail = receiver_out.sample(n)
@@ -255,6 +359,7 @@ def select_targets(receiver: Party, receiver_out: wire.PublicOutputs, senders: l
             j = int(choice[n])
             t = transfer(sender_outs[j], senders[j], receiver, n, bridges)
             counts[senders[j].name] += 1
+        t.setdefault("counted", t["valid"])
         examples.append({**ex, **{f"teacher_{key}": v for key, v in t.items()}})
     total = max(len(receiver.public), 1)
     return examples, {key: v / total for key, v in counts.items()}
@@ -275,7 +380,7 @@ def train_phase(party: Party, examples: list[dict[str, Any]], cfg: FedMKTConfig,
         ce_mask, _ = shifted_masks(batch["labels"], batch["attention_mask"])
         counts = {"ce": int(ce_mask.sum())}
         if with_kd:
-            counts["kd"] = int(sum(int(v.sum()) for v in batch["teacher_valid"]))
+            counts["kd"] = int(sum(int(v.sum()) for v in batch["teacher_counted"]))
         return counts
 
     def loss_sums(model: Any, batch: dict[str, Any]) -> dict[str, tuple[torch.Tensor, int]]:

@@ -13,13 +13,21 @@ before replying. The steps are the in-process runner's own functions:
 
 Handlers take and return Flower `RecordDict`s and never see a `Message`, so tests call them
 directly; `flower_app.py` wraps them into the ClientApp.
+
+A failing handler tells the server only a generic reason (`ClientFailure`: the client and the stage
+it failed in, e.g. "reading its private data"): Flower sends an exception's text to the server,
+which records it in metrics.json, and the full message names the client's files, rows and fields.
+The details and traceback go to the client's own log (stderr of the ClientApp process).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import sys
 import tempfile
+import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -44,6 +52,27 @@ NODE_KEYS = {
 
 class StateError(KDFlowError):
     """A client's saved state cannot serve the request (e.g. no local step for this round)."""
+
+
+class ClientFailure(KDFlowError):
+    """What a failed client reports to the server: who failed and at which stage, never the details
+    (paths, row numbers, field names), which stay in the client's own log."""
+
+
+@contextmanager
+def _stage(client: str | None, doing: str) -> Any:
+    """Any error inside becomes a ClientFailure naming only the client and `doing`; the original
+    message and traceback are written to the client's own log."""
+    try:
+        yield
+    except ClientFailure:
+        raise
+    except Exception as e:
+        who = f"client '{client}'" if client else "client"
+        print(f"[kdflow] {who} failed while {doing}: {type(e).__name__}: {e}\n{traceback.format_exc()}",
+              file=sys.stderr, flush=True)
+        raise ClientFailure(f"{who} failed while {doing} ({type(e).__name__}); the details are in the client's own "
+                            "log") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -104,8 +133,7 @@ def _base(cfg: FedMKTConfig, node: Node) -> tuple[Any, Any]:
     return _BASES[key]
 
 
-def split_rows(cfg: FedMKTConfig, node: Node) -> tuple[Any, Any]:
-    """(public rows, this client's private rows), cut exactly as the in-process runner cuts them."""
+def _partitions(cfg: FedMKTConfig, node: Node) -> tuple[Any, list[Any]]:
     from kdflow.data import partition_rows, read_rows
 
     if not node.data_train:
@@ -117,7 +145,14 @@ def split_rows(cfg: FedMKTConfig, node: Node) -> tuple[Any, Any]:
         rows = read_rows(node.data_train, "data.train").head(d.max_train_rows)
         _ROWS[key] = partition_rows(rows, d.public_rows, len(cfg.clients), d.private_rows, d.partition,
                                     d.partition_field, d.dirichlet_alpha, cfg.seed)
-    public, private = _ROWS[key]
+    return _ROWS[key]
+
+
+def split_rows(cfg: FedMKTConfig, node: Node) -> tuple[Any, Any]:
+    """(public rows, this client's private rows), cut exactly as the in-process runner cuts them."""
+    from kdflow.data import read_rows
+
+    public, private = _partitions(cfg, node)
     if node.private_data:
         return public, read_rows(node.private_data, "node config private-data")
     return public, private[node.partition]
@@ -132,11 +167,14 @@ def build_client(cfg: FedMKTConfig, node: Node) -> Any:
         import torch
 
         torch.set_num_threads(cfg.train.num_threads)
-    base, tok = _base(cfg, node)
-    party = make_party(node.spec, base, tok, cfg.seed + node.partition + 1)
-    public, private = split_rows(cfg, node)
-    party.public = encode_rows(public, tok, cfg.data)
-    party.private = encode_rows(private, tok, cfg.data)
+    with _stage(node.name, "loading its model"):
+        base, tok = _base(cfg, node)
+        party = make_party(node.spec, base, tok, cfg.seed + node.partition + 1)
+    with _stage(node.name, "reading data.train (the public set and its partition)"):
+        public = _partitions(cfg, node)[0]
+        party.public = encode_rows(public, tok, cfg.data)
+    with _stage(node.name, "reading its private data"):
+        party.private = encode_rows(split_rows(cfg, node)[1], tok, cfg.data)
     return party
 
 
@@ -246,9 +284,10 @@ def _evaluate(party: Any, cfg: FedMKTConfig, node: Node) -> Any:
     from kdflow.data import read_rows
     from kdflow.federated.simulation import evaluate_party
 
-    if not node.data_test:
-        raise ConfigError(f"client '{node.name}': no test data (set data.test or node config data-test)")
-    return _metrics(evaluate_party(party, read_rows(node.data_test, "data.test"), cfg))
+    with _stage(node.name, "evaluating on its test data"):
+        if not node.data_test:
+            raise ConfigError(f"client '{node.name}': no test data (set data.test or node config data-test)")
+        return _metrics(evaluate_party(party, read_rows(node.data_test, "data.test"), cfg))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,11 +307,15 @@ def _identity(node: Node, party: Any, public_fp: str, r: int) -> dict[str, Any]:
 def _open_client(content: Any, cfg: FedMKTConfig, node_config: Mapping[str, Any]) -> tuple[Any, ...]:
     """What every client message starts with: the node, the task and its round, and the client
     rebuilt from its state folder (records module, node, task, round, party, state, saved info)."""
-    node = node_from_config(cfg, node_config)
-    task = _task(content)
+    with _stage(None, "reading its node config and the server's request"):
+        node = node_from_config(cfg, node_config)
+        task = _task(content)
+        r = int(task["round"])
     party = build_client(cfg, node)
     state = ClientState(node.state_dir)
-    return _records(), node, task, int(task["round"]), party, state, state.load(party, cfg)
+    with _stage(node.name, "loading its saved state"):
+        info = state.load(party, cfg)
+    return _records(), node, task, r, party, state, info
 
 
 def handle_local(content: Any, cfg: FedMKTConfig, node_config: Mapping[str, Any]) -> Any:
@@ -286,17 +329,20 @@ def handle_local(content: Any, cfg: FedMKTConfig, node_config: Mapping[str, Any]
     if int(info["local_round"]) == r and int(info["update_round"]) < r:
         # The same request again (a resumed server, a re-sent message): answer with the saved outputs
         # rather than training twice.
-        own, logs = state.own_outputs(party, cfg), []
-        arrays = wire.encode(own, party.vocab_size)
+        with _stage(node.name, "loading its saved outputs"):
+            own, logs = state.own_outputs(party, cfg), []
+            arrays = wire.encode(own, party.vocab_size)
     else:
-        out, logs = client_local_step(party, cfg, r)
-        arrays = wire.encode(out, party.vocab_size)
-        # Keep what the server sees (fp16 log-probs): the update step selects against it, as in-process.
-        own = wire.decode(arrays, sender=node.name, vocab_size=party.vocab_size, k=cfg.fedmkt.top_k,
-                          positions=party.positions())
-        state.save(party, {**info, "local_round": r}, own)
+        with _stage(node.name, "training on its private data"):
+            out, logs = client_local_step(party, cfg, r)
+            arrays = wire.encode(out, party.vocab_size)
+            # Keep what the server sees (fp16 log-probs): the update step selects against it, as in-process.
+            own = wire.decode(arrays, sender=node.name, vocab_size=party.vocab_size, k=cfg.fedmkt.top_k,
+                              positions=party.positions(), finite_support=cfg.fedmkt.divergence == "rkl")
+        with _stage(node.name, "saving its state"):
+            state.save(party, {**info, "local_round": r}, own)
     reply = app.RecordDict({
-        **_identity(node, party, rows_fingerprint(split_rows(cfg, node)[0]), r),
+        **_identity(node, party, rows_fingerprint(_partitions(cfg, node)[0]), r),
         "payload": wire.to_array_record(arrays, cfg.flower.chunk_bytes),
         "metrics": _metrics({"loss.private": logs[-1]["loss"] if logs else None, "private_rows": len(party.private)}),
     })
@@ -312,10 +358,7 @@ def _server_peer(content: Any, party: Any) -> tuple[Any, list[int]]:
 
     s = dict(content.config_records["server"])
     arr = content.array_records["server-positions"]["positions"]
-    n = len(party.public)
-    if arr.stype != "numpy.ndarray" or arr.dtype != "int64" or tuple(arr.shape) != (n,):
-        raise wire.PayloadError(f"server answer positions must be int64 [{n}], got {arr.dtype}{list(arr.shape)}")
-    positions = arr.numpy().tolist()
+    positions = wire.read_array(arr, "the server's answer positions", ("int64",), (len(party.public),)).tolist()
     peer = Peer(str(s["name"]), int(s["vocab-size"]), str(s["fingerprint"]))
     if peer.fingerprint == party.fingerprint and positions != party.positions():
         raise wire.PayloadError("the server's answer positions differ from this client's for the same tokenizer: "
@@ -328,17 +371,24 @@ def handle_update(content: Any, cfg: FedMKTConfig, node_config: Mapping[str, Any
     from kdflow.federated.fedmkt import client_update_step
 
     app, node, task, r, party, state, info = _open_client(content, cfg, node_config)
+    # Round numbers only: safe to tell the server as they are.
     if int(info["update_round"]) >= r:
-        raise StateError(f"client '{node.name}' already took the server's knowledge of round {r}")
+        raise ClientFailure(f"client '{node.name}' already took the server's knowledge of round {r}")
     if int(info["local_round"]) != r:
-        raise StateError(f"client '{node.name}' was asked to update in round {r}, but its last local step was round "
-                         f"{info['local_round']}")
-    own = state.own_outputs(party, cfg)
-    server, positions = _server_peer(content, party)
-    received = wire.from_array_record(content.array_records["payload"], sender=server.name, vocab_size=server.vocab_size,
-                                      k=cfg.fedmkt.top_k, positions=positions, max_bytes=cfg.flower.max_payload_bytes)
-    res = client_update_step(party, own, server, received, cfg, r)
-    state.save(party, {**info, "update_round": r})
+        raise ClientFailure(f"client '{node.name}' was asked to update in round {r}, but its last local step was round "
+                            f"{info['local_round']}")
+    with _stage(node.name, "loading its saved outputs"):
+        own = state.own_outputs(party, cfg)
+    with _stage(node.name, "reading the server's payload"):
+        server, positions = _server_peer(content, party)
+        received = wire.from_array_record(content.array_records["payload"], sender=server.name,
+                                          vocab_size=server.vocab_size, k=cfg.fedmkt.top_k, positions=positions,
+                                          max_bytes=cfg.flower.max_payload_bytes,
+                                          finite_support=cfg.fedmkt.divergence == "rkl")
+    with _stage(node.name, "learning from the server"):
+        res = client_update_step(party, own, server, received, cfg, r)
+    with _stage(node.name, "saving its state"):
+        state.save(party, {**info, "update_round": r})
     reply = app.RecordDict({
         "client": _client_record(node, round=r),
         "metrics": _metrics({"loss.public": res["logs"][-1]["loss"] if res["logs"] else None,
@@ -361,35 +411,50 @@ def handle_fedavg(content: Any, cfg: FedMKTConfig, node_config: Mapping[str, Any
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
     app, node, task, r, party, state, info = _open_client(content, cfg, node_config)
-    mine = get_peft_model_state_dict(party.model)
-    avg = read_adapter(content.array_records["adapter"], mine, "the server")
-    set_peft_model_state_dict(party.model, {k: torch.from_numpy(v) for k, v in avg.items()})
-    state.save(party, {**info, "fedavg_round": r})
+    with _stage(node.name, "reading the averaged adapter"):
+        mine = adapter_layout(get_peft_model_state_dict(party.model))
+        avg = read_adapter(content.array_records["adapter"], mine, "the server")
+        set_peft_model_state_dict(party.model, {k: torch.from_numpy(v) for k, v in avg.items()})
+    with _stage(node.name, "saving its state"):
+        state.save(party, {**info, "fedavg_round": r})
     reply = app.RecordDict({"client": _client_record(node, round=r)})
     if task.get("evaluate"):
         reply["eval"] = _evaluate(party, cfg, node)
     return reply
 
 
-def read_adapter(record: Any, expected: Mapping[str, Any], sender: str) -> dict[str, np.ndarray]:
-    """An adapter state dict from an ArrayRecord, checked against the receiver's own parameter names,
-    shapes and dtypes, with finite values."""
+def adapter_layout(state: Mapping[str, Any]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Parameter name -> (dtype, shape) of an adapter state dict (torch tensors) or ArrayRecord
+    (declared metadata only: nothing is read)."""
+    return {k: (str(v.dtype).replace("torch.", ""), tuple(int(d) for d in v.shape)) for k, v in state.items()}
+
+
+def read_adapter(record: Any, expected: Mapping[str, tuple[str, tuple[int, ...]]], sender: str) -> dict[str, np.ndarray]:
+    """An adapter state dict from an ArrayRecord, checked against the receiver's expected layout
+    (parameter names, dtypes, shapes) before its bytes are read, with finite values."""
     names = set(record.keys())
     if names != set(expected):
         raise wire.PayloadError(f"adapter from {sender}: parameters {sorted(names ^ set(expected))[:3]} do not match")
     out = {}
-    for k, ref in expected.items():
-        arr = record[k]
-        want_dtype = str(ref.dtype).replace("torch.", "")
-        if arr.stype != "numpy.ndarray" or arr.dtype != want_dtype or tuple(arr.shape) != tuple(ref.shape):
-            raise wire.PayloadError(f"adapter from {sender}: '{k}' is {arr.dtype}{list(arr.shape)}, expected "
-                                    f"{want_dtype}{list(ref.shape)}")
-        a = arr.numpy()
+    for k, (dtype, shape) in expected.items():
+        a = wire.read_array(record[k], f"adapter from {sender}: '{k}'", (dtype,), shape)
         if not np.isfinite(a).all():
             raise wire.PayloadError(f"adapter from {sender}: '{k}' holds NaN or infinite values")
         out[k] = np.array(a)
     return out
 
 
-HANDLERS = {"train": handle_local, "train.update": handle_update, "train.fedavg": handle_fedavg}
+def guarded(kind: str, handler: Any) -> Any:
+    """`handler` whose every failure reaches the server as a ClientFailure (a generic reason)."""
+
+    def run(content: Any, cfg: FedMKTConfig, node_config: Mapping[str, Any]) -> Any:
+        with _stage(None, f"handling a '{kind}' message"):
+            return handler(content, cfg, node_config)
+
+    run.__name__ = run.__qualname__ = handler.__name__
+    return run
+
+
+HANDLERS = {kind: guarded(kind, fn) for kind, fn in
+            {"train": handle_local, "train.update": handle_update, "train.fedavg": handle_fedavg}.items()}
 

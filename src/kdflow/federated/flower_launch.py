@@ -202,8 +202,10 @@ def run_fedmkt_flower(cfg: FedMKTConfig) -> dict[str, Any]:
 
     if importlib.util.find_spec("flwr") is None:
         raise FlowerLaunchError("kdflow fedmkt-flower needs Flower: pip install 'kdflow[fed]' (flwr[simulation])")
+    from kdflow.federated.fedmkt import check_config
     from kdflow.federated.flower_app import run_config_from_config, write_app, write_run_config
 
+    check_config(cfg, baselines=False)  # the baselines are not run over Flower
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").unlink(missing_ok=True)  # written again by the ServerApp when the run ends

@@ -10,15 +10,20 @@ tests plug in a local one). Per round:
   update      those clients: `client_update_step` on the server's payload (+ evaluation)
   fedavg      (homogeneous, fedmkt.fedavg) the clients' adapters averaged and sent back
 
-A client that fails, sends a malformed payload or does not reply within flower.reply_timeout is
-left out of the rest of the round (logged, and recorded under `left_out` in metrics.json); the
-round goes on while at least flower.min_clients clients remain. A left-out client keeps its state
-on disk and rejoins the next round from there, also from a new node (a restarted SuperNode gets a
-new node id; it is recognised by its partition-id).
+Every reply goes through one check per phase (`check_local`, `check_update`, `check_fedavg`, run by
+`checked`), against the server's own facts (`Facts`: its vocabulary, tokenizer and tokenization of
+the public set), never the sender's claims; its size is checked before anything in it is read. A
+client that fails, sends a malformed or inconsistent reply, speaks for another client, or does not
+reply within flower.reply_timeout is left out of the rest of the round (`leave_out`: logged, and
+recorded under `left_out` in metrics.json); the round goes on while at least flower.min_clients
+clients remain. A left-out client keeps its state on disk and rejoins the next round from there,
+also from a new node (a restarted SuperNode gets a new node id; it is recognised by its
+partition-id, unless the node that held that client claims it too).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,20 +51,35 @@ class Transport(Protocol):
 
 
 @dataclass
-class Member:
-    """A client as the server knows it, from its handshake."""
+class Facts:
+    """What the server knows itself, against which every reply is checked (never the sender's claims):
+    over Flower every party shares the server's tokenizer, so a client's ids must fit the server's
+    vocabulary and its answer positions must be the server's own tokenization of the public set."""
 
-    node: int
-    partition: int
-    name: str
+    server: str
+    public_fp: str
     vocab_size: int
     fingerprint: str
     positions: list[int]
 
+
+@dataclass
+class Member:
+    """A client as the server knows it: the node it answers from and the slot (partition) it holds."""
+
+    node: int
+    partition: int
+    name: str
+    facts: Facts
+
     def peer(self) -> Any:
         from kdflow.federated.fedmkt import Peer
 
-        return Peer(self.name, self.vocab_size, self.fingerprint)
+        return Peer(self.name, self.facts.vocab_size, self.facts.fingerprint)
+
+
+class BadReply(Exception):
+    """A reply the server cannot use; its client is left out of the round with this reason."""
 
 
 def log(text: str) -> None:
@@ -67,39 +87,147 @@ def log(text: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Pure pieces (tested with mock replies)
+# Pure pieces (tested with mock and forged replies). Every reply goes through `checked`, and every
+# problem ends in `leave_out` (a client) or `refused` (a node that is no client of this run).
 
-
-def read_identity(reply: Any, cfg: FedMKTConfig, node: int, public_fp: str, n_public: int) -> Member:
-    """Who a node says it is (sent with its local-step payload), checked; ValueError says why not."""
-    c = dict(reply.config_records["client"])
-    pid = c.get("partition-id")
-    if isinstance(pid, bool) or not isinstance(pid, int) or not 0 <= pid < len(cfg.clients):
-        raise ValueError(f"partition-id {pid!r} is not a client of this config (0..{len(cfg.clients) - 1})")
-    name = cfg.clients[pid].name
-    if c.get("name") != name:
-        raise ValueError(f"partition {pid} is client '{name}' in the config but the node says '{c.get('name')}'")
-    if c.get("public") != public_fp:
-        raise ValueError(f"client '{name}' holds a different public set (fingerprint {c.get('public')}, expected "
-                         f"{public_fp}): every party needs the same data.train and data settings")
-    arr = reply.array_records["positions"]["positions"]
-    if arr.stype != "numpy.ndarray" or arr.dtype != "int64" or tuple(arr.shape) != (n_public,):
-        raise ValueError(f"client '{name}': answer positions must be int64 [{n_public}], got {arr.dtype}{list(arr.shape)}")
-    positions = arr.numpy()
-    if (positions < 0).any():
-        raise ValueError(f"client '{name}': negative answer positions")
-    vocab = c.get("vocab-size")
-    if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 1:
-        raise ValueError(f"client '{name}': vocab-size {vocab!r}")
-    return Member(node, pid, name, vocab, str(c.get("fingerprint")), positions.tolist())
+REASON_CHARS = 300  # a client's own failure text is kept to this length in logs and metrics.json
+EVAL_KEYS = ("answer_nll", "perplexity", "rougeL", "exact_match")
 
 
 def reply_problem(reply: Any, timeout: float) -> str | None:
     if reply is None:
         return f"no reply within {timeout:g} s"
     if isinstance(reply, str):
-        return reply
+        return reply[:REASON_CHARS]
     return None
+
+
+def identify(reply: Any, cfg: FedMKTConfig) -> tuple[int, str]:
+    """(partition, name) a reply says it comes from; BadReply unless it is a client of this config."""
+    c = dict(reply.config_records["client"])
+    pid = c.get("partition-id")
+    if isinstance(pid, bool) or not isinstance(pid, int) or not 0 <= pid < len(cfg.clients):
+        raise BadReply(f"partition-id {pid!r} is not a client of this config (0..{len(cfg.clients) - 1})")
+    name = cfg.clients[pid].name
+    if c.get("name") != name:
+        raise BadReply(f"partition {pid} is client '{name}' in the config but the node says '{str(c.get('name'))[:60]}'")
+    return pid, name
+
+
+def _same_client(reply: Any, m: Member) -> None:
+    """A reply to a request sent to `m`'s node must speak for `m`: no claiming another client's slot."""
+    c = dict(reply.config_records["client"])
+    if c.get("partition-id") != m.partition or c.get("name") != m.name:
+        raise BadReply(f"the reply from client '{m.name}' (partition {m.partition}) says it is "
+                       f"'{str(c.get('name'))[:60]}' (partition {c.get('partition-id')!r})")
+
+
+def _size(reply: Any, cfg: FedMKTConfig) -> None:
+    size = wire.record_bytes(reply)
+    if size > cfg.flower.max_payload_bytes:
+        raise BadReply(f"the reply carries {size} bytes, over flower.max_payload_bytes={cfg.flower.max_payload_bytes}")
+
+
+def _number(record: Any, key: str, lo: float = -math.inf, hi: float = math.inf, integer: bool = False,
+            required: bool = True) -> float | None:
+    v = dict(record).get(key)
+    if v is None and not required:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi \
+            or (integer and v != int(v)):
+        kind = "an integer" if integer else "a finite number"
+        raise BadReply(f"'{key}' must be {kind} in [{lo:g}, {hi:g}], got {v!r}"[:REASON_CHARS])
+    return int(v) if integer else float(v)
+
+
+def _eval_record(reply: Any, key: str) -> dict[str, float] | None:
+    """An evaluation record (`eval`, `eval-before`), if any: the report's metrics, finite and in range."""
+    if key not in reply.metric_records:
+        return None
+    record = reply.metric_records[key]
+    unknown = sorted(k for k in record.keys() if k not in EVAL_KEYS)
+    if unknown:
+        raise BadReply(f"'{key}' has unexpected metrics {unknown[:3]}"[:REASON_CHARS])
+    out = {k: _number(record, k, 0.0, 1.0 if k in ("rougeL", "exact_match") else math.inf, required=k != "perplexity")
+           for k in EVAL_KEYS}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def check_local(reply: Any, m: Member, cfg: FedMKTConfig) -> dict[str, Any]:
+    """A local-step reply from client `m`: its public set and tokenizer must be the server's, its
+    payload must fit the server's vocabulary and answer positions."""
+    f = m.facts
+    _size(reply, cfg)
+    c = dict(reply.config_records["client"])
+    if c.get("public") != f.public_fp:
+        raise BadReply(f"client '{m.name}' holds a different public set (fingerprint {str(c.get('public'))[:40]}, "
+                       f"expected {f.public_fp}): every party needs the same data.train and data settings")
+    if c.get("fingerprint") != f.fingerprint or c.get("vocab-size") != f.vocab_size:
+        raise BadReply(f"client '{m.name}' uses another tokenizer than the server ({c.get('vocab-size')!r} tokens, "
+                       f"fingerprint {str(c.get('fingerprint'))[:40]}): over Flower every party must share the server's "
+                       "tokenizer; run heterogeneous tokenizers with `kdflow fedmkt`")
+    positions = wire.read_array(reply.array_records["positions"]["positions"], f"answer positions from '{m.name}'",
+                                ("int64",), (len(f.positions),))
+    if positions.tolist() != f.positions:
+        n = int(np.argmax(positions != np.asarray(f.positions)))
+        raise BadReply(f"client '{m.name}' counts {int(positions[n])} answer positions in public sample {n} where the "
+                       f"server's tokenization has {f.positions[n]}: the parties do not share the public set or the "
+                       "data settings")
+    out = wire.from_array_record(reply.array_records["payload"], sender=m.name, vocab_size=f.vocab_size,
+                                 k=cfg.fedmkt.top_k, positions=f.positions, max_bytes=cfg.flower.max_payload_bytes,
+                                 finite_support=cfg.fedmkt.divergence == "rkl")
+    metrics = reply.metric_records["metrics"]
+    return {"payload": out, "loss": _number(metrics, "loss.private", 0.0, required=False),
+            "eval-before": _eval_record(reply, "eval-before")}
+
+
+def check_update(reply: Any, m: Member, cfg: FedMKTConfig) -> dict[str, Any]:
+    """An update reply from client `m`: who it is, its selection shares and loss, evaluation, and for
+    FedAvg its adapter and private row count (the adapter's layout is compared across clients later)."""
+    _size(reply, cfg)
+    _same_client(reply, m)
+    metrics = reply.metric_records["metrics"]
+    sel = reply.metric_records["selected"]
+    unknown = sorted(k for k in sel.keys() if k not in ("skipped", "own", m.facts.server))
+    if unknown:
+        raise BadReply(f"'selected' names {unknown[:3]}, expected skipped, own, {m.facts.server}")
+    out = {"loss": _number(metrics, "loss.public", 0.0, required=False),
+           "selected": {k: _number(sel, k, 0.0, 1.0) for k in sel.keys()}, "eval": _eval_record(reply, "eval")}
+    if cfg.fedmkt.fedavg:
+        from kdflow.federated.flower_client import adapter_layout
+
+        # FedAvg weighs each adapter by its client's private rows: a count below 1 (or not a count)
+        # would make the weights meaningless or sum to 0.
+        out["private_rows"] = _number(metrics, "private_rows", 1, integer=True)
+        out["adapter"] = reply.array_records["adapter"]
+        out["layout"] = adapter_layout(out["adapter"])
+    return out
+
+
+def check_fedavg(reply: Any, m: Member, cfg: FedMKTConfig) -> dict[str, Any]:
+    _size(reply, cfg)
+    _same_client(reply, m)
+    return {"eval": _eval_record(reply, "eval")}
+
+
+def checked(check: Any, reply: Any, m: Member, cfg: FedMKTConfig) -> dict[str, Any]:
+    """`check(reply, m, cfg)` with any failure to read the reply (a missing record, a wrong type, a
+    malformed payload) turned into BadReply: nothing a client sends can stop the server."""
+    try:
+        return check(reply, m, cfg)
+    except BadReply:
+        raise
+    except wire.PayloadError as e:
+        raise BadReply(f"payload rejected: {e}"[:REASON_CHARS]) from None
+    except KeyError as e:
+        raise BadReply(f"malformed reply: no {e} record") from None
+    except (TypeError, ValueError, AttributeError, IndexError, OverflowError) as e:
+        raise BadReply(f"malformed reply: {type(e).__name__}: {e}"[:REASON_CHARS]) from None
+
+
+def leave_out(left: dict[str, str], name: str, reason: str, r: int, phase: str) -> None:
+    left[name] = reason
+    log(f"round {r}: client '{name}' left out of the {phase} phase ({reason})")
 
 
 def wait_for_nodes(transport: Transport, cfg: FedMKTConfig) -> list[int]:
@@ -118,54 +246,90 @@ def wait_for_nodes(transport: Transport, cfg: FedMKTConfig) -> list[int]:
     return nodes
 
 
-def local_phase(replies: dict[int, Any], nodes: list[int], cfg: FedMKTConfig, public_fp: str, n_public: int,
+def local_phase(replies: dict[int, Any], nodes: list[int], cfg: FedMKTConfig, facts: Facts,
                 refused: dict[int, str], left: dict[str, str], rec: dict[str, Any],
-                known: dict[int, Member] | None = None) -> dict[int, tuple[Member, wire.PublicOutputs, Any]]:
-    """partition -> (member, validated payload, reply) from the local-step replies, in the config's
-    client order; everything else ends in `left` (a configured client; `known` maps the nodes seen
-    in earlier rounds to their clients) or `refused` (a node that is no client of this run and is
-    not asked again)."""
-    got: dict[int, tuple[Member, wire.PublicOutputs, Any]] = {}
+                known: dict[int, Member] | None = None) -> dict[int, tuple[Member, dict[str, Any]]]:
+    """partition -> (member, checked reply) from the local-step replies, in the config's client order;
+    everything else ends in `left` (a configured client) or `refused` (a node that is no client of
+    this run, or claims a slot another node holds; it is not asked again).
+
+    `known` maps nodes to the clients they were accepted as (across rounds). A node keeps its client:
+    a reply claiming another one is refused. When two nodes claim one client, the node that held it
+    before keeps it (a restarted SuperNode, with a new node id, takes it over only from a holder that
+    did not claim it this round); otherwise the lowest node id does.
+    """
     known = {} if known is None else known
-    timeout = cfg.flower.reply_timeout
+    r, timeout = rec["round"], cfg.flower.reply_timeout
+    claims: dict[int, list[int]] = {}
     for node in nodes:
         rep = replies.get(node)
         problem = reply_problem(rep, timeout)
         if problem:
             if node in known:
-                left[known[node].name] = problem
-                log(f"round {rec['round']}: client '{known[node].name}' left out ({problem})")
+                leave_out(left, known[node].name, problem, r, "local")
             else:
                 rec["node_errors"][str(node)] = problem
-                log(f"round {rec['round']}: node {node}: {problem}")
+                log(f"round {r}: node {node}: {problem}")
             continue
         try:
-            m = read_identity(rep, cfg, node, public_fp, n_public)
-        except (ValueError, KeyError, TypeError) as e:
-            refused[node] = str(e)
-            log(f"node {node} refused: {e}")
+            pid, name = identify(rep, cfg)
+        except (BadReply, KeyError, TypeError, ValueError, AttributeError) as e:
+            refused[node] = str(e)[:REASON_CHARS]
+            log(f"node {node} refused: {refused[node]}")
             continue
+        if node in known and known[node].partition != pid:
+            refused[node] = f"node {node} answered as client '{known[node].name}' before and now claims '{name}'"
+            leave_out(left, known[node].name, refused[node], r, "local")
+            continue
+        claims.setdefault(pid, []).append(node)
+    got: dict[int, tuple[Member, dict[str, Any]]] = {}
+    for pid, claimants in sorted(claims.items()):
+        name = cfg.clients[pid].name
+        holders = [n for n in claimants if n in known]
+        node = holders[0] if holders else claimants[0]
+        for other in claimants:
+            if other != node:
+                refused[other] = f"claims client '{name}', which node {node} holds"
+                log(f"round {r}: node {other} refused: {refused[other]}")
+        m = Member(node, pid, name, facts)
         known[node] = m
-        if m.partition in got:
-            log(f"round {rec['round']}: nodes {got[m.partition][0].node} and {node} both claim client '{m.name}'; "
-                "keeping the first")
-            continue
         try:
-            record = rep.array_records["payload"]
-            out = wire.from_array_record(record, sender=m.name, vocab_size=m.vocab_size, k=cfg.fedmkt.top_k,
-                                         positions=m.positions, max_bytes=cfg.flower.max_payload_bytes)
-        except (wire.PayloadError, KeyError) as e:
-            left[m.name] = f"payload rejected: {e}"
-            log(f"round {rec['round']}: client '{m.name}' left out ({left[m.name]})")
+            content = checked(check_local, replies[node], m, cfg)
+        except BadReply as e:
+            leave_out(left, name, str(e), r, "local")
             continue
-        got[m.partition] = (m, out, rep)
-        rec["bytes_up"][m.name] = wire.record_nbytes(record)
-        rec["loss"][f"{m.name}/private"] = dict(rep.metric_records["metrics"]).get("loss.private")
+        got[pid] = (m, content)
+        rec["bytes_up"][name] = wire.record_nbytes(replies[node].array_records["payload"])
+        rec["loss"][f"{name}/private"] = content["loss"]
     errors = "; ".join(f"node {n}: {e}" for n, e in rec["node_errors"].items())
     for pid, spec in enumerate(cfg.clients):
         if pid not in got and spec.name not in left:
             left[spec.name] = "no reply" + (f" (unidentified {errors})" if errors else "")
     return dict(sorted(got.items()))
+
+
+def update_phase(replies: dict[int, Any], members: list[Member], cfg: FedMKTConfig, left: dict[str, str],
+                 r: int) -> dict[int, tuple[Member, dict[str, Any]]]:
+    """partition -> (member, checked reply) for the update replies; the others are left out."""
+    done = {}
+    for m in members:
+        rep = replies.get(m.node)
+        problem = reply_problem(rep, cfg.flower.reply_timeout)
+        try:
+            if problem:
+                raise BadReply(problem)
+            done[m.partition] = (m, checked(check_update, rep, m, cfg))
+        except BadReply as e:
+            leave_out(left, m.name, str(e), r, "update")
+    return done
+
+
+def majority_layout(done: dict[int, tuple[Member, dict[str, Any]]]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """The adapter layout (names, dtypes, shapes) most clients sent; ties go to the lower partition.
+    Homogeneous clients (checked at config time) all send one layout, so a client whose adapter
+    differs is the odd one out, and cannot make the others' adapters be refused by replying first."""
+    layouts = [content["layout"] for _, content in done.values()]
+    return max(layouts, key=lambda lay: (sum(lay == other for other in layouts), -layouts.index(lay)))
 
 
 def _task(**values: Any) -> Any:
@@ -186,13 +350,14 @@ def run_server(transport: Transport, cfg: FedMKTConfig) -> dict[str, Any]:
     from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
     from kdflow.data import encode_rows, partition_rows, read_rows, rows_fingerprint
-    from kdflow.federated.fedmkt import load_base, make_party, public_outputs, server_step
+    from kdflow.federated.fedmkt import check_config, load_base, make_party, public_outputs, server_step
     from kdflow.federated.simulation import _load_round, _save_round, evaluate_party
     from kdflow.report import write_json
     from kdflow.training import setup_run
 
     if not cfg.clients:
         raise FlowerRunError("fedmkt needs at least one client under `clients:`")
+    check_config(cfg, baselines=False)
     if cfg.flower.min_clients > len(cfg.clients):
         raise FlowerRunError(f"flower.min_clients={cfg.flower.min_clients} exceeds the {len(cfg.clients)} clients")
     out_dir = setup_run(cfg.output_dir, cfg, cfg.seed, cfg.train.num_threads)
@@ -214,13 +379,13 @@ def run_server(transport: Transport, cfg: FedMKTConfig) -> dict[str, Any]:
         log(f"fedmkt-flower: resuming after round {start}")
     if server_out is None:
         server_out = public_outputs(server, cfg.fedmkt.top_k, cfg.fedmkt.temperature, cfg.eval.batch_size)
-    public_fp = rows_fingerprint(public_rows)
+    facts = Facts(server.name, rows_fingerprint(public_rows), server.vocab_size, server.fingerprint, server.positions())
     if not history:
         history.append({"round": 0, "eval": {server.name: evaluate_party(server, test_rows, cfg)}})
     wait_for_nodes(transport, cfg)
     f, timeout = cfg.flower, cfg.flower.reply_timeout
     refused: dict[int, str] = {}  # nodes that are no client of this run
-    known: dict[int, Any] = {}  # node -> the client it said it is
+    known: dict[int, Member] = {}  # node -> the client it was accepted as
     for r in range(start + 1, cfg.fedmkt.rounds + 1):
         t0 = time.time()
         rec: dict[str, Any] = {"round": r, "bytes_up": {}, "bytes_down": {}, "selected": {}, "loss": {},
@@ -232,16 +397,15 @@ def run_server(transport: Transport, cfg: FedMKTConfig) -> dict[str, Any]:
         first = len(history) == 1  # round 0 still lacks the clients' own evaluation
         request = RecordDict({"task": _task(round=r, **{"evaluate-before": first})})
         replies = transport.ask({n: ("train", request) for n in nodes}, timeout, f"{r}.local")
-        outs = local_phase(replies, nodes, cfg, public_fp, len(server.public), refused, left, rec, known)
+        outs = local_phase(replies, nodes, cfg, facts, refused, left, rec, known)
         if first:
-            history[0]["eval"].update({m.name: dict(rep.metric_records["eval-before"])
-                                       for m, _, rep in outs.values() if "eval-before" in rep.metric_records})
+            history[0]["eval"].update({m.name: c["eval-before"] for m, c in outs.values() if c["eval-before"] is not None})
         _need(len(outs), cfg, r, "local", left)
 
         # Steps 4-7, the clients in the config's order.
         order = sorted(outs)
         server_out, info = server_step(server, server_out, [outs[p][0].peer() for p in order],
-                                       [outs[p][1] for p in order], cfg, r)
+                                       [outs[p][1]["payload"] for p in order], cfg, r)
         rec["selected"][server.name] = info["selected"]
         rec["loss"][f"{server.name}/public"] = info["logs"][-1]["loss"] if info["logs"] else None
 
@@ -255,36 +419,21 @@ def run_server(transport: Transport, cfg: FedMKTConfig) -> dict[str, Any]:
             "payload": payload})
         requests = {outs[p][0].node: ("train.update", request) for p in order}
         replies = transport.ask(requests, timeout, f"{r}.update")
-        done: dict[int, Any] = {}
+        done = update_phase(replies, [outs[p][0] for p in order], cfg, left, r)
         evals: dict[str, dict[str, float]] = {}
-        for p in order:
-            m = outs[p][0]
-            rep = replies.get(m.node)
-            problem = reply_problem(rep, timeout)
-            if problem:
-                left[m.name] = problem
-                log(f"round {r}: client '{m.name}' left out of the update ({problem})")
-                continue
-            try:
-                selected, loss = dict(rep.metric_records["selected"]), dict(rep.metric_records["metrics"]).get("loss.public")
-                ev = dict(rep.metric_records["eval"]) if "eval" in rep.metric_records else None
-            except (KeyError, TypeError, AttributeError) as e:
-                left[m.name] = f"malformed update reply: {e!r}"
-                log(f"round {r}: client '{m.name}' left out of the update ({left[m.name]})")
-                continue
-            done[p] = rep
+        for m, c in done.values():
             rec["bytes_down"][m.name] = wire.record_nbytes(payload)
-            rec["selected"][m.name] = selected
-            rec["loss"][f"{m.name}/public"] = loss
-            if ev is not None:
-                evals[m.name] = ev
+            rec["selected"][m.name] = c["selected"]
+            rec["loss"][f"{m.name}/public"] = c["loss"]
+            if c["eval"] is not None:
+                evals[m.name] = c["eval"]
         _need(len(done), cfg, r, "update", left)
 
         if cfg.fedmkt.fedavg:
-            evals.update(_fedavg(transport, cfg, r, {p: (outs[p][0], rep) for p, rep in done.items()}, evaluate, left))
+            evals.update(_fedavg(transport, cfg, r, done, evaluate, left))
         if evaluate:
             rec["eval"] = {server.name: evaluate_party(server, test_rows, cfg), **evals}
-        rec["clients"] = [outs[p][0].name for p in done if outs[p][0].name not in left]
+        rec["clients"] = [m.name for m, _ in done.values() if m.name not in left]
         if not rec["node_errors"]:
             del rec["node_errors"]
         rec["seconds"] = time.time() - t0
@@ -303,8 +452,8 @@ def run_server(transport: Transport, cfg: FedMKTConfig) -> dict[str, Any]:
     return metrics
 
 
-def _fedavg(transport: Transport, cfg: FedMKTConfig, r: int, done: dict[int, tuple[Member, Any]], evaluate: bool,
-            left: dict[str, str]) -> dict[str, dict[str, float]]:
+def _fedavg(transport: Transport, cfg: FedMKTConfig, r: int, done: dict[int, tuple[Member, dict[str, Any]]],
+            evaluate: bool, left: dict[str, str]) -> dict[str, dict[str, float]]:
     """FedAvg of the adapters the clients sent with their update replies, sent back to them."""
     import torch
     from flwr.app import Array, ArrayRecord, RecordDict
@@ -312,16 +461,19 @@ def _fedavg(transport: Transport, cfg: FedMKTConfig, r: int, done: dict[int, tup
     from kdflow.federated.fedmkt import average_adapters
     from kdflow.federated.flower_client import read_adapter
 
-    first = next(iter(done.values()))[1].array_records["adapter"]
-    reference = {k: torch.from_numpy(first[k].numpy()) for k in first.keys()}
+    layout = majority_layout(done)
     states, sizes, members = [], [], []
-    for p, (m, rep) in done.items():
+    for m, c in done.values():
         try:
-            states.append({k: torch.from_numpy(v) for k, v in read_adapter(rep.array_records["adapter"], reference, m.name).items()})
-            sizes.append(int(dict(rep.metric_records["metrics"])["private_rows"]))
-            members.append(m)
-        except (wire.PayloadError, KeyError) as e:
-            left[m.name] = f"adapter rejected: {e}"
+            if c["layout"] != layout:
+                raise BadReply("its adapter's parameters, dtypes or shapes differ from the other clients'")
+            arrays = checked(lambda rep, m_, cfg_: read_adapter(rep, layout, m_.name), c["adapter"], m, cfg)
+        except BadReply as e:
+            leave_out(left, m.name, f"adapter rejected: {e}", r, "fedavg")
+            continue
+        states.append({k: torch.from_numpy(v) for k, v in arrays.items()})
+        sizes.append(c["private_rows"])
+        members.append(m)
     _need(len(states), cfg, r, "fedavg", left)
     avg = ArrayRecord({k: Array(v.numpy()) for k, v in average_adapters(states, sizes).items()})
     replies = transport.ask({m.node: ("train.fedavg", RecordDict({"task": _task(round=r, evaluate=evaluate), "adapter": avg}))
@@ -330,10 +482,15 @@ def _fedavg(transport: Transport, cfg: FedMKTConfig, r: int, done: dict[int, tup
     for m in members:
         rep = replies.get(m.node)
         problem = reply_problem(rep, cfg.flower.reply_timeout)
-        if problem:
-            left[m.name] = problem
-        elif "eval" in rep.metric_records:
-            evals[m.name] = dict(rep.metric_records["eval"])
+        try:
+            if problem:
+                raise BadReply(problem)
+            ev = checked(check_fedavg, rep, m, cfg)["eval"]
+        except BadReply as e:
+            leave_out(left, m.name, str(e), r, "fedavg")
+            continue
+        if ev is not None:
+            evals[m.name] = ev
     return evals
 
 

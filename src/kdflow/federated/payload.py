@@ -5,10 +5,16 @@ A payload is a dict of numpy arrays (never pickled):
     logp       [P, k]  float16 — top-k log-probs at the transfer temperature
     tail_logp  [P]     float32 — log of the mass outside the k ids
     offsets    [N + 1] int64 — sample n owns rows offsets[n]:offsets[n+1] (its answer positions)
-    ce         [N]     float32 — mean cross-entropy over the sample's answer tokens
+    ce         [N]     float32 — mean cross-entropy over the sample's answer tokens (per token, in
+                       the sender's tokenization; a receiver with another tokenizer converts it to
+                       NLL per answer character before comparing: `fedmkt.selection_scores`)
 P counts answer positions of the N public samples in the sender's own tokenization, which the
 receiver can recompute (the public set and tokenizers are shared; private data never is), so
-every shape is checked against what the receiver expects.
+every shape is checked against what the receiver expects — the receiver's own facts (its
+vocabulary, its tokenization of the public set), never the sender's claims. Each position must be a
+distribution: distinct ids, probabilities (top-k plus tail) summing to 1, and with
+`finite_support` (reverse KL, which is infinite wherever the sender gives zero probability) no
+zero-probability id or tail.
 
 Over Flower the same arrays travel in an `ArrayRecord` (`to_array_record` / `from_array_record`):
 each field is one or more arrays named `<field>.<i>`, split along the position axis so that no
@@ -67,8 +73,12 @@ def nbytes(arrays: dict[str, np.ndarray]) -> int:
     return int(sum(a.nbytes for a in arrays.values()))
 
 
+# How far a position's total probability (top-k + tail, log-probs in float16) may be from 1.
+MASS_TOLERANCE = 0.05
+
+
 def decode(arrays: dict[str, np.ndarray], *, sender: str, vocab_size: int, k: int, positions: list[int],
-           max_bytes: int = 2**31 - 1) -> PublicOutputs:
+           max_bytes: int = 2**31 - 1, finite_support: bool = False) -> PublicOutputs:
     """Validate a received payload against what the receiver expects; one clear error if it is not."""
     missing = [f for f in FIELDS if f not in arrays]
     extra = [f for f in arrays if f not in FIELDS]
@@ -105,6 +115,23 @@ def decode(arrays: dict[str, np.ndarray], *, sender: str, vocab_size: int, k: in
     tail = arrays["tail_logp"]
     if np.isnan(tail).any() or (tail > 1e-3).any():
         raise PayloadError(f"payload from {sender}: tail log-mass must be <= 0 and not NaN")
+    if ids.size:
+        srt = np.sort(ids, axis=1)
+        dup = (srt[:, 1:] == srt[:, :-1]).any(1)
+        if dup.any():
+            raise PayloadError(f"payload from {sender}: position {int(np.argmax(dup))} lists a token id twice")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mass = np.logaddexp(np.logaddexp.reduce(lp, axis=1), tail.astype(np.float32))
+    bad = ~(np.abs(mass) <= MASS_TOLERANCE)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise PayloadError(f"payload from {sender}: the probabilities at position {i} sum to {float(np.exp(mass[i])):.3g}, "
+                           "not 1 (top-k plus tail)")
+    if finite_support:
+        zero = np.isneginf(lp).any(1) | (np.isneginf(tail) & (ids.shape[1] < vocab_size))
+        if zero.any():
+            raise PayloadError(f"payload from {sender}: position {int(np.argmax(zero))} gives a token or its tail "
+                               "probability 0, where reverse KL (fedmkt.divergence=rkl) is infinite")
     ce = arrays["ce"]
     if not np.isfinite(ce).all() or (ce < 0).any():
         raise PayloadError(f"payload from {sender}: per-sample cross-entropies must be finite and >= 0")
@@ -149,11 +176,42 @@ def to_array_record(arrays: dict[str, np.ndarray], chunk_bytes: int = 64 * 2**20
     return record
 
 
+def read_array(arr: Any, what: str, dtypes: tuple[str, ...], shape: tuple[int | None, ...] | None = None) -> np.ndarray:
+    """One received Flower `Array` as NumPy: its serialisation, dtype, declared shape and byte count
+    are checked before its bytes are read (NumPy's .npy format, allow_pickle=False); `None` in
+    `shape` accepts any length on that axis."""
+    from flwr.app import Array
+
+    if not isinstance(arr, Array) or arr.stype != "numpy.ndarray":
+        raise PayloadError(f"{what} is serialised as '{getattr(arr, 'stype', type(arr).__name__)}', not a NumPy array")
+    if arr.dtype not in dtypes:
+        raise PayloadError(f"{what} must be {' or '.join(dtypes)}, got {arr.dtype}")
+    declared = tuple(arr.shape)
+    if any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in declared) or (
+            shape is not None and (len(declared) != len(shape) or any(s is not None and d != s for d, s in zip(declared, shape)))):
+        raise PayloadError(f"{what} has shape {list(declared)}" + (f", expected {list(shape)}" if shape is not None else ""))
+    size = int(np.prod(declared, dtype=np.int64)) * np.dtype(arr.dtype).itemsize
+    if len(arr.data) > size + 4096:
+        raise PayloadError(f"{what} carries {len(arr.data)} bytes for shape {list(declared)}")
+    try:
+        a = arr.numpy()  # np.load(allow_pickle=False)
+    except Exception as e:  # a malformed .npy buffer
+        raise PayloadError(f"{what} is not a readable NumPy array ({e})") from None
+    if str(a.dtype) != arr.dtype or tuple(a.shape) != declared:
+        raise PayloadError(f"{what} holds {a.dtype}{list(a.shape)}, declared {arr.dtype}{list(declared)}")
+    return a
+
+
+def record_bytes(content: Any) -> int:
+    """Bytes carried by all arrays of a received RecordDict (counted before any is read)."""
+    return int(sum(len(a.data) for rec in content.array_records.values() for a in rec.values()))
+
+
 _KEY = re.compile(r"^([a-z_]+)\.(0|[1-9][0-9]{0,8})$")
 
 
 def from_array_record(record: Any, *, sender: str, vocab_size: int, k: int, positions: list[int],
-                      max_bytes: int = 2**31 - 1) -> PublicOutputs:
+                      max_bytes: int = 2**31 - 1, finite_support: bool = False) -> PublicOutputs:
     """Read a received `ArrayRecord` back into `PublicOutputs`, rejecting it (PayloadError) unless every
     chunk is a plain NumPy array of the field's dtype and the right shape, the chunks are complete,
     the total size is within `max_bytes`, and the joined payload passes `decode`'s checks."""
@@ -195,18 +253,10 @@ def from_array_record(record: Any, *, sender: str, vocab_size: int, k: int, posi
                 raise PayloadError(f"payload from {sender}: '{name}.{i}' carries {len(arr.data)} bytes for shape {shape}")
     arrays = {}
     for name, parts in chunks.items():
-        pieces = []
-        for i in range(len(parts)):
-            try:
-                a = parts[i].numpy()  # np.load(allow_pickle=False)
-            except Exception as e:  # a malformed .npy buffer
-                raise PayloadError(f"payload from {sender}: '{name}.{i}' is not a readable NumPy array ({e})") from None
-            if str(a.dtype) != parts[i].dtype or tuple(a.shape) != tuple(parts[i].shape):
-                raise PayloadError(f"payload from {sender}: '{name}.{i}' holds {a.dtype}{list(a.shape)}, declared "
-                                   f"{parts[i].dtype}{list(parts[i].shape)}")
-            pieces.append(a)
+        pieces = [read_array(parts[i], f"payload from {sender}: '{name}.{i}'", DTYPES[name]) for i in range(len(parts))]
         arrays[name] = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
-    return decode(arrays, sender=sender, vocab_size=vocab_size, k=k, positions=positions, max_bytes=max_bytes)
+    return decode(arrays, sender=sender, vocab_size=vocab_size, k=k, positions=positions, max_bytes=max_bytes,
+                  finite_support=finite_support)
 
 
 def record_nbytes(record: Any) -> int:

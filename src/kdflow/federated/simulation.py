@@ -20,7 +20,7 @@ from kdflow.data import Rows, encode_rows, partition_rows, read_rows, rows_finge
 from kdflow.errors import ConfigError
 from kdflow.evaluate import evaluate_model
 from kdflow.federated import payload as wire
-from kdflow.federated.fedmkt import (Bridges, Party, client_local_step, client_update_step, fedavg, load_base,
+from kdflow.federated.fedmkt import (Bridges, Party, check_config, client_local_step, client_update_step, fedavg, load_base,
                                      load_party_state, make_party, public_outputs, save_party_state, send, server_step,
                                      train_phase)
 from kdflow.report import atomic_folder, plot_curves, write_atomic, write_json
@@ -142,7 +142,7 @@ def run_rounds(world: World, out_dir: Path, label: str = "fedmkt", train_server:
         client_outs = []
         for c in clients:
             out, logs = client_local_step(c, cfg, r)
-            out, nbytes = send(out, c, c.positions(), cfg.fedmkt.top_k)  # client -> server
+            out, nbytes = send(out, c, c.positions(), cfg.fedmkt.top_k, cfg.fedmkt.divergence)  # client -> server
             rec["bytes_up"][c.name] = nbytes
             rec["loss"][f"{c.name}/private"] = logs[-1]["loss"] if logs else None
             client_outs.append(out)
@@ -152,7 +152,7 @@ def run_rounds(world: World, out_dir: Path, label: str = "fedmkt", train_server:
             rec["selected"][server.name] = info["selected"]
             rec["loss"][f"{server.name}/public"] = info["logs"][-1]["loss"] if info["logs"] else None
         for c, c_out in zip(clients, client_outs):
-            received, nbytes = send(server_out, server, server.positions(), cfg.fedmkt.top_k)  # server -> client
+            received, nbytes = send(server_out, server, server.positions(), cfg.fedmkt.top_k, cfg.fedmkt.divergence)  # server -> client
             rec["bytes_down"][c.name] = nbytes
             info_c = client_update_step(c, c_out, server, received, cfg, r, bridges=world.bridges)
             rec["selected"][c.name] = info_c["selected"]
@@ -224,6 +224,7 @@ def run_baseline(name: str, world: World, out_dir: Path) -> dict[str, dict[str, 
 
 
 def run_fedmkt(cfg: FedMKTConfig) -> dict[str, Any]:
+    check_config(cfg)
     out = setup_run(cfg.output_dir, cfg, cfg.seed, cfg.train.num_threads)
     world = World(cfg)
     names = [cfg.server.name] + [c.name for c in cfg.clients]
