@@ -233,8 +233,8 @@ def test_a_node_cannot_take_another_clients_slot():
     assert got == {0: 5}
     assert refused[2] == "claims client 'c1', which node 5 holds"
     assert "node 6 answered as client 'c2' before and now claims 'c1'" in left["c2"] and 6 in refused
-    # round 3: c1's node is gone (a restarted SuperNode has a new id): the new node takes c1 over
-    assert phase(3, {9: c1})[0] == {0: 9}
+    # round 3: c1's node failed (a restarted SuperNode has a new id): the new node takes c1 over
+    assert phase(3, {5: "failed: killed", 9: c1}) == ({0: 9}, {"c2": "no reply"})
 
 
 @pytest.mark.parametrize("case,match", [

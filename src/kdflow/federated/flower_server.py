@@ -299,6 +299,7 @@ def local_phase(replies: dict[int, Any], nodes: list[int], cfg: FedMKTConfig, fa
             leave_out(left, name, str(e), r, "local")
             continue
         got[pid] = (m, content)
+        left.pop(name, None)  # its earlier node failed this round, but its new node answered
         rec["bytes_up"][name] = wire.record_nbytes(replies[node].array_records["payload"])
         rec["loss"][f"{name}/private"] = content["loss"]
     errors = "; ".join(f"node {n}: {e}" for n, e in rec["node_errors"].items())
