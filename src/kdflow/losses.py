@@ -282,7 +282,7 @@ class DenseTeacher:
     """An online teacher given by its final hidden states at the KD rows and its output head."""
 
     hidden: torch.Tensor  # [N_kd, H_teacher]
-    head: torch.nn.Module
+    head: Callable[[torch.Tensor], torch.Tensor]  # models.output_head, or an identity over logits
 
     def logits(self, index: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -304,7 +304,7 @@ class HeadLossSpec:
     chunk_tokens: int = 0
 
 
-def head_losses(hidden: torch.Tensor, head: torch.nn.Module, ce_targets: torch.Tensor, kd_rows: torch.Tensor,
+def head_losses(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], ce_targets: torch.Tensor, kd_rows: torch.Tensor,
                 teacher: "DenseTeacher | TopKTargets | None", spec: HeadLossSpec) -> dict[str, tuple[torch.Tensor, int]]:
     """CE and KD sums computed from the student's final hidden states, `chunk_tokens` rows at a time.
 
