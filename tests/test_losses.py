@@ -302,3 +302,21 @@ def test_topk_covering_the_vocabulary_with_rounded_mass_stays_finite(name):
     sparse, _ = topk_kd_sum(s, targets, fn, 1.0, "tail")
     dense, _ = kd_sum(s, t, fn, 1.0)
     assert torch.isfinite(sparse) and torch.allclose(sparse, dense, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("chunk", [0, 5])
+def test_ce_over_a_padded_head_is_the_same_for_sft_and_kd(chunk):
+    """A student head larger than the tokenizer (padded rows with large logits): the CE of a CE-only
+    run (sft) equals the CE term of a KD run, and both are the CE over the tokenizer's logits only."""
+    head, t_head, hidden, targets, kd_rows, t_hidden = _head_setup()
+    V = 40
+    padded = torch.nn.Linear(8, V + 6, bias=False)
+    with torch.no_grad():
+        padded.weight[:V] = head.weight
+        padded.weight[V:] = 4.0 * hidden.detach().mean(0)  # padded rows that would take real mass
+    in_ce = targets != -100
+    ref = F.cross_entropy(head(hidden)[in_ce], targets[in_ce], reduction="sum")
+    sft = head_losses(hidden, padded, targets, kd_rows, None, HeadLossSpec(vocab_size=V, chunk_tokens=chunk))
+    kd = head_losses(hidden, padded, targets, kd_rows, DenseTeacher(t_hidden, t_head),
+                     HeadLossSpec(kind="soft", divergence=get_divergence("fkl"), vocab_size=V, chunk_tokens=chunk))
+    assert torch.allclose(sft["ce"][0], ref, atol=1e-4) and torch.allclose(kd["ce"][0], ref, atol=1e-4)

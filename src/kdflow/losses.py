@@ -300,7 +300,7 @@ class HeadLossSpec:
     divergence: Divergence | None = None
     temperature: float = 1.0
     sparse_mode: str = "tail"
-    vocab_size: int | None = None
+    vocab_size: int | None = None  # len(tokenizer): logits past it (a padded head) are cut for every term
     chunk_tokens: int = 0
 
 
@@ -329,9 +329,10 @@ def head_losses(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tenso
 
     def chunk_fn(h: torch.Tensor, tgt: torch.Tensor, rows: torch.Tensor, t_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = head(h).float()
-        if V is not None and logits.shape[-1] > V and spec.kind != "none":
-            # heads padded past the tokenizer: CE targets are real tokens, so the padded rows only
-            # add probability mass nobody uses; cut once for both terms.
+        if V is not None and logits.shape[-1] > V:
+            # Heads padded past the tokenizer: the padded rows are no tokens, and their logits would
+            # take probability mass in the CE as in the KD term. Cut them whatever terms run, so that
+            # a CE-only run (sft) scores exactly what the CE term of a KD run scores.
             logits = logits[..., :V]
         in_ce = tgt != -100
         soft = spec.kind == "soft" and bool(rows.any())

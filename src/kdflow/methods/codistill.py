@@ -200,10 +200,10 @@ def peer_loss_sums(i: int, peers: list[Peer], outs: list[PeerOutputs], spec: Hea
                    top_k: int = 64) -> dict[str, tuple[torch.Tensor, int]]:
     """Peer i's (sum, count) per term: "ce", and "kd:<j>" against every other peer j."""
     me = outs[i]
-    if spec.kind == "none":
-        return head_losses(me.hidden, me.head, me.ce_targets, me.kd_rows, None, spec)
     own = copy.copy(spec)
-    own.vocab_size = len(peers[i].tok)  # padded heads: compare real tokens only
+    own.vocab_size = len(peers[i].tok)  # padded heads: score and compare real tokens only
+    if spec.kind == "none":
+        return head_losses(me.hidden, me.head, me.ce_targets, me.kd_rows, None, own)
     sums: dict[str, tuple[torch.Tensor, int]] = {}
     for j, q in [(j, q) for j, q in enumerate(peers) if j != i]:
         ce_targets = me.ce_targets if "ce" not in sums else torch.full_like(me.ce_targets, -100)  # CE counted once

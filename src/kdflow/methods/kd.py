@@ -92,7 +92,7 @@ def make_distill_trainer_class() -> type:
                     teacher = DenseTeacher(t_hidden, t_head)
                 else:
                     teacher = batch_targets(inputs)
-            spec = self.spec if use_kd else HeadLossSpec(chunk_tokens=self.spec.chunk_tokens)
+            spec = self.spec if use_kd else HeadLossSpec(vocab_size=self.spec.vocab_size, chunk_tokens=self.spec.chunk_tokens)
             # Validation batches without cached targets score CE only.
             return head_losses(hidden, head, ce_targets, kd_mask[positions], teacher, spec)
 
