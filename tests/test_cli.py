@@ -108,3 +108,44 @@ def test_eval_verb(tmp_path, tiny_dirs, tiny_data, capsys):
     assert rc == 0
     m = json.loads(out.read_text())["metrics"]
     assert m["rows"] == 5 and m["answer_nll"] > 0 and 0 <= m["rougeL"] <= 1
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread, most of all when other jobs load the CPU."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_generation_uses_only_the_eval_settings(bpe_tok, one_thread):
+    """A checkpoint's generation_config extras (repetition_penalty, ...) do not change evaluation: greedy
+    generation equals a plain argmax loop over the model's logits."""
+    import torch
+
+    from kdflow.evaluate import generate
+
+    from conftest import tiny_llama
+
+    model = tiny_llama(bpe_tok, seed=3).eval()
+    prompts = [bpe_tok("Define the noun cat.").input_ids, bpe_tok("hello").input_ids]
+    eos = bpe_tok.eos_token_id
+    reference = []
+    with torch.no_grad():
+        for p in prompts:
+            ids, answer = list(p), []
+            for _ in range(8):
+                nxt = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+                if nxt == eos:
+                    break
+                answer.append(nxt)
+                ids.append(nxt)
+            reference.append(answer)
+    assert any(len(set(a)) < len(a) for a in reference)  # repeats tokens: a repetition penalty would matter
+    model.generation_config.repetition_penalty = 50.0
+    model.generation_config.no_repeat_ngram_size = 1
+    assert generate(model, bpe_tok, prompts, 8) == reference
+    assert model.generation_config.repetition_penalty == 50.0  # the model's own config is left as it was
