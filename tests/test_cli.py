@@ -149,3 +149,19 @@ def test_generation_uses_only_the_eval_settings(bpe_tok, one_thread):
     model.generation_config.no_repeat_ngram_size = 1
     assert generate(model, bpe_tok, prompts, 8) == reference
     assert model.generation_config.repetition_penalty == 50.0  # the model's own config is left as it was
+
+
+def test_bf16_run_reports_what_eval_of_the_saved_student_reports(tmp_path, tiny_dirs, tiny_data, one_thread):
+    """train.bf16: the report's "student (after)" is the saved student scored like `kdflow eval` scores it
+    (float32 weights, no autocast), not the Trainer's autocast-wrapped model."""
+    out = tmp_path / "bf16"
+    settings = ["eval.max_new_tokens=4", "eval.max_rows=4", "eval.batch_size=4"]
+    assert main(["distill", *base_args(tiny_dirs, tiny_data, out), "method=sft", "train.max_steps=1", "train.bf16=true",
+                 "evaluate_before=false", "evaluate_teacher=false", "data.max_train_rows=4", *settings]) == 0
+    report = json.loads((out / "metrics.json").read_text())["eval"]["student (after)"]
+    assert main(["eval", f"model.name={out / 'student'}", f"data.test={tiny_data['test']}",
+                 f"output={tmp_path / 'eval.json'}", *settings]) == 0
+    alone = json.loads((tmp_path / "eval.json").read_text())["metrics"]
+    # the same weights scored the same way on the same batches: equal to the last bit (autocast differs
+    # in the 7th digit here, the tiny model's logits being small)
+    assert report["answer_nll"] == alone["answer_nll"] and report["rougeL"] == alone["rougeL"]

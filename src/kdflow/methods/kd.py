@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from kdflow.config import DistillConfig, to_dict
+from kdflow.config import DistillConfig, ModelSpec, to_dict
 from kdflow.data import Collator, ListDataset, Rows, encode_rows, prompts_of, read_rows, rows_fingerprint, row_turns
 from kdflow.errors import ConfigError, DataError
 from kdflow.evaluate import EvalResult, evaluate_cached, format_table, generate
@@ -345,9 +345,13 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
     if cfg.student.lora.enabled:
         trainer.model.save_pretrained(out / "student_adapter")
 
-    model_after = trainer.model
     if test_rows is not None:
+        # Score the saved student exactly as `kdflow eval` scores it. The Trainer's model is not that:
+        # under train.bf16 its forward stays wrapped in autocast, and a LoRA adapter is not yet merged.
+        saved = ModelSpec(name=str(out / "student"), dtype=cfg.student.dtype, trust_remote_code=cfg.student.trust_remote_code)
+        model_after = load_model(saved).to(trainer.args.device)
         results["student (after)"] = _eval_cached(out, "student_after", model_after, tok, test_rows, cfg)
+        del model_after
         if cfg.evaluate_teacher and teacher is not None:
             results["teacher"] = _eval_cached(out, "teacher", teacher, teacher_tok, test_rows, cfg)
             results = {"teacher": results.pop("teacher"), **results}
