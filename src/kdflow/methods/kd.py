@@ -27,7 +27,7 @@ from kdflow.config import DistillConfig, ModelSpec, to_dict
 from kdflow.data import Collator, ListDataset, Rows, encode_rows, prompts_of, read_rows, rows_fingerprint, row_turns
 from kdflow.errors import ConfigError, DataError
 from kdflow.evaluate import EvalResult, evaluate_cached, format_table, generate
-from kdflow.losses import DenseTeacher, HeadLossSpec, check_sparse_divergence, get_divergence, head_losses, shifted_masks
+from kdflow.losses import DenseTeacher, HeadLossSpec, get_divergence, head_losses, shifted_masks
 from kdflow.models import (apply_lora, build_student, count_parameters, freeze, load_model, load_tokenizer,
                            model_identity, require_same_tokenizer, save_model, selected_hidden, tokenizer_fingerprint)
 from kdflow.teacher_cache import TeacherCache, batch_targets, build_cache, manifest_key, same_tokenizer_targets
@@ -271,11 +271,6 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
     t_start = time.time()
     train_rows, val_rows, test_rows = _read_splits(cfg)
     use_cache = cfg.teacher_cache.dir is not None and cfg.method in ("kd", "hard_token") and cfg.kd.kd_weight > 0
-    if use_cache and cfg.method == "kd":
-        try:
-            check_sparse_divergence(cfg.kd.divergence, cfg.kd.sparse_mode)
-        except ValueError as e:
-            raise ConfigError(f"kd.divergence={cfg.kd.divergence} with kd.sparse_mode={cfg.kd.sparse_mode}: {e}") from None
 
     if cfg.method != "sft" and not cfg.teacher.name:
         raise ConfigError(f"method {cfg.method} needs teacher.name")
