@@ -103,15 +103,22 @@ def make_distill_trainer_class() -> type:
 # Sequence-level KD: teacher answers generated once, cached beside the run
 
 
-def seqkd_rows(cfg: DistillConfig, rows: Rows, teacher: Any, teacher_tok: Any, out: Path) -> Rows:
+SEQKD_FORMAT = 2  # 2: each line records whether the answer was cut at max_new_tokens
+
+
+def seqkd_rows(cfg: DistillConfig, rows: Rows, teacher: Any, teacher_tok: Any, out: Path) -> tuple[Rows, list[bool]]:
     """Replace each row's answer by the teacher's generated answer (cached in a JSONL file).
 
+    Returns the rows and, per row, whether the teacher's answer was cut at seqkd.max_new_tokens
+    without ending: such an answer is trained on without an end (no EOS target, `encode_rows(...,
+    unended=...)`), so the student does not learn to stop where the teacher was stopped.
     The cache records the teacher, tokenizer, data and generation settings; a cache made with
     other settings is an error rather than silently reused. An interrupted generation resumes.
     """
     s = cfg.seqkd
     path = Path(s.cache_file) if s.cache_file else out / "seqkd_generations.jsonl"
     manifest = {
+        "format": SEQKD_FORMAT,
         "teacher": model_identity(cfg.teacher),
         "tokenizer": tokenizer_fingerprint(teacher_tok),
         "data": rows_fingerprint(rows),
@@ -122,8 +129,12 @@ def seqkd_rows(cfg: DistillConfig, rows: Rows, teacher: Any, teacher_tok: Any, o
     }
     man_path = path.with_suffix(".manifest.json")
     done: list[str] = []
+    cut: list[bool] = []
     if man_path.is_file():
         old = json.loads(man_path.read_text())
+        if old.get("format") != SEQKD_FORMAT:
+            raise DataError(f"{path} was written by an older kdflow that did not record which answers were cut at "
+                            f"seqkd.max_new_tokens; delete it and {man_path.name} to generate the answers again")
         if old != manifest:
             diff = [k for k in manifest if old.get(k) != manifest[k]]
             raise DataError(f"{path} was generated with other settings ({', '.join(diff)} differ); delete it or set seqkd.cache_file to a new file")
@@ -131,14 +142,18 @@ def seqkd_rows(cfg: DistillConfig, rows: Rows, teacher: Any, teacher_tok: Any, o
             with open(path, encoding="utf-8") as f:
                 for line in f:
                     try:
-                        done.append(json.loads(line)["response"])
-                    except (json.JSONDecodeError, KeyError):
+                        entry = json.loads(line)
+                        done.append(entry["response"])
+                        cut.append(bool(entry["truncated"]))
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        del done[len(cut):]
                         break  # a line cut by an interruption: regenerate from here
     else:
         write_json(man_path, manifest)
     prompts = prompts_of(rows, teacher_tok, cfg.data)
+    line = lambda text, truncated: json.dumps({"response": text, "truncated": truncated}, ensure_ascii=False) + "\n"  # noqa: E731
     if len(done) < len(prompts):
-        write_atomic(path, "".join(json.dumps({"response": r}, ensure_ascii=False) + "\n" for r in done))
+        write_atomic(path, "".join(line(r, c) for r, c in zip(done, cut)))
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(prompts), initial=len(done), desc="seqkd: teacher generates answers")
@@ -148,8 +163,11 @@ def seqkd_rows(cfg: DistillConfig, rows: Rows, teacher: Any, teacher_tok: Any, o
                                do_sample=s.do_sample, temperature=s.temperature, top_p=s.top_p, seed=s.seed + start)
                 for x in ids:
                     text = teacher_tok.decode(x, skip_special_tokens=True).strip() or teacher_tok.eos_token
+                    # generate() removes EOS: an answer as long as the limit never produced one
+                    truncated = len(x) >= s.max_new_tokens
                     done.append(text)
-                    f.write(json.dumps({"response": text}, ensure_ascii=False) + "\n")
+                    cut.append(truncated)
+                    f.write(line(text, truncated))
                 f.flush()
                 bar.update(len(ids))
         bar.close()
@@ -157,7 +175,7 @@ def seqkd_rows(cfg: DistillConfig, rows: Rows, teacher: Any, teacher_tok: Any, o
     for row, where, answer in zip(rows.items, rows.locations, done):
         turns = row_turns(row, where, cfg.data)
         items.append({"messages": turns.messages + [{"role": "assistant", "content": answer}]})
-    return Rows(f"{path} (teacher answers for {rows.source})", items, list(rows.locations))
+    return Rows(f"{path} (teacher answers for {rows.source})", items, list(rows.locations)), cut
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,9 +306,16 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
     student = build_student(cfg.student, teacher, cfg.teacher if cfg.teacher.name else None)
 
     # Encode (validates every row: missing fields, empty text, prompts over the limit).
+    seqkd_stats = None
+    unended: set[int] = set()
     if cfg.method == "seqkd":
-        train_rows = seqkd_rows(cfg, train_rows, teacher, teacher_tok, out)
-    train_examples = encode_rows(train_rows, tok, cfg.data)
+        train_rows, cut = seqkd_rows(cfg, train_rows, teacher, teacher_tok, out)
+        unended = {i for i, c in enumerate(cut) if c}
+        seqkd_stats = {"answers": len(cut), "truncated": len(unended), "max_new_tokens": cfg.seqkd.max_new_tokens}
+        if unended:
+            print(f"[kdflow] seqkd: {len(unended)} of {len(cut)} teacher answers reached seqkd.max_new_tokens="
+                  f"{cfg.seqkd.max_new_tokens} without ending; they are trained on without an end (no EOS target)")
+    train_examples = encode_rows(train_rows, tok, cfg.data, unended)
     val_examples = encode_rows(val_rows, tok, cfg.data) if val_rows is not None else None
     if test_rows is not None:
         encode_rows(test_rows.head(cfg.eval.max_rows), tok, cfg.data)
@@ -359,6 +384,7 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
                   "tokens_per_second": (_tokens_per_second(train_examples, trainer.state.global_step, cfg, train_seconds)
                                         if trained_now and not resume else None)},
         "token_scope": cfg.kd.token_scope,
+        "seqkd": seqkd_stats,
         "cross_tokenizer": None if cross is None else {
             "sequence": cfg.align.sequence, "unpaired": cfg.align.unpaired, "vocab_maps": cross.maps.info,
             "alignment": None if align_stats is None else dataclasses.asdict(align_stats)},
@@ -398,6 +424,10 @@ def _report(cfg: DistillConfig, metrics: dict[str, Any], results: dict[str, Eval
                      f"τ = {cfg.kd.temperature}, KD tokens: {cfg.kd.token_scope}")
     elif cfg.method == "hard_token":
         lines.append(f"- loss: {cfg.kd.kd_weight} · CE(teacher argmax) + {1 - cfg.kd.kd_weight:g} · CE, tokens: {cfg.kd.token_scope}")
+    elif cfg.method == "seqkd" and metrics.get("seqkd"):
+        q = metrics["seqkd"]
+        lines.append(f"- teacher answers: {q['answers']}, of which {q['truncated']} reached max_new_tokens="
+                     f"{q['max_new_tokens']} without ending (trained on without an EOS target)")
     t = metrics["train"]
     speed = f" ({t['tokens_per_second']:.0f} tokens/s)" if t["tokens_per_second"] else " (resumed)"
     lines.append(f"- training: {t['steps']} steps in {t['seconds']:.0f} s{speed}, data `{cfg.data.train}`")
