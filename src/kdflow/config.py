@@ -150,8 +150,11 @@ class TeacherCacheConfig:
 class AlignConfig:
     sequence: Literal["offsets", "dtw"] = opt(
         "offsets", "how teacher and student positions are paired when their tokenizers differ: offsets pairs positions "
-                   "whose next tokens begin at the same character of the answer (fast tokenizers); dtw aligns the token "
-                   "strings by dynamic time warping with an edit-distance cost (FedMKT's method, no offsets needed)")
+                   "that have read exactly the same answer text, spaces included (fast tokenizers); dtw, without "
+                   "offsets, aligns the text both token sequences spell character by character (edit-distance DTW) "
+                   "and pairs positions whose text read so far aligns. FedMKT's DTW over whole tokens is not used: it "
+                   "pairs tokens of different contexts when one tokenizer splits a word the other keeps whole "
+                   "(utiliz|e the: e with the)")
     unpaired: Literal["mask", "onehot_next"] = opt(
         "mask", "student positions with no teacher counterpart: mask leaves them out of the KD term; onehot_next "
                 "gives them a one-hot target on the student's own next token")
