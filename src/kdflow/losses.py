@@ -323,8 +323,9 @@ class HeadLossSpec:
     chunk_tokens: int = 0
 
 
-def head_losses(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], ce_targets: torch.Tensor, kd_rows: torch.Tensor,
-                teacher: "DenseTeacher | TopKTargets | None", spec: HeadLossSpec) -> dict[str, tuple[torch.Tensor, int]]:
+def head_losses(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], ce_targets: torch.Tensor,
+                kd_rows: torch.Tensor, teacher: "DenseTeacher | TopKTargets | None",
+                spec: HeadLossSpec) -> dict[str, tuple[torch.Tensor, int]]:
     """CE and KD sums computed from the student's final hidden states, `chunk_tokens` rows at a time.
 
     hidden:     [N, H] student hidden states at the selected positions

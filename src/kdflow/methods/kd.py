@@ -92,7 +92,8 @@ def make_distill_trainer_class() -> type:
                     teacher = DenseTeacher(t_hidden, t_head)
                 else:
                     teacher = batch_targets(inputs)
-            spec = self.spec if use_kd else HeadLossSpec(vocab_size=self.spec.vocab_size, chunk_tokens=self.spec.chunk_tokens)
+            spec = self.spec if use_kd else HeadLossSpec(vocab_size=self.spec.vocab_size,
+                                                         chunk_tokens=self.spec.chunk_tokens)
             # Validation batches without cached targets score CE only.
             return head_losses(hidden, head, ce_targets, kd_mask[positions], teacher, spec)
 
@@ -151,7 +152,10 @@ def seqkd_rows(cfg: DistillConfig, rows: Rows, teacher: Any, teacher_tok: Any, o
     else:
         write_json(man_path, manifest)
     prompts = prompts_of(rows, teacher_tok, cfg.data)
-    line = lambda text, truncated: json.dumps({"response": text, "truncated": truncated}, ensure_ascii=False) + "\n"  # noqa: E731
+
+    def line(text: str, truncated: bool) -> str:
+        return json.dumps({"response": text, "truncated": truncated}, ensure_ascii=False) + "\n"
+
     if len(done) < len(prompts):
         write_atomic(path, "".join(line(r, c) for r, c in zip(done, cut)))
         from tqdm.auto import tqdm
@@ -368,7 +372,8 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
     if test_rows is not None:
         # Score the saved student exactly as `kdflow eval` scores it. The Trainer's model is not that:
         # under train.bf16 its forward stays wrapped in autocast, and a LoRA adapter is not yet merged.
-        saved = ModelSpec(name=str(out / "student"), dtype=cfg.student.dtype, trust_remote_code=cfg.student.trust_remote_code)
+        saved = ModelSpec(name=str(out / "student"), dtype=cfg.student.dtype,
+                          trust_remote_code=cfg.student.trust_remote_code)
         model_after = load_model(saved).to(trainer.args.device)
         results["student (after)"] = _eval_cached(out, "student_after", model_after, tok, test_rows, cfg)
         del model_after
