@@ -2,7 +2,8 @@
 
 Each sample is one row's text (prompt, newline, answer) tokenised by both tokenizers. Timed in one run:
   - ours, character offsets (the default): boundary points of both tokenisations + pairing;
-  - ours, DTW option: DTW over the canonical token strings with a normalised edit-distance cost;
+  - ours, DTW option: the characters both token sequences spell (canonical token strings), aligned
+    by an edit-distance path; tokens pair where the path joins their starts;
   - reference: FedMKT's alignment written plainly — token strings with the word-start marker removed,
     both sequences padded to 512 tokens as its pipeline pads them, a pure-Python double loop filling
     the DTW matrix with an edit distance per cell (a C function called per pair, as the reference

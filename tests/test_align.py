@@ -322,30 +322,39 @@ def test_util_ize_against_utilize_pairs_positions_correctly(toks, split, sequenc
         check_pairs_are_sound(rv, sv, r_ids, s_ids, pairs, unk)
 
 
-def test_reference_dtw_cost_mis_pairs_ize_with_the():
-    """Why the DTW cost is normalised: with raw edit distances the path pairs 'ize' with 'the'."""
-    from rapidfuzz.distance import Levenshtein
-    from rapidfuzz.process import cdist
-
-    from kdflow.align.sequence import dtw_path_matrix
-
-    r, s = ["util", "ize", "the"], ["utilize", "the"]
-    D = dtw_path_matrix(cdist(r, s, scorer=Levenshtein.distance, dtype=np.float64))
-    assert D[1, 1] < D[1, 0]  # ize-the (diagonal) beats ize-utilize: the reference's mis-pairing
-    assert pair_by_dtw(r, s).tolist() == [0, -1, 1]
-
-
-def test_dtw_matrix_matches_the_textbook_recurrence():
-    rng = np.random.default_rng(0)
-    cost = rng.random((7, 11))
-    D = np.full((8, 12), np.inf)
+def token_dtw(r, s, cost):
+    """FedMKT's DTW over whole tokens (textbook recurrence, `cost` per token pair): for each receiver
+    token, the sender token whose cell the path enters diagonally (both begin there), or -1."""
+    n, m = len(r), len(s)
+    D = np.full((n + 1, m + 1), np.inf)
     D[0, 0] = 0
-    for i in range(7):
-        for j in range(11):
-            D[i + 1, j + 1] = cost[i, j] + min(D[i, j], D[i, j + 1], D[i + 1, j])
-    from kdflow.align.sequence import dtw_path_matrix
+    for i in range(n):
+        for j in range(m):
+            D[i + 1, j + 1] = cost(r[i], s[j]) + min(D[i, j], D[i, j + 1], D[i + 1, j])
+    out, i, j = [-1] * n, n, m
+    while i > 1 or j > 1:
+        diag, up, left = D[i - 1, j - 1], D[i - 1, j], D[i, j - 1]
+        if diag <= up and diag <= left:
+            out[i - 1] = j - 1
+            i, j = i - 1, j - 1
+        elif up <= left:
+            i -= 1
+        else:
+            j -= 1
+    out[0] = 0
+    return out
 
-    assert np.allclose(dtw_path_matrix(cost), D[1:, 1:])
+
+def test_token_level_dtw_joins_different_contexts_and_ours_does_not():
+    """The paper's example and a variant: token-level DTW pairs a word's last piece with the next word
+    (raw costs: `ize`-`the`; costs normalised by length: `e`-`the`). Aligning the spelled characters
+    leaves the piece unpaired and pairs `the` with `the`."""
+    from rapidfuzz.distance import Levenshtein
+
+    for r, s, cost, wrong in ((["util", "ize", "the"], ["utilize", "the"], Levenshtein.distance, [0, 1, -1]),
+                              (["▁utiliz", "e", "▁the"], ["▁utilize", "▁the"], Levenshtein.normalized_distance, [0, 1, -1])):
+        assert token_dtw(r, s, cost) == wrong
+        assert pair_by_dtw(r, s).tolist() == [0, -1, 1]
 
 
 @pytest.mark.parametrize("other", ["bpe2", "unigram", "wordpiece"])
@@ -371,12 +380,63 @@ def test_boundary_points_rules():
     text = "ab  cd"
     # zero-width prepended marker + the token after it: the later one owns the point
     assert boundary_points([(0, 1), (0, 1), (1, 2)], text, [True, False, False]).tolist() == [-1, 0, 1]
-    # leading whitespace in a span is skipped; a whitespace-only token keeps its start
-    assert boundary_points([(0, 2), (2, 3), (3, 6)], text, [False, True, False]).tolist() == [0, 2, 4]
+    # a token's point is what has been read before it: the space standing alone (`▁`), attached to
+    # the word (`Ġcd`) or dropped (WordPiece) — the position that has read "ab" has point 2 every time
+    assert boundary_points([(0, 2), (2, 3), (3, 6)], text, [False, True, False]).tolist() == [0, 2, 3]
+    assert boundary_points([(0, 2), (2, 6)], text).tolist() == [0, 2]
+    assert boundary_points([(0, 2), (4, 6)], text).tolist() == [0, 2]
     # a token starting before the end of an earlier one (inside a character) is no boundary
-    assert boundary_points([(0, 2), (1, 2), (2, 6)], text).tolist() == [0, -1, 4]
+    assert boundary_points([(0, 2), (1, 2), (2, 6)], text).tolist() == [0, -1, 2]
     # outside [0, limit] relative to the origin: -1
-    assert boundary_points([(0, 2), (2, 6)], text, origin=2, limit=3).tolist() == [-1, 2]
+    assert boundary_points([(0, 2), (2, 4), (4, 6)], text, origin=2, limit=3).tolist() == [-1, 0, 2]
+    assert boundary_points([(0, 2), (2, 4), (4, 6)], text, origin=2, limit=1).tolist() == [-1, 0, -1]
+
+
+def space_convention_toks():
+    """Two tokenizers trained here that treat the space before a number differently: a SentencePiece-
+    style one writes it as a standalone `▁` before single digits (as Llama-2 and Mistral do), a
+    byte-level one attaches it (`Ġ194`, as GPT-2 and OPT do)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    lines = corpus(300) + [f"in {y} there were {n} of them, {y % 100} percent" for y in range(1900, 2030) for n in (3, 45, 600)]
+    specials = ["<|im_end|>", "<unk>"]
+    sp = Tokenizer(models.BPE(unk_token="<unk>"))
+    sp.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Metaspace(prepend_scheme="first"),
+                                                pre_tokenizers.Digits(individual_digits=True)])
+    sp.decoder = decoders.Metaspace(prepend_scheme="first")
+    sp.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=600, special_tokens=specials))
+    bl, trainer = untrained_tokenizer("bpe", 600, specials)
+    bl.train_from_iterator(lines, trainer)
+    return [PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<|im_end|>", unk_token="<unk>", pad_token="<|im_end|>")
+            for t in (sp, bl)]
+
+
+def test_offset_pairs_read_identical_text_across_space_conventions(tiny_data):
+    """Paired positions have read exactly the same characters, spaces included (each side's text read
+    back through its own decoder), when one tokenizer writes a standalone space before digits and the
+    other attaches it to the number."""
+    from kdflow.data import read_rows
+
+    sp, bl = space_convention_toks()
+    sentence = "The war ended in 1945 and 2,300 people came back in 1946; in 12 years 600 more."
+    assert sp.tokenize(sentence)[8:11] == ["▁in", "▁", "1"] and bl.tokenize(sentence)[8:10] == ["Ġin", "Ġ194"]
+    texts = [sentence] + [r["response"] for r in read_rows(str(tiny_data["train"])).head(40).items]
+    for recv, send in ((sp, bl), (bl, sp)):
+        paired = 0
+        for text in texts:
+            rv, sv, r_ids, s_ids, pairs, unk = pair_texts(recv, send, text)
+            check_pairs_are_sound(rv, sv, r_ids, s_ids, pairs, unk)
+            for j, k in enumerate(pairs):
+                if k >= 0:
+                    read_r = recv.decode(r_ids[:j], clean_up_tokenization_spaces=False)
+                    assert read_r == send.decode(s_ids[:k], clean_up_tokenization_spaces=False), (text, j, k)
+                    assert read_r == text[:len(read_r)]
+                    paired += 1
+        assert paired > 300
+    # the position before the standalone space pairs with the one before the number that carries it
+    rv, sv, r_ids, s_ids, pairs, unk = pair_texts(sp, bl, sentence)
+    assert bl.convert_ids_to_tokens(s_ids)[pairs[9]] == "Ġ194" and pairs[10] == -1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -433,12 +493,15 @@ def test_eos_pairs_with_eos(toks):
         assert ct.pair_example(row_turns(row, "t", DataConfig()), e)[0][src[-1] + 1] == teacher.eos_token_id
 
 
-def test_every_student_position_is_paired_or_masked_on_real_rows(toks, tiny_data):
+@pytest.mark.parametrize("sequence", ["offsets", "dtw"])
+def test_every_student_position_is_paired_or_masked_on_real_rows(toks, tiny_data, sequence):
+    """Every pair joins positions that have read the same answer text (token-level DTW joined
+    different contexts for about a fifth of its pairs)."""
     from kdflow.data import read_rows
 
     rows = read_rows(str(tiny_data["train"])).head(24)
     for t, s in (("bpe", "wordpiece"), ("bpe", "unigram"), ("unigram", "bpe2")):
-        ct = cross(toks[t], toks[s])
+        ct = cross(toks[t], toks[s], sequence=sequence)
         examples = [Encoder(toks[s], DataConfig()).encode(r, w, i) for i, (r, w) in enumerate(zip(rows.items, rows.locations))]
         stats = ct.prepare(examples, rows)
         for row, e in zip(rows.items, examples):

@@ -108,3 +108,35 @@ def test_codistill_help_documents_peer_keys(capsys):
     text = capsys.readouterr().out
     for key in ("peers[i].name", "peers[i].learning_rate", "peers[i].model.keep_layers", "peers[i].model.lora.r", "kd.variant"):
         assert f"  {key}  (" in text, key
+
+
+@pytest.mark.parametrize("verb,overrides,match", [
+    ("distill", ["kd.divergence=rkl", "kd.sparse_mode=renorm"], r"kd.divergence=rkl and kd.sparse_mode=renorm: reverse KL is infinite"),
+    ("distill", ["kd.divergence=rkl", "align.unpaired=onehot_next"], r"kd.divergence=rkl and align.unpaired=onehot_next: .*set align.unpaired=mask"),
+    ("distill", ["kd.divergence=srkl", "kd.skew_alpha=0", "kd.sparse_mode=renorm"], r"kd.skew_alpha=0 \(that is reverse KL\)"),
+    ("codistill", ["kd.divergence=rkl", "align.unpaired=onehot_next"], r"kd.divergence=rkl and align.unpaired=onehot_next"),
+    ("fedmkt", ["fedmkt.divergence=rkl", "fedmkt.sparse_mode=renorm"], r"fedmkt.divergence=rkl and fedmkt.sparse_mode=renorm"),
+    ("fedmkt", ["fedmkt.divergence=rkl", "align.unpaired=onehot_next"], r"fedmkt.divergence=rkl and align.unpaired=onehot_next"),
+])
+def test_infinite_reverse_kl_is_refused_when_the_config_is_read(verb, overrides, match):
+    """Reverse KL against targets without mass outside a few ids (renorm top-k, one-hot for unpaired
+    positions) is infinite: every method refuses it before any model loads, in one line."""
+    from kdflow.config import CoDistillConfig, FedMKTConfig
+
+    cls = {"distill": DistillConfig, "codistill": CoDistillConfig, "fedmkt": FedMKTConfig}[verb]
+    with pytest.raises(ConfigError, match=match) as err:
+        load_config(cls, None, overrides)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("cls_name,overrides", [
+    ("DistillConfig", ["kd.divergence=srkl", "kd.sparse_mode=renorm", "align.unpaired=onehot_next"]),  # alpha > 0: finite
+    ("DistillConfig", ["kd.divergence=rkl"]),  # tail mode, unpaired positions masked
+    ("DistillConfig", ["method=hard_token", "kd.divergence=rkl", "kd.sparse_mode=renorm"]),  # no divergence used
+    ("DistillConfig", ["kd.divergence=rkl", "kd.sparse_mode=renorm", "kd.kd_weight=0"]),
+    ("FedMKTConfig", ["fedmkt.divergence=rkl", "fedmkt.sparse_mode=renorm", "fedmkt.ce_weight=1"]),
+])
+def test_finite_divergence_settings_are_accepted(cls_name, overrides):
+    import kdflow.config as config
+
+    load_config(getattr(config, cls_name), None, overrides)

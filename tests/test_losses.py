@@ -218,7 +218,7 @@ def naive_sparse(name, t_logits, s_logits, k, mode):
 @pytest.mark.parametrize("mode", ["tail", "renorm"])
 def test_topk_losses_against_a_hand_built_bucket_reference(name, mode):
     if name == "rkl" and mode == "renorm":
-        with pytest.raises(ValueError, match="undefined"):
+        with pytest.raises(ValueError, match="infinite"):
             check_sparse_divergence(name, mode)
         return
     t, s = torch.randn(5, 30) * 2, torch.randn(5, 30) * 2
@@ -302,3 +302,38 @@ def test_topk_covering_the_vocabulary_with_rounded_mass_stays_finite(name):
     sparse, _ = topk_kd_sum(s, targets, fn, 1.0, "tail")
     dense, _ = kd_sum(s, t, fn, 1.0)
     assert torch.isfinite(sparse) and torch.allclose(sparse, dense, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("chunk", [0, 5])
+def test_ce_over_a_padded_head_is_the_same_for_sft_and_kd(chunk):
+    """A student head larger than the tokenizer (padded rows with large logits): the CE of a CE-only
+    run (sft) equals the CE term of a KD run, and both are the CE over the tokenizer's logits only."""
+    head, t_head, hidden, targets, kd_rows, t_hidden = _head_setup()
+    V = 40
+    padded = torch.nn.Linear(8, V + 6, bias=False)
+    with torch.no_grad():
+        padded.weight[:V] = head.weight
+        padded.weight[V:] = 4.0 * hidden.detach().mean(0)  # padded rows that would take real mass
+    in_ce = targets != -100
+    ref = F.cross_entropy(head(hidden)[in_ce], targets[in_ce], reduction="sum")
+    sft = head_losses(hidden, padded, targets, kd_rows, None, HeadLossSpec(vocab_size=V, chunk_tokens=chunk))
+    kd = head_losses(hidden, padded, targets, kd_rows, DenseTeacher(t_hidden, t_head),
+                     HeadLossSpec(kind="soft", divergence=get_divergence("fkl"), vocab_size=V, chunk_tokens=chunk))
+    assert torch.allclose(sft["ce"][0], ref, atol=1e-4) and torch.allclose(kd["ce"][0], ref, atol=1e-4)
+
+
+def test_reverse_kl_is_infinite_against_targets_without_mass_outside_their_ids():
+    """Why the config refuses rkl with renorm or onehot_next: against a one-hot row (tail mode included)
+    or a renormalised top-k row, reverse KL is infinite; skew reverse KL with alpha > 0 is not."""
+    s = torch.randn(3, 12)
+    onehot = TopKTargets(torch.tensor([[4, -1], [0, -1], [7, -1]]), torch.tensor([[0.0, -math.inf]] * 3),
+                         tail_logp=torch.full((3,), -math.inf))
+    renorm = topk_of(torch.randn(3, 12), 3)
+    for targets, mode in ((onehot, "tail"), (onehot, "renorm"), (renorm, "renorm")):
+        assert torch.isinf(topk_kd_sum(s, targets, get_divergence("rkl"), 1.0, mode)[0])
+        assert torch.isinf(topk_kd_sum(s, targets, get_divergence("srkl", skew_alpha=0.0), 1.0, mode)[0])
+        assert torch.isfinite(topk_kd_sum(s, targets, get_divergence("srkl", skew_alpha=0.1), 1.0, mode)[0])
+    assert torch.isfinite(topk_kd_sum(s, renorm, get_divergence("rkl"), 1.0, "tail")[0])
+    with pytest.raises(ValueError, match="align.unpaired=onehot_next"):
+        check_sparse_divergence("rkl", "tail", "onehot_next")
+    check_sparse_divergence("rkl", "tail", "mask")

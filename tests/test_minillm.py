@@ -366,3 +366,36 @@ def test_bad_lm_row_names_the_file_and_line(tmp_path, tiny_dirs, tiny_data, caps
     lm = write_jsonl(tmp_path / "lm.jsonl", [{"text": "fine"}, {"body": "no text here"}])
     assert main(run_args(tiny_dirs, tiny_data, tmp_path / "bad", "minillm.lm_coef=0.5", f"minillm.lm_data={lm}")) == 2
     assert f"{lm}:2: an lm_data row needs a 'text' field" in capsys.readouterr().err
+
+
+def test_logged_reward_is_the_exact_expected_reward_under_the_student(bpe_tok, pair):
+    """The rollout reward is mean over response positions of E_q[log p - log q] = -KL(q || p), computed
+    from the full distributions at each sampled prefix, not the mean of log p - log q over tokens
+    drawn from the teacher mixture (biased towards tokens the teacher likes)."""
+    from kdflow.methods.minillm import rollout_statistics
+
+    student, teacher = pair
+    prompts = prompts_batch(bpe_tok)
+    V = len(bpe_tok)
+    ro = sample(student, teacher, bpe_tok, prompts, mix_alpha=0.5, stop_at_eos=False, max_new_tokens=8, seed=4)
+    kls = []
+    for i, p in enumerate(prompts):
+        y = ro.response_ids[i].tolist()
+        s = F.log_softmax(row_logits(student, p + y, V), -1)[len(p) - 1:-1]
+        t = F.log_softmax(row_logits(teacher, p + y, V), -1)[len(p) - 1:-1]
+        kls += (s.exp() * (s - t)).sum(-1).tolist()
+    exact = -sum(kls) / len(kls)
+    sampled = float((ro.teacher_logp - ro.student_logp)[ro.response_mask].mean())
+    assert abs(sampled - exact) > 1e-3  # the biased estimate really differs here
+    assert rollout_statistics(ro, bpe_tok.eos_token_id)["reward"] == pytest.approx(exact, abs=1e-4)
+
+
+def test_rollouts_use_the_current_cache_argument(bpe_tok, pair):
+    """No `past_key_values` deprecation warning from transformers 5 (the KV cache is passed as `cache`)."""
+    import warnings
+
+    student, teacher = pair
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        ro = sample(student, teacher, bpe_tok, prompts_batch(bpe_tok), stop_at_eos=False, max_new_tokens=3)
+    assert ro.response_ids.shape[1] == 3

@@ -5,8 +5,8 @@ import torch
 
 from kdflow.config import LoraSpec, ModelSpec, StudentSpec
 from kdflow.errors import ConfigError, ModelError
-from kdflow.models import (apply_lora, build_student, load_model, load_tokenizer, prune_layers, require_same_tokenizer,
-                           resolve_source, selected_logits, tokenizer_fingerprint)
+from kdflow.models import (apply_lora, build_student, load_model, load_tokenizer, output_head, prune_layers,
+                           require_same_tokenizer, resolve_source, selected_hidden, selected_logits, tokenizer_fingerprint)
 
 from conftest import tiny_llama, train_tokenizer
 
@@ -72,15 +72,46 @@ def test_student_from_config_overrides(bpe_tok):
         build_student(StudentSpec(init="config", config_overrides={"hiden_size": 8}), teacher, None)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "llama+lora"])
-def test_selected_logits_equal_full_logits_at_positions(bpe_tok, arch):
+def scaled_model(arch: str, vocab: int):
+    """Tiny models whose forward changes the logits after the output head."""
+    from transformers import (AutoModelForCausalLM, FalconH1Config, Gemma2Config, GraniteConfig, LlamaConfig,
+                              LlamaForCausalLM)
+
+    torch.manual_seed(0)
+    small = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2)
+    if arch == "granite":  # logits / logits_scaling
+        return AutoModelForCausalLM.from_config(GraniteConfig(**small, logits_scaling=0.125))
+    if arch == "falcon_h1":  # logits * lm_head_multiplier
+        return AutoModelForCausalLM.from_config(FalconH1Config(
+            **small, mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8, mamba_d_state=8, mamba_n_groups=1,
+            mamba_chunk_size=16, lm_head_multiplier=7.0))
+    if arch == "gemma2":  # tanh soft-capping, tight enough to matter on a random model's small logits
+        return AutoModelForCausalLM.from_config(Gemma2Config(**small, head_dim=8, final_logit_softcapping=0.05))
+
+    class UnknownScaling(LlamaForCausalLM):
+        """An architecture kdflow has never heard of: it scales its logits after the head."""
+
+        def forward(self, input_ids=None, attention_mask=None, logits_to_keep=0, **kwargs):
+            out = super().forward(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep,
+                                  **kwargs)
+            out.logits = out.logits * 3.0
+            return out
+
+    return UnknownScaling(LlamaConfig(**small, tie_word_embeddings=True))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "llama+lora", "granite", "falcon_h1", "gemma2", "unknown_scaling"])
+def test_selected_logits_equal_full_logits_at_positions(bpe_tok, arch, capsys):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     if arch == "gpt2":
         torch.manual_seed(0)
         model = GPT2LMHeadModel(GPT2Config(vocab_size=len(bpe_tok), n_embd=32, n_layer=2, n_head=4))
-    else:
+    elif arch.startswith("llama"):
         model = tiny_llama(bpe_tok)
+    else:
+        model = scaled_model(arch, len(bpe_tok))
     if arch.endswith("lora"):
         model = apply_lora(model, LoraSpec(enabled=True, r=4))
         # move adapters away from their zero init so they matter
@@ -95,7 +126,34 @@ def test_selected_logits_equal_full_logits_at_positions(bpe_tok, arch):
     pos[1, 6:] = False
     got = selected_logits(model, ids, attn, pos)
     full = model(input_ids=ids, attention_mask=attn).logits[:, :-1][pos]
-    assert got.shape == full.shape and torch.allclose(got, full, atol=1e-5)
+    assert got.shape == full.shape and torch.allclose(got, full, atol=1e-5, rtol=1e-4)
+    # known scalings keep the hidden-state path (logits only where needed); the unknown one is caught
+    # by the probe and falls back to the forward's own logits, saying so
+    hidden, _ = selected_hidden(model, ids, attn, pos)
+    if arch == "unknown_scaling":
+        assert output_head(model) is None and hidden.shape[-1] == len(bpe_tok)
+        assert "using the full logits of its forward instead" in capsys.readouterr().out
+    else:
+        assert output_head(model) is not None and hidden.shape[-1] == 32
+
+
+def test_teacher_targets_use_the_scaled_logits(bpe_tok):
+    """Teacher-cache targets of a Granite teacher are the top-k of its real (scaled) distribution."""
+    import torch.nn.functional as F
+
+    from kdflow.teacher_cache import same_tokenizer_targets
+
+    model = scaled_model("granite", len(bpe_tok)).eval()
+    ids = torch.randint(0, len(bpe_tok), (2, 9))
+    labels = ids.clone()
+    labels[:, :3] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    rows = same_tokenizer_targets(model, len(bpe_tok), k=5, temperature=1.0, token_scope="response")(batch)
+    logp = F.log_softmax(model(input_ids=ids).logits[:, 2:-1].float(), -1)
+    for b in range(2):
+        top = logp[b].topk(5, -1)
+        assert torch.equal(rows[b]["ids"], top.indices)
+        assert torch.allclose(rows[b]["logp"], top.values, atol=1e-5)
 
 
 def test_lora_bad_target_is_a_clear_error(bpe_tok):

@@ -58,3 +58,22 @@ def test_microbatch_split_leaves_the_update_unchanged(tmp_path, bpe_tok, tiny_da
     # the test can fail: per-micro-batch normalisation changes the update
     buggy = one_step_update(tmp_path, bpe_tok, teacher, student, examples, cfg, 1, 4, per_microbatch_bug=True)
     assert any(not torch.allclose(whole[n], buggy[n], atol=1e-5, rtol=1e-3) for n in whole)
+
+
+@pytest.mark.parametrize("ratio,steps,expected", [(1.0, 4, [0.0, 0.25, 0.5, 0.75]), (0.5, 4, [0.0, 0.5, 1.0, 0.5]),
+                                                  (0.0, 4, [1.0, 0.75, 0.5, 0.25])])
+def test_warmup_ratio_is_a_fraction_of_the_training_steps(tmp_path, bpe_tok, ratio, steps, expected):
+    """train.warmup_ratio=1.0 warms up over every step (transformers would read 1.0 as one step)."""
+    cfg = load_config(DistillConfig, None, [f"train.warmup_ratio={ratio}", f"train.max_steps={steps}",
+                                            "train.learning_rate=1.0", "train.lr_scheduler=linear", "method=sft",
+                                            "train.report_to=[none]"])
+    Trainer = make_distill_trainer_class()
+    trainer = Trainer(model=tiny_llama(bpe_tok), args=training_arguments(cfg.train, tmp_path, 0, False), cfg=cfg,
+                      teacher=None, vocab_size=len(bpe_tok))
+    trainer.create_optimizer_and_scheduler(num_training_steps=steps)
+    lrs = []
+    for _ in range(steps):
+        lrs.append(trainer.lr_scheduler.get_last_lr()[0])
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+    assert lrs == pytest.approx(expected)

@@ -150,8 +150,11 @@ class TeacherCacheConfig:
 class AlignConfig:
     sequence: Literal["offsets", "dtw"] = opt(
         "offsets", "how teacher and student positions are paired when their tokenizers differ: offsets pairs positions "
-                   "whose next tokens begin at the same character of the answer (fast tokenizers); dtw aligns the token "
-                   "strings by dynamic time warping with an edit-distance cost (FedMKT's method, no offsets needed)")
+                   "that have read exactly the same answer text, spaces included (fast tokenizers); dtw, without "
+                   "offsets, aligns the text both token sequences spell character by character (edit-distance DTW) "
+                   "and pairs positions whose text read so far aligns. FedMKT's DTW over whole tokens is not used: it "
+                   "pairs tokens of different contexts when one tokenizer splits a word the other keeps whole "
+                   "(utiliz|e the: e with the)")
     unpaired: Literal["mask", "onehot_next"] = opt(
         "mask", "student positions with no teacher counterpart: mask leaves them out of the KD term; onehot_next "
                 "gives them a one-hot target on the student's own next token")
@@ -593,6 +596,31 @@ def validate(cfg: Any) -> None:
                 if v < 1:
                     raise ConfigError(f"setting '{key}' must be >= 1, got {v}")
     walk(cfg, "")
+    _check_kd_is_finite(cfg)
+
+
+def _check_kd_is_finite(cfg: Any) -> None:
+    """Refuse, before anything loads, a KD divergence that is infinite against the targets the run would
+    build (losses.check_sparse_divergence). Checked whenever the KD term runs, even if the teacher turns
+    out to share the student's tokenizer: those settings only act on top-k and cross-tokenizer targets."""
+    from kdflow.losses import check_sparse_divergence
+
+    if isinstance(cfg, DistillConfig) and cfg.method == "kd" and cfg.kd.kd_weight > 0:
+        args = (cfg.kd.divergence, cfg.kd.sparse_mode, cfg.align.unpaired, cfg.kd.skew_alpha)
+        keys = ("kd.divergence", "kd.sparse_mode", "align.unpaired", "kd.skew_alpha")
+    elif isinstance(cfg, CoDistillConfig) and cfg.kd.variant == "soft" and cfg.kd.kd_weight > 0:
+        args = (cfg.kd.divergence, cfg.kd.sparse_mode, cfg.align.unpaired, cfg.kd.skew_alpha)
+        keys = ("kd.divergence", "kd.sparse_mode", "align.unpaired", "kd.skew_alpha")
+    elif isinstance(cfg, FedMKTConfig) and cfg.fedmkt.ce_weight < 1:
+        # FedMKT's KD term always compares top-k payloads, with the default skew alpha
+        args = (cfg.fedmkt.divergence, cfg.fedmkt.sparse_mode, cfg.align.unpaired, 0.1)
+        keys = ("fedmkt.divergence", "fedmkt.sparse_mode", "align.unpaired", "skew alpha")
+    else:
+        return
+    try:
+        check_sparse_divergence(*args, keys=keys)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def dump_yaml(cfg: Any) -> str:

@@ -16,7 +16,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Collection, Iterable
 
 from kdflow.config import DataConfig
 from kdflow.errors import DataError
@@ -230,8 +230,27 @@ class Encoder:
             ids = [self.tok.bos_token_id] + ids
         return ids
 
-    def response_ids(self, turns: Turns) -> list[int]:
-        return self.response_encoding(turns).ids
+    def response_ids(self, turns: Turns, ended: bool = True) -> list[int]:
+        """The answer's tokens and its end (the template's end marker, or EOS); with `ended=False`, the
+        answer's tokens alone: for an answer cut short (a generation that reached its token limit),
+        which must not teach the model to stop there."""
+        enc = self.response_encoding(turns)
+        if ended:
+            return enc.ids
+        answer = turns.response
+        at = enc.text.find(answer)
+        if at < 0:  # a template that trims the answer
+            answer = answer.strip()
+            at = enc.text.find(answer)
+        if at < 0:
+            return enc.ids[:-1] if enc.ids and enc.ids[-1] == self.eos_id else enc.ids
+        # The tokens that spell the text up to the answer's end are those shared with the tokenisation
+        # of that text alone; a token merging the answer's last characters with the end marker is dropped.
+        alone = self.tok(enc.text[:at + len(answer)], add_special_tokens=False).input_ids
+        n = 0
+        while n < min(len(alone), len(enc.ids)) and alone[n] == enc.ids[n]:
+            n += 1
+        return enc.ids[:n]
 
     def response_encoding(self, turns: Turns, spans: bool = False) -> "ResponseEncoding":
         """The answer's token ids, the text they tokenise, and (optionally) each id's character span.
@@ -273,10 +292,10 @@ class Encoder:
                 offsets.append((len(rest), len(rest)))
         return ResponseEncoding(ids, rest, offsets)
 
-    def encode(self, row: dict[str, Any], where: str, row_index: int) -> dict[str, Any]:
+    def encode(self, row: dict[str, Any], where: str, row_index: int, ended: bool = True) -> dict[str, Any]:
         turns = row_turns(row, where, self.cfg)
         p = self.prompt_ids(turns)
-        r = self.response_ids(turns)
+        r = self.response_ids(turns, ended)
         limit = self.cfg.max_length
         if len(p) + self.cfg.min_response_tokens > limit:
             raise DataError(
@@ -291,9 +310,11 @@ class Encoder:
         }
 
 
-def encode_rows(rows: Rows, tok: Any, cfg: DataConfig) -> list[dict[str, Any]]:
+def encode_rows(rows: Rows, tok: Any, cfg: DataConfig, unended: Collection[int] = ()) -> list[dict[str, Any]]:
+    """Every row as an example; rows whose index is in `unended` keep their answer without an end (no EOS target)."""
     enc = Encoder(tok, cfg)
-    return [enc.encode(row, where, i) for i, (row, where) in enumerate(zip(rows.items, rows.locations))]
+    return [enc.encode(row, where, i, ended=i not in unended)
+            for i, (row, where) in enumerate(zip(rows.items, rows.locations))]
 
 
 def reference_answers(rows: Rows, cfg: DataConfig) -> list[str]:

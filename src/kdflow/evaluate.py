@@ -56,11 +56,34 @@ def answer_nll(model: Any, examples: list[dict[str, Any]], pad_id: int, batch_si
 def generate(model: Any, tok: Any, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 16,
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
              progress: bool = False, desc: str = "generating") -> list[list[int]]:
-    """Generate an answer for each prompt (token ids, EOS and padding removed)."""
-    from tqdm.auto import tqdm
+    """Generate an answer for each prompt (token ids, EOS and padding removed).
+
+    Only the settings given here decide the generation: a checkpoint's own generation_config
+    (repetition_penalty, no_repeat_ngram_size, min_new_tokens, suppressed tokens, ...) would otherwise
+    fill in whatever a call leaves unset, so the same weights would be scored differently depending
+    on the folder they came from. It is set aside for the call and restored afterwards.
+    """
+    from transformers import GenerationConfig
+
+    from kdflow.models import unwrap
 
     was_training = model.training
     model.eval()
+    base = unwrap(model)
+    saved_config = base.generation_config
+    base.generation_config = GenerationConfig()
+    try:
+        return _generate(model, tok, prompts, max_new_tokens, batch_size, do_sample, temperature, top_p, seed,
+                         progress, desc)
+    finally:
+        base.generation_config = saved_config
+        model.train(was_training)
+
+
+def _generate(model: Any, tok: Any, prompts: list[list[int]], max_new_tokens: int, batch_size: int, do_sample: bool,
+              temperature: float, top_p: float, seed: int, progress: bool, desc: str) -> list[list[int]]:
+    from tqdm.auto import tqdm
+
     device = next(model.parameters()).device
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     eos_id = tok.eos_token_id
@@ -82,7 +105,6 @@ def generate(model: Any, tok: Any, prompts: list[list[int]], max_new_tokens: int
             if eos_id in row:
                 row = row[: row.index(eos_id)]
             out.append(row)
-    model.train(was_training)
     return out
 
 

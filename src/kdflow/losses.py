@@ -252,10 +252,29 @@ def sparse_pair(student_logp: torch.Tensor, targets: TopKTargets, mode: str) -> 
     return torch.cat([t_k, t_rest.unsqueeze(-1)], -1), torch.cat([s_k, s_rest.unsqueeze(-1)], -1)
 
 
-def check_sparse_divergence(name: str, mode: str) -> None:
-    if name == "rkl" and mode == "renorm":
-        raise ValueError("reverse KL is undefined against a renormalised top-k teacher (infinite wherever the "
-                         "student puts mass outside the k ids); use the 'tail' sparse mode or another divergence")
+def check_sparse_divergence(name: str, mode: str, unpaired: str | None = None, skew_alpha: float = 0.1,
+                            keys: tuple[str, str, str, str] = ("kd.divergence", "kd.sparse_mode", "align.unpaired",
+                                                               "kd.skew_alpha")) -> None:
+    """Refuse a divergence that is infinite against the targets these settings produce (ValueError, one line).
+
+    Reverse KL(q || p), and skew reverse KL at alpha = 0 (the same thing), is infinite wherever the
+    target p has no mass and the student q has some, and a softmax q has mass everywhere. Two settings
+    give targets with no mass outside a few ids: `renorm` (a top-k teacher renormalised over its k ids:
+    teacher cache, teacher with another tokenizer, FedMKT payloads) and `onehot_next` (a one-hot on the
+    next token at an unpaired cross-tokenizer position, whatever the sparse mode). `keys` name the
+    settings in the message: divergence, sparse mode, unpaired rule, skew alpha.
+    """
+    if not (name == "rkl" or (name == "srkl" and skew_alpha <= 0.0)):
+        return
+    what = f"{keys[0]}={name}" + (f" with {keys[3]}={skew_alpha:g} (that is reverse KL)" if name == "srkl" else "")
+    if mode == "renorm":
+        raise ValueError(f"{what} and {keys[1]}=renorm: reverse KL is infinite against a top-k teacher renormalised "
+                         f"over its k ids (teacher cache, teacher with another tokenizer), as soon as the student puts "
+                         f"mass outside them; set {keys[1]}=tail or choose another divergence")
+    if unpaired == "onehot_next":
+        raise ValueError(f"{what} and {keys[2]}=onehot_next: reverse KL is infinite against the one-hot target of an "
+                         f"unpaired position (teacher with another tokenizer); set {keys[2]}=mask or choose another "
+                         "divergence")
 
 
 def topk_kd_sum(student_logits: torch.Tensor, targets: TopKTargets, divergence: Divergence, temperature: float = 1.0,
@@ -282,7 +301,7 @@ class DenseTeacher:
     """An online teacher given by its final hidden states at the KD rows and its output head."""
 
     hidden: torch.Tensor  # [N_kd, H_teacher]
-    head: torch.nn.Module
+    head: Callable[[torch.Tensor], torch.Tensor]  # models.output_head, or an identity over logits
 
     def logits(self, index: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -300,12 +319,13 @@ class HeadLossSpec:
     divergence: Divergence | None = None
     temperature: float = 1.0
     sparse_mode: str = "tail"
-    vocab_size: int | None = None
+    vocab_size: int | None = None  # len(tokenizer): logits past it (a padded head) are cut for every term
     chunk_tokens: int = 0
 
 
-def head_losses(hidden: torch.Tensor, head: torch.nn.Module, ce_targets: torch.Tensor, kd_rows: torch.Tensor,
-                teacher: "DenseTeacher | TopKTargets | None", spec: HeadLossSpec) -> dict[str, tuple[torch.Tensor, int]]:
+def head_losses(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], ce_targets: torch.Tensor,
+                kd_rows: torch.Tensor, teacher: "DenseTeacher | TopKTargets | None",
+                spec: HeadLossSpec) -> dict[str, tuple[torch.Tensor, int]]:
     """CE and KD sums computed from the student's final hidden states, `chunk_tokens` rows at a time.
 
     hidden:     [N, H] student hidden states at the selected positions
@@ -329,9 +349,10 @@ def head_losses(hidden: torch.Tensor, head: torch.nn.Module, ce_targets: torch.T
 
     def chunk_fn(h: torch.Tensor, tgt: torch.Tensor, rows: torch.Tensor, t_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = head(h).float()
-        if V is not None and logits.shape[-1] > V and spec.kind != "none":
-            # heads padded past the tokenizer: CE targets are real tokens, so the padded rows only
-            # add probability mass nobody uses; cut once for both terms.
+        if V is not None and logits.shape[-1] > V:
+            # Heads padded past the tokenizer: the padded rows are no tokens, and their logits would
+            # take probability mass in the CE as in the KD term. Cut them whatever terms run, so that
+            # a CE-only run (sft) scores exactly what the CE term of a KD run scores.
             logits = logits[..., :V]
         in_ce = tgt != -100
         soft = spec.kind == "soft" and bool(rows.any())

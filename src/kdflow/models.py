@@ -186,7 +186,7 @@ def load_model(spec: ModelSpec) -> Any:
         model = AutoModelForCausalLM.from_pretrained(location, dtype=getattr(torch, DTYPES[spec.dtype]), **kwargs)
     except (OSError, ValueError) as err:
         raise _hub_error(spec, err) from None
-    return model
+    return check_output_head(model)
 
 
 def model_identity(spec: ModelSpec) -> str:
@@ -316,7 +316,7 @@ def build_student(spec: StudentSpec, teacher: Any | None, teacher_spec: ModelSpe
         if isinstance(getattr(cfg, "layer_types", None), list):
             cfg.layer_types = cfg.layer_types[: cfg.num_hidden_layers]
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    return model
+    return check_output_head(model)
 
 
 def apply_lora(model: Any, spec: LoraSpec) -> Any:
@@ -366,17 +366,105 @@ def unwrap(model: Any) -> Any:
             return model
 
 
-def has_plain_head(model: Any) -> bool:
-    """True when logits = output_embeddings(final hidden state), with no scaling or soft-capping."""
-    m = unwrap(model)
-    cfg = m.config
-    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) not in (None, 1.0):
-        return False
-    if m.get_output_embeddings() is None:
-        return False
+class ModelHead:
+    """The output head as the model's own forward applies it: the projection, then the logit scaling
+    or soft-capping some architectures add after it (Cohere `logit_scale`, Granite `1/logits_scaling`,
+    Falcon-H1 `lm_head_multiplier`, Gemma `final_logit_softcapping`). Not a registered submodule: it
+    only borrows the projection, so it never enters a state dict."""
+
+    def __init__(self, projection: Any, scale: float = 1.0, softcap: float | None = None):
+        self.projection = projection
+        self.scale = scale
+        self.softcap = softcap
+
+    def __call__(self, hidden: Any) -> Any:
+        import torch
+
+        weight = getattr(self.projection, "weight", None)
+        if weight is not None and weight.dtype != hidden.dtype and weight.dtype.is_floating_point:
+            # accelerate's mixed precision hands back hidden states in float32 even for bf16 weights
+            hidden = hidden.to(weight.dtype)
+        logits = self.projection(hidden)
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+def _known_head(m: Any) -> ModelHead | None:
+    """The head with the post-projection scaling the config declares, or None when there is no usable head."""
     import inspect
 
-    return "logits_to_keep" in inspect.signature(m.forward).parameters
+    projection = m.get_output_embeddings()
+    if projection is None or "logits_to_keep" not in inspect.signature(m.forward).parameters:
+        return None
+    cfg = m.config
+    scale = 1.0
+    if getattr(cfg, "logit_scale", None) is not None:  # Cohere
+        scale *= float(cfg.logit_scale)
+    if getattr(cfg, "logits_scaling", None):  # Granite: logits / logits_scaling
+        scale /= float(cfg.logits_scaling)
+    if getattr(cfg, "lm_head_multiplier", None) is not None:  # Falcon-H1
+        scale *= float(cfg.lm_head_multiplier)
+    softcap = getattr(cfg, "final_logit_softcapping", None)  # Gemma 2/3
+    return ModelHead(projection, scale, float(softcap) if softcap else None)
+
+
+def _head_reproduces_logits(m: Any, head: ModelHead) -> bool:
+    """Probe: on a short input, does head(final hidden state) equal the logits of the model's forward?
+
+    Catches what `_known_head` does not know about (a new architecture scaling, biasing or capping
+    its logits after the head, or a last hidden state taken before the final norm)."""
+    import torch
+
+    vocab = head.projection.weight.shape[0] if hasattr(head.projection, "weight") else m.config.vocab_size
+    param = next(m.parameters())
+    ids = (torch.arange(1, 9, device=param.device) * max(vocab // 9, 1)).remainder(vocab)[None]
+    # Compare at the weights' own precision: no autocast region of a caller, and not the autocast
+    # wrapper accelerate puts around the forward of a model it prepared for mixed precision.
+    forward = m.__dict__.get("_original_forward", m)
+    was_training = m.training
+    m.eval()
+    try:
+        with torch.no_grad(), torch.autocast(param.device.type, enabled=False):
+            out = forward(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True)
+            theirs = out.logits.float()
+            mine = head(out.hidden_states[-1]).float()
+    finally:
+        m.train(was_training)
+    if mine.shape != theirs.shape:
+        return False
+    # The same operations on the same inputs agree to rounding (a few units in the last place of
+    # half precision weights).
+    tol = 2e-2 if param.dtype in (torch.float16, torch.bfloat16) else 1e-4
+    return bool((mine - theirs).abs().max() <= tol * theirs.abs().max().clamp(min=1e-6))
+
+
+def output_head(model: Any) -> ModelHead | None:
+    """The head that turns final hidden states into the model's own logits, or None when kdflow cannot
+    reproduce them; then callers take the logits from the model's forward (`selected_hidden` does).
+
+    Decided once per model and remembered on it: the known scalings, checked by a probe that compares
+    head(hidden) with the model's logits. A model the probe rejects is told once on stdout; it trains
+    correctly, only without the memory saving of computing logits at the selected positions only.
+    """
+    m = unwrap(model)
+    verdict = m.__dict__.get("_kdflow_head_verdict")
+    if verdict is None:
+        head = _known_head(m)
+        verdict = head is not None and _head_reproduces_logits(m, head)
+        if head is not None and not verdict:
+            print(f"[kdflow] {type(m).__name__}: its logits are not its output head applied to its last hidden "
+                  "state (a scaling or capping kdflow does not know); using the full logits of its forward instead")
+        m.__dict__["_kdflow_head_verdict"] = verdict
+    return _known_head(m) if verdict else None
+
+
+def check_output_head(model: Any) -> Any:
+    """Run the head probe now (at load time, outside any training step); returns the model."""
+    output_head(model)
+    return model
 
 
 def selected_logits(model: Any, input_ids: Any, attention_mask: Any, positions: Any) -> Any:
@@ -394,13 +482,16 @@ def selected_logits(model: Any, input_ids: Any, attention_mask: Any, positions: 
 def selected_hidden(model: Any, input_ids: Any, attention_mask: Any, positions: Any) -> tuple[Any, Any]:
     """(final hidden states [N, H] at `positions`, output head), for losses computed chunk by chunk.
 
-    For a model whose logits are not a plain head over the hidden state (soft-capping, scaling),
-    returns the logits themselves and an identity head, so callers need no special case.
+    The head applies the model's own logit scaling (`output_head`), so every loss, teacher target,
+    cache and update sees the logits that sampling and evaluation see. For a model whose logits
+    kdflow cannot reproduce from its hidden state, returns the logits themselves and an identity
+    head, so callers need no special case.
     """
     import torch.nn as nn
 
-    if not has_plain_head(model):
+    head = output_head(model)
+    if head is None:
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
         return logits[positions], nn.Identity()
     out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, logits_to_keep=1)
-    return out.hidden_states[-1][:, :-1][positions], unwrap(model).get_output_embeddings()
+    return out.hidden_states[-1][:, :-1][positions], head

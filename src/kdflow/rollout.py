@@ -7,8 +7,9 @@ MiniLLM's teacher-mixed sampling (methods.md §5, trick 2) draws every response 
 so both the teacher p and the student q must be queried at every step. `generate()` runs one
 model, so this module has its own small loop: prefill both models on the left-padded prompts,
 then feed only the newly sampled token to each model together with its cache. It records, per
-response token, log q(y_t), log p(y_t) and log p~(y_t) (the importance weight is q/p~) and a
-mask that is False after a row's EOS, so padding never reaches a loss.
+response token, log q(y_t), log p(y_t) and log p~(y_t) (the importance weight is q/p~), the exact
+token-level reverse KL(q || p) at each sampled prefix, and a mask that is False after a row's EOS,
+so padding never reaches a loss.
 
 Positions: with left padding, a row's first prompt token must get position 0, as it does in
 training (right padding) and in `generate()`. Transformers 5 takes explicit `position_ids`
@@ -26,6 +27,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from kdflow.losses import reverse_kl
+
 
 @dataclass
 class Rollout:
@@ -39,6 +42,10 @@ class Rollout:
     teacher_logp: torch.Tensor  # log p(y_t | y_<t, x), untempered; 0 where masked
     mixed_logp: torch.Tensor  # log of the probability the token was actually drawn with; 0 where masked
     teacher_logprobs: torch.Tensor | None = None  # [B, T, V] float32 log p(. | y_<t, x) when kept
+    # KL(q || p) over the vocabulary at each sampled prefix, untempered; 0 where masked. Minus it is
+    # the expected reward E_q[log p - log q] there, known exactly rather than estimated from tokens
+    # that were drawn from the mixture p~, not from q.
+    reverse_kl: torch.Tensor | None = None
 
     @property
     def importance_weight(self) -> torch.Tensor:
@@ -54,7 +61,8 @@ class Rollout:
         idx = torch.as_tensor(rows, dtype=torch.long)
         pick = lambda t: None if t is None else t[idx.to(t.device)]  # noqa: E731
         return Rollout(pick(self.prompt_ids), pick(self.prompt_mask), pick(self.response_ids), pick(self.response_mask),
-                       pick(self.student_logp), pick(self.teacher_logp), pick(self.mixed_logp), pick(self.teacher_logprobs))
+                       pick(self.student_logp), pick(self.teacher_logp), pick(self.mixed_logp), pick(self.teacher_logprobs),
+                       pick(self.reverse_kl))
 
 
 def prompt_positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -77,12 +85,23 @@ def _autocast(device: torch.device, bf16: bool) -> Any:
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+def _cache_argument(model: Any) -> str:
+    """The name a model's forward takes its KV cache under: transformers 5 renamed `past_key_values`
+    to `cache` (the old name warns and goes in 5.40); remote code may still take the old one."""
+    import inspect
+
+    from kdflow.models import unwrap
+
+    return "cache" if "cache" in inspect.signature(unwrap(model).forward).parameters else "past_key_values"
+
+
 def _last_logits(model: Any, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any,
                  use_cache: bool, vocab_size: int) -> tuple[torch.Tensor, Any]:
     # logits_to_keep=1: only the last position goes through the vocabulary-sized head.
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                use_cache=use_cache, logits_to_keep=1)
-    return out.logits[:, -1, :vocab_size].float(), (out.past_key_values if use_cache else None)
+    name = _cache_argument(model)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=use_cache, logits_to_keep=1,
+                **{name: cache})
+    return out.logits[:, -1, :vocab_size].float(), (out[name] if use_cache else None)
 
 
 @torch.no_grad()
@@ -109,7 +128,7 @@ def mixed_sample(student: Any, teacher: Any, prompt_ids: torch.Tensor, prompt_ma
     next_pos = positions[:, -1:] + 1  # left padding: every row's last column is its last prompt token
     ids_so_far = prompt_ids
     done = torch.zeros(batch, dtype=torch.bool, device=device)
-    tokens, keep, logq_t, logp_t, logmix_t, full_p = [], [], [], [], [], []
+    tokens, keep, logq_t, logp_t, logmix_t, rkl_t, full_p = [], [], [], [], [], [], []
     s_cache = t_cache = None
     with _autocast(device, bf16):
         s_logits, s_cache = _last_logits(student, prompt_ids, mask, positions, None, use_cache, vocab_size)
@@ -131,6 +150,7 @@ def mixed_sample(student: Any, teacher: Any, prompt_ids: torch.Tensor, prompt_ma
             logq_t.append(gather(logq))
             logp_t.append(gather(logp))
             logmix_t.append(gather(log_mix))
+            rkl_t.append(torch.where(live, reverse_kl(logp, logq), torch.zeros(())))
             if keep_teacher_logprobs:
                 full_p.append(logp)
             if stop_at_eos:
@@ -155,7 +175,8 @@ def mixed_sample(student: Any, teacher: Any, prompt_ids: torch.Tensor, prompt_ma
         response_ids=torch.stack(tokens, dim=1), response_mask=torch.stack(keep, dim=1),
         student_logp=torch.stack(logq_t, dim=1), teacher_logp=torch.stack(logp_t, dim=1),
         mixed_logp=torch.stack(logmix_t, dim=1),
-        teacher_logprobs=torch.stack(full_p, dim=1) if keep_teacher_logprobs else None)
+        teacher_logprobs=torch.stack(full_p, dim=1) if keep_teacher_logprobs else None,
+        reverse_kl=torch.stack(rkl_t, dim=1))
 
 
 def pack_right(rollout: Rollout, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

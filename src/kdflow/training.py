@@ -8,6 +8,7 @@ instead of per micro-batch.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import re
 from pathlib import Path
@@ -91,7 +92,7 @@ def training_arguments(train: TrainConfig, output_dir: str | os.PathLike, seed: 
     from transformers import TrainingArguments
 
     report_to = [r for r in train.report_to if r != "none"] or "none"
-    return TrainingArguments(
+    args = TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=train.batch_size,
         per_device_eval_batch_size=train.batch_size,
@@ -99,7 +100,7 @@ def training_arguments(train: TrainConfig, output_dir: str | os.PathLike, seed: 
         learning_rate=train.learning_rate,
         num_train_epochs=train.num_epochs,
         max_steps=train.max_steps,
-        warmup_steps=train.warmup_ratio,
+        warmup_steps=0,  # set from train.warmup_ratio once the step count is known (create_scheduler)
         weight_decay=train.weight_decay,
         adam_beta1=train.adam_beta1,
         adam_beta2=train.adam_beta2,
@@ -121,6 +122,10 @@ def training_arguments(train: TrainConfig, output_dir: str | os.PathLike, seed: 
         use_cpu=not _has_accelerator(),
         disable_tqdm=False,
     )
+    # TrainingArguments has no ratio any more: its `warmup_steps` reads a float below 1 as a ratio but
+    # 1.0 as one step. The ratio rides along and TokenNormalizedTrainer turns it into steps.
+    args.kdflow_warmup_ratio = train.warmup_ratio
+    return args
 
 
 def _has_accelerator() -> bool:
@@ -181,6 +186,13 @@ def make_token_normalized_trainer_class() -> type:
 
         def count_tokens(self, batch: dict[str, Any]) -> dict[str, int]:
             raise NotImplementedError
+
+        def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+            ratio = getattr(self.args, "kdflow_warmup_ratio", None)
+            if ratio is not None and self.lr_scheduler is None:
+                # an int >= 1 is a step count to transformers; 0 is no warm-up
+                self.args.warmup_steps = math.ceil(ratio * num_training_steps)
+            return super().create_scheduler(num_training_steps, optimizer)
 
         # -- step-level counting
         def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list, Any]:

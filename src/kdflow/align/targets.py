@@ -6,7 +6,7 @@ only (`kd.token_scope=response`):
 
 1. `CrossTokenizer.prepare` encodes every example a second time with the teacher's tokenizer
    and template, pairs each student KD row (the position predicting answer token j) with the
-   teacher position predicting the token that begins at the same character (or by DTW), and
+   teacher position that has read exactly the same answer text (or by DTW), and
    stores on the example: `teacher_input_ids` (the teacher's prompt + as much of its answer as
    the pairs need), `teacher_src` (teacher position per student KD row, -1 when unpaired) and
    `teacher_valid` (rows in the KD term). Done once, before training.
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from kdflow.align.project import project_topk
-from kdflow.align.sequence import boundary_points, pair_by_dtw, pair_by_points
+from kdflow.align.sequence import PAIRING_VERSION, boundary_points, pair_by_dtw, pair_by_points
 from kdflow.align.vocab import MAP_VERSION, MARKER, CanonicalVocab, vocab_maps
 from kdflow.config import AlignConfig, DataConfig
 from kdflow.data import IGNORE_INDEX, Encoder, ResponseEncoding, Rows, Turns, row_turns
@@ -254,4 +254,5 @@ class CrossTokenizer:
     def key(self) -> dict[str, Any]:
         """What a cached target depends on beyond the usual manifest fields (teacher_cache.manifest_key)."""
         return {"sequence": self.cfg.sequence, "unpaired": self.cfg.unpaired, "vocab_map_version": MAP_VERSION,
+                "pairing_version": PAIRING_VERSION,
                 "teacher_vocab": self.teacher_vocab.digest(), "student_vocab": self.student_vocab.digest()}

@@ -31,7 +31,7 @@ from kdflow.config import CoDistillConfig, PeerSpec, to_dict
 from kdflow.data import Rows, collate, encode_rows, read_rows, row_turns
 from kdflow.errors import ConfigError, DataError, KDFlowError
 from kdflow.evaluate import EvalResult, answer_nll, evaluate_cached, format_table
-from kdflow.losses import (DenseTeacher, HeadLossSpec, TopKTargets, check_sparse_divergence, get_divergence, head_losses,
+from kdflow.losses import (DenseTeacher, HeadLossSpec, TopKTargets, get_divergence, head_losses,
                            shifted_masks)
 from kdflow.models import (apply_lora, build_student, count_parameters, load_model, load_tokenizer, model_identity,
                            save_model, selected_hidden, tokenizer_fingerprint)
@@ -93,11 +93,6 @@ def make_bridge(sender: Peer, receiver: Peer, turns: list[Any], cfg: CoDistillCo
     if cfg.kd.token_scope != "response":
         raise ConfigError(f"kd.token_scope={cfg.kd.token_scope}: peers '{sender.name}' and '{receiver.name}' tokenize the "
                           "data differently and only the answer text is shared between them; use kd.token_scope=response")
-    if cfg.kd.variant == "soft":
-        try:
-            check_sparse_divergence(cfg.kd.divergence, cfg.kd.sparse_mode)
-        except ValueError as e:
-            raise ConfigError(f"kd.divergence={cfg.kd.divergence} with kd.sparse_mode={cfg.kd.sparse_mode}: {e}") from None
     cross = CrossTokenizer(sender.tok, receiver.tok, cfg.data, cfg.align)
     valid = []
     for r, t in enumerate(turns):  # which receiver rows the sender covers depends on the tokenizations only
@@ -200,10 +195,10 @@ def peer_loss_sums(i: int, peers: list[Peer], outs: list[PeerOutputs], spec: Hea
                    top_k: int = 64) -> dict[str, tuple[torch.Tensor, int]]:
     """Peer i's (sum, count) per term: "ce", and "kd:<j>" against every other peer j."""
     me = outs[i]
-    if spec.kind == "none":
-        return head_losses(me.hidden, me.head, me.ce_targets, me.kd_rows, None, spec)
     own = copy.copy(spec)
-    own.vocab_size = len(peers[i].tok)  # padded heads: compare real tokens only
+    own.vocab_size = len(peers[i].tok)  # padded heads: score and compare real tokens only
+    if spec.kind == "none":
+        return head_losses(me.hidden, me.head, me.ce_targets, me.kd_rows, None, own)
     sums: dict[str, tuple[torch.Tensor, int]] = {}
     for j, q in [(j, q) for j, q in enumerate(peers) if j != i]:
         ce_targets = me.ce_targets if "ce" not in sums else torch.full_like(me.ce_targets, -100)  # CE counted once

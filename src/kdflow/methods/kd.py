@@ -23,11 +23,11 @@ from typing import Any
 
 import torch
 
-from kdflow.config import DistillConfig, to_dict
+from kdflow.config import DistillConfig, ModelSpec, to_dict
 from kdflow.data import Collator, ListDataset, Rows, encode_rows, prompts_of, read_rows, rows_fingerprint, row_turns
 from kdflow.errors import ConfigError, DataError
 from kdflow.evaluate import EvalResult, evaluate_cached, format_table, generate
-from kdflow.losses import DenseTeacher, HeadLossSpec, check_sparse_divergence, get_divergence, head_losses, shifted_masks
+from kdflow.losses import DenseTeacher, HeadLossSpec, get_divergence, head_losses, shifted_masks
 from kdflow.models import (apply_lora, build_student, count_parameters, freeze, load_model, load_tokenizer,
                            model_identity, require_same_tokenizer, save_model, selected_hidden, tokenizer_fingerprint)
 from kdflow.teacher_cache import TeacherCache, batch_targets, build_cache, manifest_key, same_tokenizer_targets
@@ -92,7 +92,8 @@ def make_distill_trainer_class() -> type:
                     teacher = DenseTeacher(t_hidden, t_head)
                 else:
                     teacher = batch_targets(inputs)
-            spec = self.spec if use_kd else HeadLossSpec(chunk_tokens=self.spec.chunk_tokens)
+            spec = self.spec if use_kd else HeadLossSpec(vocab_size=self.spec.vocab_size,
+                                                         chunk_tokens=self.spec.chunk_tokens)
             # Validation batches without cached targets score CE only.
             return head_losses(hidden, head, ce_targets, kd_mask[positions], teacher, spec)
 
@@ -103,15 +104,22 @@ def make_distill_trainer_class() -> type:
 # Sequence-level KD: teacher answers generated once, cached beside the run
 
 
-def seqkd_rows(cfg: DistillConfig, rows: Rows, teacher: Any, teacher_tok: Any, out: Path) -> Rows:
+SEQKD_FORMAT = 2  # 2: each line records whether the answer was cut at max_new_tokens
+
+
+def seqkd_rows(cfg: DistillConfig, rows: Rows, teacher: Any, teacher_tok: Any, out: Path) -> tuple[Rows, list[bool]]:
     """Replace each row's answer by the teacher's generated answer (cached in a JSONL file).
 
+    Returns the rows and, per row, whether the teacher's answer was cut at seqkd.max_new_tokens
+    without ending: such an answer is trained on without an end (no EOS target, `encode_rows(...,
+    unended=...)`), so the student does not learn to stop where the teacher was stopped.
     The cache records the teacher, tokenizer, data and generation settings; a cache made with
     other settings is an error rather than silently reused. An interrupted generation resumes.
     """
     s = cfg.seqkd
     path = Path(s.cache_file) if s.cache_file else out / "seqkd_generations.jsonl"
     manifest = {
+        "format": SEQKD_FORMAT,
         "teacher": model_identity(cfg.teacher),
         "tokenizer": tokenizer_fingerprint(teacher_tok),
         "data": rows_fingerprint(rows),
@@ -122,8 +130,12 @@ def seqkd_rows(cfg: DistillConfig, rows: Rows, teacher: Any, teacher_tok: Any, o
     }
     man_path = path.with_suffix(".manifest.json")
     done: list[str] = []
+    cut: list[bool] = []
     if man_path.is_file():
         old = json.loads(man_path.read_text())
+        if old.get("format") != SEQKD_FORMAT:
+            raise DataError(f"{path} was written by an older kdflow that did not record which answers were cut at "
+                            f"seqkd.max_new_tokens; delete it and {man_path.name} to generate the answers again")
         if old != manifest:
             diff = [k for k in manifest if old.get(k) != manifest[k]]
             raise DataError(f"{path} was generated with other settings ({', '.join(diff)} differ); delete it or set seqkd.cache_file to a new file")
@@ -131,14 +143,21 @@ def seqkd_rows(cfg: DistillConfig, rows: Rows, teacher: Any, teacher_tok: Any, o
             with open(path, encoding="utf-8") as f:
                 for line in f:
                     try:
-                        done.append(json.loads(line)["response"])
-                    except (json.JSONDecodeError, KeyError):
+                        entry = json.loads(line)
+                        done.append(entry["response"])
+                        cut.append(bool(entry["truncated"]))
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        del done[len(cut):]
                         break  # a line cut by an interruption: regenerate from here
     else:
         write_json(man_path, manifest)
     prompts = prompts_of(rows, teacher_tok, cfg.data)
+
+    def line(text: str, truncated: bool) -> str:
+        return json.dumps({"response": text, "truncated": truncated}, ensure_ascii=False) + "\n"
+
     if len(done) < len(prompts):
-        write_atomic(path, "".join(json.dumps({"response": r}, ensure_ascii=False) + "\n" for r in done))
+        write_atomic(path, "".join(line(r, c) for r, c in zip(done, cut)))
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(prompts), initial=len(done), desc="seqkd: teacher generates answers")
@@ -148,8 +167,11 @@ def seqkd_rows(cfg: DistillConfig, rows: Rows, teacher: Any, teacher_tok: Any, o
                                do_sample=s.do_sample, temperature=s.temperature, top_p=s.top_p, seed=s.seed + start)
                 for x in ids:
                     text = teacher_tok.decode(x, skip_special_tokens=True).strip() or teacher_tok.eos_token
+                    # generate() removes EOS: an answer as long as the limit never produced one
+                    truncated = len(x) >= s.max_new_tokens
                     done.append(text)
-                    f.write(json.dumps({"response": text}, ensure_ascii=False) + "\n")
+                    cut.append(truncated)
+                    f.write(line(text, truncated))
                 f.flush()
                 bar.update(len(ids))
         bar.close()
@@ -157,7 +179,7 @@ def seqkd_rows(cfg: DistillConfig, rows: Rows, teacher: Any, teacher_tok: Any, o
     for row, where, answer in zip(rows.items, rows.locations, done):
         turns = row_turns(row, where, cfg.data)
         items.append({"messages": turns.messages + [{"role": "assistant", "content": answer}]})
-    return Rows(f"{path} (teacher answers for {rows.source})", items, list(rows.locations))
+    return Rows(f"{path} (teacher answers for {rows.source})", items, list(rows.locations)), cut
 
 
 # ----------------------------------------------------------------------------------------------
@@ -271,11 +293,6 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
     t_start = time.time()
     train_rows, val_rows, test_rows = _read_splits(cfg)
     use_cache = cfg.teacher_cache.dir is not None and cfg.method in ("kd", "hard_token") and cfg.kd.kd_weight > 0
-    if use_cache and cfg.method == "kd":
-        try:
-            check_sparse_divergence(cfg.kd.divergence, cfg.kd.sparse_mode)
-        except ValueError as e:
-            raise ConfigError(f"kd.divergence={cfg.kd.divergence} with kd.sparse_mode={cfg.kd.sparse_mode}: {e}") from None
 
     if cfg.method != "sft" and not cfg.teacher.name:
         raise ConfigError(f"method {cfg.method} needs teacher.name")
@@ -293,9 +310,16 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
     student = build_student(cfg.student, teacher, cfg.teacher if cfg.teacher.name else None)
 
     # Encode (validates every row: missing fields, empty text, prompts over the limit).
+    seqkd_stats = None
+    unended: set[int] = set()
     if cfg.method == "seqkd":
-        train_rows = seqkd_rows(cfg, train_rows, teacher, teacher_tok, out)
-    train_examples = encode_rows(train_rows, tok, cfg.data)
+        train_rows, cut = seqkd_rows(cfg, train_rows, teacher, teacher_tok, out)
+        unended = {i for i, c in enumerate(cut) if c}
+        seqkd_stats = {"answers": len(cut), "truncated": len(unended), "max_new_tokens": cfg.seqkd.max_new_tokens}
+        if unended:
+            print(f"[kdflow] seqkd: {len(unended)} of {len(cut)} teacher answers reached seqkd.max_new_tokens="
+                  f"{cfg.seqkd.max_new_tokens} without ending; they are trained on without an end (no EOS target)")
+    train_examples = encode_rows(train_rows, tok, cfg.data, unended)
     val_examples = encode_rows(val_rows, tok, cfg.data) if val_rows is not None else None
     if test_rows is not None:
         encode_rows(test_rows.head(cfg.eval.max_rows), tok, cfg.data)
@@ -345,9 +369,14 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
     if cfg.student.lora.enabled:
         trainer.model.save_pretrained(out / "student_adapter")
 
-    model_after = trainer.model
     if test_rows is not None:
+        # Score the saved student exactly as `kdflow eval` scores it. The Trainer's model is not that:
+        # under train.bf16 its forward stays wrapped in autocast, and a LoRA adapter is not yet merged.
+        saved = ModelSpec(name=str(out / "student"), dtype=cfg.student.dtype,
+                          trust_remote_code=cfg.student.trust_remote_code)
+        model_after = load_model(saved).to(trainer.args.device)
         results["student (after)"] = _eval_cached(out, "student_after", model_after, tok, test_rows, cfg)
+        del model_after
         if cfg.evaluate_teacher and teacher is not None:
             results["teacher"] = _eval_cached(out, "teacher", teacher, teacher_tok, test_rows, cfg)
             results = {"teacher": results.pop("teacher"), **results}
@@ -360,6 +389,7 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
                   "tokens_per_second": (_tokens_per_second(train_examples, trainer.state.global_step, cfg, train_seconds)
                                         if trained_now and not resume else None)},
         "token_scope": cfg.kd.token_scope,
+        "seqkd": seqkd_stats,
         "cross_tokenizer": None if cross is None else {
             "sequence": cfg.align.sequence, "unpaired": cfg.align.unpaired, "vocab_maps": cross.maps.info,
             "alignment": None if align_stats is None else dataclasses.asdict(align_stats)},
@@ -399,6 +429,10 @@ def _report(cfg: DistillConfig, metrics: dict[str, Any], results: dict[str, Eval
                      f"τ = {cfg.kd.temperature}, KD tokens: {cfg.kd.token_scope}")
     elif cfg.method == "hard_token":
         lines.append(f"- loss: {cfg.kd.kd_weight} · CE(teacher argmax) + {1 - cfg.kd.kd_weight:g} · CE, tokens: {cfg.kd.token_scope}")
+    elif cfg.method == "seqkd" and metrics.get("seqkd"):
+        q = metrics["seqkd"]
+        lines.append(f"- teacher answers: {q['answers']}, of which {q['truncated']} reached max_new_tokens="
+                     f"{q['max_new_tokens']} without ending (trained on without an EOS target)")
     t = metrics["train"]
     speed = f" ({t['tokens_per_second']:.0f} tokens/s)" if t["tokens_per_second"] else " (resumed)"
     lines.append(f"- training: {t['steps']} steps in {t['seconds']:.0f} s{speed}, data `{cfg.data.train}`")

@@ -139,12 +139,17 @@ def _autocast(device: torch.device, bf16: bool) -> Any:
 
 
 def rollout_statistics(rollout: Rollout, eos_id: int) -> dict[str, float]:
-    """What the sampler saw: mean per-token reward (= minus a sampled estimate of the reverse KL), length, weights."""
+    """What the sampler saw: mean per-token reward, length, weights, rows that ended.
+
+    The reward is the exact expected reward under the student at each sampled prefix,
+    E_q[log p - log q] = -KL(q || p) over the whole vocabulary. Averaging log p(y_t) - log q(y_t) over
+    the sampled tokens instead would estimate it from tokens drawn from the teacher-mixed p~, which
+    favours tokens the teacher likes and so overstates the reward.
+    """
     m = rollout.response_mask
     n = max(int(m.sum()), 1)
-    rewards = (rollout.teacher_logp - rollout.student_logp)[m]
     last = rollout.response_ids.gather(-1, (rollout.lengths - 1).clamp(min=0)[:, None]).squeeze(-1)
-    return {"reward": float(rewards.sum()) / n, "response_length": float(m.sum(-1).float().mean()),
+    return {"reward": -float(rollout.reverse_kl[m].sum()) / n, "response_length": float(m.sum(-1).float().mean()),
             "importance_weight": float(rollout.importance_weight[m].sum()) / n,
             "ended_with_eos": float((last == eos_id).float().mean())}
 
@@ -360,7 +365,7 @@ def run_minillm(cfg: MiniLLMConfig) -> dict[str, Any]:
     write_json(out / "log_history.json", history)
     curves = {k: [(h["step"], h[k]) for h in history if k in h] for k in ("loss", "single_step", "pg", "lm")}
     curves = {k: v for k, v in curves.items() if v}
-    rewards = {"rollout reward (mean log p - log q per token)": [(h["step"], h["rollout_reward"]) for h in history],
+    rewards = {"rollout reward (mean -KL(q||p) per token)": [(h["step"], h["rollout_reward"]) for h in history],
                "rollout rows ending with EOS (fraction)": [(h["step"], h["rollout_ended_with_eos"]) for h in history]}
     if history:
         plot_curves(out / "loss_curve.png", curves, "kdflow minillm: loss terms")
