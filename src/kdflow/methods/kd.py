@@ -28,8 +28,9 @@ from kdflow.data import Collator, ListDataset, Rows, encode_rows, prompts_of, re
 from kdflow.errors import ConfigError, DataError
 from kdflow.evaluate import EvalResult, evaluate_cached, format_table, generate
 from kdflow.losses import DenseTeacher, HeadLossSpec, check_sparse_divergence, get_divergence, head_losses, shifted_masks
-from kdflow.models import (apply_lora, build_student, count_parameters, freeze, load_model, load_tokenizer,
-                           model_identity, require_same_tokenizer, save_model, selected_hidden, tokenizer_fingerprint)
+from kdflow.models import (apply_lora, build_student, check_student, count_parameters, freeze, load_model,
+                           load_tokenizer, model_identity, require_same_tokenizer, save_model, selected_hidden,
+                           tokenizer_fingerprint)
 from kdflow.teacher_cache import TeacherCache, batch_targets, build_cache, manifest_key, same_tokenizer_targets
 from kdflow.report import examples_markdown, loss_series, plot_curves, write_atomic, write_json
 from kdflow.training import (make_token_normalized_trainer_class, resolve_resume, setup_run, train_or_restore,
@@ -267,7 +268,6 @@ def run_cache_teacher(cfg: DistillConfig) -> dict[str, Any]:
 
 
 def run_distill(cfg: DistillConfig) -> dict[str, Any]:
-    out = setup_run(cfg.output_dir, cfg, cfg.seed, cfg.train.num_threads)
     t_start = time.time()
     train_rows, val_rows, test_rows = _read_splits(cfg)
     use_cache = cfg.teacher_cache.dir is not None and cfg.method in ("kd", "hard_token") and cfg.kd.kd_weight > 0
@@ -276,14 +276,17 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
             check_sparse_divergence(cfg.kd.divergence, cfg.kd.sparse_mode)
         except ValueError as e:
             raise ConfigError(f"kd.divergence={cfg.kd.divergence} with kd.sparse_mode={cfg.kd.sparse_mode}: {e}") from None
-
     if cfg.method != "sft" and not cfg.teacher.name:
         raise ConfigError(f"method {cfg.method} needs teacher.name")
+    check_student(cfg.student, cfg.teacher if cfg.teacher.name else None)
+    # The folder is touched only now: a run refused above leaves an earlier run's folder as it was.
+    out = setup_run(cfg.output_dir, cfg, cfg.seed, cfg.train.num_threads)
     teacher_tok = load_tokenizer(cfg.teacher) if cfg.teacher.name else None
     tok = _student_tokenizer(cfg, teacher_tok)
     cross = _cross_tokenizer(cfg, teacher_tok, tok) if cfg.method in ("kd", "hard_token") else None
     vocab_size = len(tok)
-    cache = TeacherCache(cfg.teacher_cache.dir, _cache_key(cfg, train_rows, teacher_tok, tok, cross)) if use_cache else None
+    cache = (TeacherCache(cfg.teacher_cache.dir, _cache_key(cfg, train_rows, teacher_tok, tok, cross), vocab_size)
+             if use_cache else None)
 
     # The teacher's weights are loaded only when something needs them: online KD, generation,
     # a student pruned from it, or its own evaluation. With a teacher cache, training never does.
