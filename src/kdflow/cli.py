@@ -6,6 +6,7 @@ imported only once a verb runs, so `kdflow --help` is instant.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 import sys
@@ -118,10 +119,39 @@ def main(argv: list[str] | None = None) -> int:
     except KDFlowError as e:
         print(f"kdflow: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a file the run reads or writes: a full disk, a read-only folder, ...
+        print(f"kdflow: error: {os_error_line(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("\nkdflow: interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
         return 130
+    finally:
+        from kdflow.runfolder import release
+
+        release()
     return 0
+
+
+_ADVICE = {
+    errno.ENOSPC: "the disk is full: free space there, or choose another output_dir",
+    errno.EDQUOT: "the disk quota is used up: free space there, or choose another output_dir",
+    errno.EACCES: "no permission: choose a folder you can write to, or fix its permissions",
+    errno.EPERM: "not permitted: choose a folder you can write to, or fix its permissions",
+    errno.EROFS: "the file system is read-only: choose another output_dir",
+    errno.ENOENT: "no such file or folder: check the path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: check the path",
+    errno.EISDIR: "that is a folder: give a file",
+    errno.EMFILE: "too many open files: raise the limit (ulimit -n)",
+    errno.EIO: "an input/output error: check the disk",
+}
+
+
+def os_error_line(e: OSError) -> str:
+    """One line for an OSError: the path it concerns, what happened, what to do."""
+    where = f"{e.filename}: " if e.filename else ""
+    what = e.strerror or str(e) or type(e).__name__
+    advice = _ADVICE.get(e.errno)
+    return f"{where}{what}" + (f" ({advice})" if advice else "")
 
 
 if __name__ == "__main__":
