@@ -622,7 +622,12 @@ def load_config(cls: type, path: str | os.PathLike | None = None, overrides: lis
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {p} not found")
-        text = p.read_text()
+        data = p.read_bytes()
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            line = data[:e.start].count(b"\n") + 1
+            raise ConfigError(f"config file {p}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save it as UTF-8") from None
     return load_config_text(cls, text, overrides, where=f"config file {path}")
 
 

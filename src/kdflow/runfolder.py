@@ -115,6 +115,11 @@ def hold(out: Path, cfg: Any, resume: str, resume_key: str = "train.resume", ign
         raise
 
 
+def holding() -> set[Path]:
+    """The run folders this process holds."""
+    return set(_HELD)
+
+
 def release(out: Path | None = None) -> None:
     """Give up `out` (default: every folder this process holds)."""
     for path in [out.resolve()] if out is not None else list(_HELD):
@@ -233,17 +238,21 @@ def move_aside(out: Path) -> Path | None:
 
 
 def _check_stamp(ckpt: Path, out: Path, settings: dict[str, Any], digest: str, resume_key: str) -> None:
-    rel = ckpt.relative_to(out) if out in ckpt.parents else ckpt
-    how = f"use another output_dir, or {resume_key}=never to move them aside (into {PREVIOUS}<time>/ there)"
     try:
         saved = json.loads((ckpt / STAMP).read_text())
     except (OSError, ValueError):
-        raise ConfigError(f"{out} holds checkpoints without a record of their settings ({rel}: written by an older "
-                          f"kdflow or another program, or damaged); {how}") from None
-    if not isinstance(saved, dict) or saved.get("settings_sha256") != digest:
+        saved = None
+    if isinstance(saved, dict) and saved.get("settings_sha256") == digest:
+        return
+    if saved is None:
+        why = "without a record of their settings (written by an older kdflow or another program, or damaged)"
+    else:
         changed = changed_keys(saved.get("settings") if isinstance(saved, dict) else None, settings) or ["settings"]
-        raise ConfigError(f"{out} holds checkpoints of a run with other settings ({', '.join(changed[:5])} differ) "
-                          f"such as {rel}; {how}")
+        why = f"of a run with other settings ({', '.join(changed[:5])} differ)"
+    if out in ckpt.parents:
+        raise ConfigError(f"{out} holds checkpoints {why} such as {ckpt.relative_to(out)}; use another output_dir, "
+                          f"or {resume_key}=never to move them aside (into {PREVIOUS}<time>/ there)")
+    raise ConfigError(f"{resume_key}={ckpt} names a checkpoint {why}; resume from one of this run's settings")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from kdflow.errors import DataError
 from kdflow.losses import TopKTargets, shifted_masks
-from kdflow.report import write_json
+from kdflow.report import write_json, writing
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -135,6 +135,8 @@ def build_cache(folder: str | os.PathLike, key: dict[str, Any], examples: list[d
     from kdflow.data import collate
 
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise DataError(f"teacher_cache.dir {folder} is a file, not a folder; choose another teacher_cache.dir")
     folder.mkdir(parents=True, exist_ok=True)
     manifest = _read_manifest(folder)
     if manifest is not None:
@@ -177,7 +179,8 @@ def build_cache(folder: str | os.PathLike, key: dict[str, Any], examples: list[d
             tensors["valid"] = torch.cat([t["valid"] for t in per_example]).to(torch.uint8)
         name = f"shard-{len(manifest['shards']):05d}.safetensors"
         tmp = folder / (name + ".tmp")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        with writing(folder / name):
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
         os.replace(tmp, folder / name)
         manifest["shards"].append({"file": name, "examples": len(shard), "positions": sum(counts),
                                    "sha256": _sha256(folder / name), "bytes": (folder / name).stat().st_size})
