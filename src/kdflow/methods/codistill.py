@@ -29,7 +29,7 @@ import torch
 
 from kdflow.config import CoDistillConfig, PeerSpec, to_dict
 from kdflow.data import Rows, collate, encode_rows, read_rows, row_turns
-from kdflow.errors import ConfigError, DataError, KDFlowError
+from kdflow.errors import ConfigError, KDFlowError
 from kdflow.evaluate import EvalResult, answer_nll, evaluate_cached, format_table
 from kdflow.losses import (DenseTeacher, HeadLossSpec, TopKTargets, check_sparse_divergence, get_divergence, head_losses,
                            shifted_masks)

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from kdflow.config import DistillConfig, to_dict
+from kdflow.config import DistillConfig
 from kdflow.data import Collator, ListDataset, Rows, encode_rows, prompts_of, read_rows, rows_fingerprint, row_turns
 from kdflow.errors import ConfigError, DataError
 from kdflow.evaluate import EvalResult, evaluate_cached, format_table, generate
@@ -33,6 +33,7 @@ from kdflow.models import (apply_lora, build_student, check_student, count_param
                            tokenizer_fingerprint)
 from kdflow.teacher_cache import TeacherCache, batch_targets, build_cache, manifest_key, same_tokenizer_targets
 from kdflow.report import examples_markdown, loss_series, plot_curves, write_atomic, write_json
+from kdflow.runfolder import run_settings
 from kdflow.training import (make_token_normalized_trainer_class, resolve_resume, setup_run, train_or_restore,
                              training_arguments)
 
@@ -167,9 +168,9 @@ def seqkd_rows(cfg: DistillConfig, rows: Rows, teacher: Any, teacher_tok: Any, o
 
 def _eval_cached(out: Path, name: str, model: Any, tok: Any, rows: Rows, cfg: DistillConfig) -> EvalResult:
     """Evaluate, reusing a result saved by an earlier (interrupted) run with the same settings."""
-    settings = {k: v for k, v in to_dict(cfg).items() if k not in ("eval", "evaluate_teacher", "evaluate_before")}
-    settings["train"] = {k: v for k, v in settings["train"].items() if k not in ("resume", "num_threads", "report_to")}
-    return evaluate_cached(out / "eval" / f"{name}.json", {"run": settings}, model, tok, rows, cfg.data, cfg.eval, name)
+    # the settings that identify the run's checkpoints (not where the folder is: a moved run reuses its results)
+    return evaluate_cached(out / "eval" / f"{name}.json", {"run": run_settings(cfg)}, model, tok, rows, cfg.data,
+                           cfg.eval, name)
 
 
 def _data_settings(cfg: DistillConfig) -> dict[str, Any]:
@@ -195,8 +196,6 @@ def _read_splits(cfg: DistillConfig) -> tuple[Rows, Rows | None, Rows | None]:
     train_rows = read_rows(cfg.data.train, "data.train").head(cfg.data.max_train_rows)
     val_rows = read_rows(cfg.data.validation, "data.validation").head(cfg.data.max_eval_rows) if cfg.data.validation else None
     test_rows = read_rows(cfg.data.test, "data.test").head(cfg.data.max_eval_rows) if cfg.data.test else None
-    if len(train_rows) == 0:
-        raise DataError(f"{cfg.data.train} has no rows")
     return train_rows, val_rows, test_rows
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from kdflow.config import MiniLLMConfig, MiniLLMSettings, to_dict
+from kdflow.config import MiniLLMConfig, MiniLLMSettings
 from kdflow.data import Encoder, Rows, collate, left_pad, prompts_of, read_rows
 from kdflow.errors import ConfigError, DataError, KDFlowError
 from kdflow.evaluate import EvalResult, evaluate_cached, format_table
@@ -36,6 +36,7 @@ from kdflow.models import (apply_lora, build_student, check_student, count_param
                            load_tokenizer, require_same_tokenizer, save_model, selected_logits)
 from kdflow.report import examples_markdown, plot_curves, write_atomic, write_json
 from kdflow.rollout import Rollout, length_normalized_returns, mixed_sample, pack_right
+from kdflow.runfolder import run_settings
 from kdflow.training import (common_loop_checkpoint, load_loop_checkpoint, prune_loop_checkpoints,
                              save_loop_checkpoint, setup_run)
 
@@ -275,9 +276,9 @@ def train(cfg: MiniLLMConfig, student: Any, teacher: Any, tok: Any, prompts: lis
 
 def _eval_cached(out: Path, name: str, model: Any, tok: Any, rows: Rows, cfg: MiniLLMConfig) -> EvalResult:
     """Evaluate, reusing a result saved by an earlier (interrupted) run with the same settings."""
-    settings = {k: v for k, v in to_dict(cfg).items() if k not in ("eval", "evaluate_teacher", "evaluate_before")}
-    settings["minillm"] = {k: v for k, v in settings["minillm"].items() if k not in ("resume", "num_threads")}
-    return evaluate_cached(out / "eval" / f"{name}.json", {"run": settings}, model, tok, rows, cfg.data, cfg.eval, name)
+    # the settings that identify the run's checkpoints (not where the folder is: a moved run reuses its results)
+    return evaluate_cached(out / "eval" / f"{name}.json", {"run": run_settings(cfg)}, model, tok, rows, cfg.data,
+                           cfg.eval, name)
 
 
 def _check_settings(cfg: MiniLLMConfig) -> None:
