@@ -97,6 +97,9 @@ def hold(out: Path, cfg: Any, resume: str, resume_key: str = "train.resume", ign
     settings = run_settings(cfg, ignore)
     digest = settings_digest(settings)
     fd = _lock(out)
+    stale = _HELD.pop(out.resolve(), None)  # an earlier run here whose folder has since been replaced
+    if stale is not None and stale.lock_fd not in (None, fd):
+        os.close(stale.lock_fd)
     _HELD[out.resolve()] = _Held(settings, digest, fd)
     try:
         if resume == "never":
@@ -183,10 +186,8 @@ def held_run(path: Path) -> tuple[Path, _Held] | None:
         p = path.resolve()
     except OSError:
         return None
-    for root, held in _HELD.items():
-        if p == root or root in p.parents:
-            return root, held
-    return None
+    inside = [(root, held) for root, held in _HELD.items() if p == root or root in p.parents]
+    return max(inside, key=lambda rh: len(rh[0].parts)) if inside else None
 
 
 def stamp(folder: Path) -> None:
