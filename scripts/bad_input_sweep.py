@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -586,8 +586,7 @@ def main() -> int:
         else:
             print(f"workspace kept: {root}")
     text = markdown(outcomes, time.time() - t0)
-    counts = text.split("\n")[8]
-    print(counts)
+    print(next(line for line in text.splitlines() if line.startswith("**")))
     if not args.k:
         DOC.write_text(text)
         print(f"wrote {DOC}")
