@@ -128,8 +128,10 @@ class StudentSpec(ModelSpec):
         "pretrained",
         "pretrained: load `name`; config: random weights from the teacher's (or `name`'s) config with "
         "`config_overrides`; prune_teacher: copy the teacher keeping only some transformer layers")
-    keep_layers: list[int] | None = opt(None, "prune_teacher: indices of the teacher layers to keep, in order", range=">= 0")
-    keep_every: int | None = opt(None, "prune_teacher: keep every n-th layer (0, n, 2n, ...) and always the last one", range=">= 1")
+    keep_layers: list[int] | None = opt(None, "prune_teacher: indices of the teacher layers to keep, in order",
+                                        range=">= 0")
+    keep_every: int | None = opt(None, "prune_teacher: keep every n-th layer (0, n, 2n, ...) and always the last one",
+                                 range=">= 1")
     config_overrides: dict[str, Any] = opt(factory=dict, help="init=config: model config fields to change, e.g. {num_hidden_layers: 4}")
     lora: LoraSpec = opt(factory=LoraSpec, help="optional LoRA adapter on the student")
 
@@ -145,7 +147,8 @@ class DataConfig:
     system_prompt: str | None = opt(None, "system message added before the prompt when a chat template is used")
     chat_template: Literal["auto", "always", "never"] = opt("auto", "use the tokenizer's chat template (auto: when it has one)")
     prompt_template: str = opt("{prompt}\n", "without a chat template: how the prompt is written before the answer")
-    max_length: int = opt(256, "maximum tokens of prompt + answer; answers are cut at the end, prompts never", range=">= 2")
+    max_length: int = opt(256, "maximum tokens of prompt + answer; answers are cut at the end, prompts never",
+                          range=">= 2")
     min_response_tokens: int = opt(4, "a prompt that leaves fewer answer tokens than this is an error", range=">= 1")
     max_train_rows: int | None = opt(None, "use only the first N training rows", range=">= 1")
     max_eval_rows: int | None = opt(None, "use only the first N validation/test rows", range=">= 1")
@@ -162,7 +165,8 @@ class TrainConfig:
     weight_decay: float = opt(0.0, "AdamW weight decay", range=">= 0")
     adam_beta1: float = opt(0.9, "AdamW beta1", range="[0, 1)")
     adam_beta2: float = opt(0.999, "AdamW beta2", range="[0, 1)")
-    lr_scheduler: str = opt("linear", "transformers scheduler name: linear, cosine, constant, ...", check=_scheduler_name)
+    lr_scheduler: str = opt("linear", "transformers scheduler name: linear, cosine, constant, ...",
+                            check=_scheduler_name)
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0 disables)", range=">= 0")
     logging_steps: int = opt(5, "log losses every N optimizer steps", range=">= 1")
     save_steps: int = opt(50, "write a checkpoint every N optimizer steps (0: only at the end)", range=">= 0")
@@ -182,8 +186,10 @@ class EvalConfig:
     batch_size: int = opt(16, "sequences per batch for scoring and generation", range=">= 1")
     max_new_tokens: int = opt(48, "generation length limit", range=">= 1")
     greedy: bool = opt(True, "greedy generation: Rouge-L and exact match")
-    sample_seeds: list[int] = opt(factory=list, help="also sample once per seed and report mean Rouge-L, length and distinct-n", range="[0, 4294967295]")
-    sample_temperature: float = opt(1.0, "sampling temperature for sampled generation (not the KD temperature)", range="> 0")
+    sample_seeds: list[int] = opt(factory=list, help="also sample once per seed and report mean Rouge-L, length and distinct-n",
+                                  range="[0, 4294967295]")
+    sample_temperature: float = opt(1.0, "sampling temperature for sampled generation (not the KD temperature)",
+                                    range="> 0")
     sample_top_p: float = opt(1.0, "nucleus sampling threshold for sampled generation", range="(0, 1]")
     show_examples: int = opt(3, "generated examples written into the report", range=">= 0")
 
@@ -197,12 +203,14 @@ class KDConfig:
     divergence: Literal["fkl", "rkl", "jsd", "skl", "srkl", "tv"] = opt(
         "fkl", "fkl forward KL(p||q), rkl reverse KL(q||p), jsd generalized JSD(beta), skl skew KL, srkl skew reverse KL, tv total variation")
     kd_weight: float = opt(0.5, "weight of the KD term; the CE term gets 1 - kd_weight", range="[0, 1]")
-    temperature: float = opt(2.0, "KD temperature applied to teacher and student logits; the KD term is multiplied by temperature^2", range="> 0")
+    temperature: float = opt(2.0, "KD temperature applied to teacher and student logits; the KD term is multiplied by temperature^2",
+                             range="> 0")
     jsd_beta: float = opt(0.5, "beta of the generalized JSD (mixture m = beta p + (1 - beta) q)", range="[0, 1]")
     skew_alpha: float = opt(0.1, "alpha of skew KL / skew reverse KL", range="[0, 1]")
     token_scope: Literal["response", "all"] = opt("response", "positions in the KD term: response tokens, or all non-padding tokens")
     chunk_tokens: int = opt(0, "compute CE and KD from hidden states this many tokens at a time, recomputing each chunk's "
-                               "logits in backward: bounds memory to chunk x vocabulary (0: all at once, fastest)", range=">= 0")
+                               "logits in backward: bounds memory to chunk x vocabulary (0: all at once, fastest)",
+                               range=">= 0")
     sparse_mode: Literal["tail", "renorm"] = opt(
         "tail", "a top-k teacher (cache, cross-tokenizer): tail keeps its leftover mass as one bucket against the student's "
                 "mass outside the k ids; renorm renormalises the teacher over its k ids")
@@ -215,7 +223,8 @@ class TeacherCacheConfig:
     k: int = opt(64, "teacher tokens kept per position", range=">= 1")
     logp_dtype: Literal["float16", "bfloat16"] = opt("float16", "storage type of the cached log-probs")
     store_tail: bool = opt(True, "also store the exact log of the mass outside the top k (float32, 4 bytes per position)")
-    shard_size: int = opt(512, "examples per shard file (an interrupted build resumes after the last complete shard)", range=">= 1")
+    shard_size: int = opt(512, "examples per shard file (an interrupted build resumes after the last complete shard)",
+                          range=">= 1")
     batch_size: int = opt(16, "sequences per teacher forward while caching", range=">= 1")
 
 
@@ -269,18 +278,23 @@ class DistillConfig:
 class MiniLLMSettings:
     """MiniLLM (methods.md §5): rollouts, the loss and its optimisation."""
 
-    mix_alpha: float = opt(0.2, "teacher share of the sampling mixture: tokens are drawn from mix_alpha p + (1 - mix_alpha) q", range="[0, 1]")
+    mix_alpha: float = opt(0.2, "teacher share of the sampling mixture: tokens are drawn from mix_alpha p + (1 - mix_alpha) q",
+                           range="[0, 1]")
     sample_temperature: float = opt(1.0, "temperature of the rollout sampling only (not of any loss); the importance "
                                          "weights correct towards the untempered student", range="> 0")
     max_new_tokens: int = opt(48, "longest sampled response (tokens, EOS included)", range=">= 1")
-    rollout_batch_size: int = opt(16, "prompts sampled per rollout; each rollout is trained on for inner_epochs passes", range=">= 1")
+    rollout_batch_size: int = opt(16, "prompts sampled per rollout; each rollout is trained on for inner_epochs passes",
+                                  range=">= 1")
     batch_size: int = opt(8, "rollout sequences per optimizer step (must divide rollout_batch_size)", range=">= 1")
     micro_batch_size: int = opt(0, "sequences per forward/backward inside one optimizer step (0: batch_size); "
                                    "losses are normalised by the whole step's token count", range=">= 0")
     inner_epochs: int = opt(2, "passes over each rollout batch (PPO-style inner epochs)", range=">= 1")
-    clip_ratio: float = opt(0.2, "PPO clipping of the ratio q_theta / q_rollout to [1 - clip_ratio, 1 + clip_ratio]", range="> 0")
-    single_step_weight: float = opt(1.0, "weight of the single-step term: the exact token-level reverse KL at each sampled prefix", range=">= 0")
-    pg_weight: float = opt(1.0, "weight of the long-term policy-gradient term (length-normalised returns of the later tokens)", range=">= 0")
+    clip_ratio: float = opt(0.2, "PPO clipping of the ratio q_theta / q_rollout to [1 - clip_ratio, 1 + clip_ratio]",
+                            range="> 0")
+    single_step_weight: float = opt(1.0, "weight of the single-step term: the exact token-level reverse KL at each sampled prefix",
+                                    range=">= 0")
+    pg_weight: float = opt(1.0, "weight of the long-term policy-gradient term (length-normalised returns of the later tokens)",
+                           range=">= 0")
     single_step_importance: bool = opt(True, "weight the single-step term by the importance weight q/p~ like the "
                                              "paper's Eq. 6 (false: unweighted, like the authors' code)")
     lm_coef: float = opt(0.0, "coefficient of the optional language-modelling loss on lm_data (0: off)", range=">= 0")
@@ -299,7 +313,8 @@ class MiniLLMSettings:
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0 disables)", range=">= 0")
     bf16: bool = opt(False, "autocast student and teacher forwards to bf16 (rollouts and training); losses stay float32")
     logging_steps: int = opt(1, "log losses and rollout statistics every N optimizer steps", range=">= 1")
-    save_steps: int = opt(20, "checkpoint at the first rollout boundary at or after every N optimizer steps (0: only at the end)", range=">= 0")
+    save_steps: int = opt(20, "checkpoint at the first rollout boundary at or after every N optimizer steps (0: only at the end)",
+                          range=">= 0")
     save_total_limit: int = opt(2, "keep at most N checkpoints", range=">= 1")
     resume: str = opt("auto", "auto: continue from the newest checkpoint in output_dir; never; or a checkpoint path")
     num_threads: int = opt(0, "torch CPU threads (0: leave torch's default)", range=">= 0")
@@ -328,7 +343,8 @@ class PeerSpec:
     base: ModelSpec | None = opt(None, "model that init=prune_teacher / init=config start from (null: the run's `base`)")
     learning_rate: float | None = opt(None, "this peer's peak learning rate (null: train.learning_rate)", range="> 0")
     weight_decay: float | None = opt(None, "this peer's AdamW weight decay (null: train.weight_decay)", range=">= 0")
-    seed: int | None = opt(None, "seed of this peer's random weights (init=config) and LoRA init (null: run seed + position)", range="[0, 4294967295]")
+    seed: int | None = opt(None, "seed of this peer's random weights (init=config) and LoRA init (null: run seed + position)",
+                           range="[0, 4294967295]")
 
 
 @dataclass
@@ -340,7 +356,8 @@ class CoDistillKDConfig(KDConfig):
 @dataclass
 class CoDistillConfig:
     output_dir: str = opt("runs/codistill", "run folder: peers/<name>/checkpoint-N, resolved config, metrics, report")
-    seed: int = opt(0, "random seed (data order, and the peers' seeds unless they set their own)", range="[0, 4294967295]")
+    seed: int = opt(0, "random seed (data order, and the peers' seeds unless they set their own)",
+                    range="[0, 4294967295]")
     base: ModelSpec = opt(factory=lambda: ModelSpec(name="bundled:smollm2-135m-instruct"),
                           help="default model that peers with init=prune_teacher or init=config derive from")
     peers: list[PeerSpec] = opt(factory=list, help="the N >= 2 models trained together, each with its own settings")
@@ -378,11 +395,13 @@ class PartyConfig:
 
 @dataclass
 class FedDataConfig(DataConfig):
-    public_rows: int = opt(256, "rows of data.train that form the public set, shared by every party in the same order", range=">= 1")
+    public_rows: int = opt(256, "rows of data.train that form the public set, shared by every party in the same order",
+                           range=">= 1")
     private_rows: int | None = opt(256, "private rows per client (null: split all remaining rows)", range=">= 1")
     partition: Literal["equal", "dirichlet"] = opt("equal", "equal parts, or skewed per value of partition_field")
     partition_field: str | None = opt("pos", "row field whose values are skewed across clients (dirichlet)")
-    dirichlet_alpha: float = opt(0.5, "Dirichlet concentration: small values give each client a skewed mix", range="> 0")
+    dirichlet_alpha: float = opt(0.5, "Dirichlet concentration: small values give each client a skewed mix",
+                                 range="> 0")
 
 
 @dataclass
@@ -390,7 +409,8 @@ class FedMKTSection:
     rounds: int = opt(3, "communication rounds", range=">= 1")
     top_k: int = opt(64, "top-k log-probs exchanged per position (the paper uses 128)", range=">= 1")
     temperature: float = opt(1.0, "temperature of the exchanged distributions and of the KD term", range="> 0")
-    ce_weight: float = opt(0.9, "lambda: weight of the CE on public labels; the KD term gets 1 - lambda", range="[0, 1]")
+    ce_weight: float = opt(0.9, "lambda: weight of the CE on public labels; the KD term gets 1 - lambda",
+                           range="[0, 1]")
     divergence: Literal["fkl", "rkl", "jsd", "skl", "srkl", "tv"] = opt("fkl", "KD divergence D(sender || receiver)")
     sparse_mode: Literal["tail", "renorm"] = opt("tail", "how a top-k distribution is compared (see kd.sparse_mode)")
     selection: Literal["dualmince", "reference", "none", "weighted"] = opt(
@@ -412,13 +432,16 @@ class FlowerSection:
                                       "(deployment: one `flower-supernode` per client); null runs a local simulation")
     insecure: bool = opt(False, "deployment: talk to the SuperLink without TLS (loopback or a trusted network only)")
     root_certificates: str | None = opt(None, "deployment: PEM file of the CA that signed the SuperLink's certificate")
-    min_clients: int = opt(1, "a phase goes on when at least this many clients replied in time; fewer stop the run", range=">= 1")
+    min_clients: int = opt(1, "a phase goes on when at least this many clients replied in time; fewer stop the run",
+                           range=">= 1")
     reply_timeout: float = opt(900.0, "seconds the server waits for the clients' replies in each phase; a client that "
                                       "fails or has not replied by then is left out of the round", range="> 0")
-    connect_timeout: float = opt(120.0, "seconds the server waits before round 1 for every client's SuperNode to connect", range="> 0")
+    connect_timeout: float = opt(120.0, "seconds the server waits before round 1 for every client's SuperNode to connect",
+                                 range="> 0")
     chunk_bytes: int = opt(64 * 2**20, "payload arrays larger than this are sent as several arrays, split along the "
                                        "position axis", range=">= 1")
-    max_payload_bytes: int = opt(2**31 - 1, "a received payload declaring more bytes than this is rejected unread", range=">= 1")
+    max_payload_bytes: int = opt(2**31 - 1, "a received payload declaring more bytes than this is rejected unread",
+                                 range=">= 1")
     state_dir: str | None = opt(None, "where each client keeps its adapter, optimizer and last outputs between messages "
                                       "(default <output_dir>/flower-clients/<client name>); node config `state-dir` overrides it")
     client_cpus: int = opt(1, "simulation: CPU cores reserved per simulated client (clients run in parallel up to the "
