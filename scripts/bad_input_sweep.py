@@ -586,7 +586,7 @@ def main() -> int:
         else:
             print(f"workspace kept: {root}")
     text = markdown(outcomes, time.time() - t0)
-    print(next(line for line in text.splitlines() if line.startswith("**")))
+    print(next(line for line in text.splitlines() if line.startswith("**") and " cases: " in line))
     if not args.k:
         DOC.write_text(text)
         print(f"wrote {DOC}")
