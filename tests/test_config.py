@@ -140,3 +140,64 @@ def test_finite_divergence_settings_are_accepted(cls_name, overrides):
     import kdflow.config as config
 
     load_config(getattr(config, cls_name), None, overrides)
+
+
+# ----------------------------------------------------------------------------------------------
+# Every numeric setting is range-checked from its declaration (issue 14, item 15)
+
+
+@pytest.mark.parametrize("override,match", [
+    ("train.max_steps=0", r"'train.max_steps' must be -1 or >= 1, got 0"),
+    ("train.max_steps=-5", r"'train.max_steps' must be -1 or >= 1, got -5"),
+    ("train.num_epochs=0", r"'train.num_epochs' must be > 0, got 0.0"),
+    ("data.max_train_rows=-3", r"'data.max_train_rows' must be >= 1"),
+    ("data.min_response_tokens=-1", r"'data.min_response_tokens' must be >= 1"),
+    ("train.weight_decay=-0.1", r"'train.weight_decay' must be >= 0"),
+    ("train.max_grad_norm=-1", r"'train.max_grad_norm' must be >= 0"),
+    ("train.save_steps=-10", r"'train.save_steps' must be >= 0"),
+    ("train.logging_steps=0", r"'train.logging_steps' must be >= 1"),
+    ("eval.max_rows=0", r"'eval.max_rows' must be >= 1"),
+    ("kd.temperature=.nan", r"'kd.temperature' must be > 0, got nan, which is not a finite number"),
+    ("kd.temperature=inf", r"'kd.temperature' must be > 0, got inf, which is not a finite number"),
+    ("train.learning_rate=nan", r"'train.learning_rate' must be > 0, got nan"),
+    ("train.adam_beta2=1.0", r"'train.adam_beta2' must lie in \[0, 1\), got 1.0"),
+    ("eval.sample_seeds=[3, -1]", r"'eval.sample_seeds\[1\]' must lie in \[0, 4294967295\]"),
+    ("train.lr_scheduler=cosin", r"'train.lr_scheduler': unknown scheduler 'cosin' \(did you mean 'cosine'\?\)"),
+    ("train.report_to=[tensorbord]", r"'train.report_to': unknown logger 'tensorbord' \(did you mean 'tensorboard'\?\)"),
+])
+def test_out_of_range_numbers_and_unknown_names_are_refused(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(DistillConfig, None, [override])
+
+
+def test_a_logger_that_is_not_installed_is_refused_up_front(monkeypatch):
+    import transformers.integrations.integration_utils as iu
+
+    monkeypatch.setattr(iu, "get_available_reporting_integrations", lambda: ["tensorboard"])
+    with pytest.raises(ConfigError, match=r"'train.report_to': wandb is not installed"):
+        load_config(DistillConfig, None, ["train.report_to=[wandb]"])
+
+
+def test_every_numeric_setting_declares_its_range_and_help_shows_it(capsys):
+    import dataclasses
+    import typing
+
+    from kdflow import config as C
+    from kdflow.cli import main
+
+    classes = [getattr(C, n) for n in dir(C) if isinstance(getattr(C, n), type) and dataclasses.is_dataclass(getattr(C, n))]
+    undeclared = []
+    for cls in classes:
+        for f in dataclasses.fields(cls):
+            tp = typing.get_type_hints(cls)[f.name]
+            if any(t in (int, float) for t in [tp, *typing.get_args(tp), *[a for x in typing.get_args(tp) for a in typing.get_args(x)]]):
+                if f.metadata.get("range") is None:
+                    undeclared.append(f"{cls.__name__}.{f.name}")
+                else:
+                    C.in_range(0.5, f.metadata["range"])  # the declaration parses
+    assert not undeclared
+    assert main(["distill", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "train.learning_rate  (float > 0; default 5e-05)" in text
+    assert "train.max_steps  (int -1 or >= 1; default -1)" in text
+    assert "kd.kd_weight  (float in [0, 1]; default 0.5)" in text

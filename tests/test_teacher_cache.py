@@ -1,6 +1,7 @@
 """Teacher cache: round trip, resume after interruption, manifest checks, training from it."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -154,3 +155,73 @@ def test_full_vocabulary_cache_gives_the_online_kd_loss(tmp_path, bpe_tok, tiny_
     assert online["kd"][1] == cached["kd"][1] == int(shifted_masks(batch["labels"], batch["attention_mask"])[1].sum())
     assert torch.allclose(online["kd"][0], cached["kd"][0], rtol=2e-3)
     assert torch.allclose(online["ce"][0], cached["ce"][0])
+
+
+# ----------------------------------------------------------------------------------------------
+# A damaged cache is refused in one line naming the shard (issue 14, item 10)
+
+
+def _rewrite_shard(folder, change):
+    """Apply `change` to shard 0's arrays and record the new file's checksum and size, as a cache
+    damaged before its manifest was written (or a hand-made one) would look."""
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    path = folder / manifest["shards"][0]["file"]
+    tensors = load_file(str(path))
+    change(tensors)
+    save_file(tensors, str(path))
+    manifest["shards"][0].update(sha256=hashlib.sha256(path.read_bytes()).hexdigest(), bytes=path.stat().st_size)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.fixture()
+def built(tmp_path, bpe_tok, setup):
+    examples, _, compute = setup
+    build_cache(tmp_path / "c", key(), examples[:4], bpe_tok.pad_token_id, compute, shard_size=2,
+                vocab_size=len(bpe_tok), progress=False)
+    return tmp_path / "c", len(bpe_tok)
+
+
+def test_a_flipped_byte_is_found_by_the_checksum(built):
+    folder, vocab = built
+    path = folder / "shard-00001.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF  # inside the log-probs: the file still parses
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"shard-00001.safetensors is damaged \(its checksum differs"):
+        TeacherCache(folder, key()).load()
+
+
+def test_a_cut_shard_is_refused_when_the_cache_is_opened(built):
+    folder, vocab = built
+    path = folder / "shard-00000.safetensors"
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(DataError, match=r"shard-00000.safetensors has \d+ bytes, the manifest says"):
+        TeacherCache(folder, key())
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda t: t["logp"].view(-1)[3].fill_(float("nan")), "logp holds a value that is no log-probability"),
+    (lambda t: t["tail_logp"].view(-1)[0].fill_(float("inf")), "tail_logp holds a value that is no log-probability"),
+    (lambda t: t["ids"].view(-1)[5].fill_(1000), "token id 1000 is outside the student's vocabulary"),
+    (lambda t: t["offsets"].__setitem__(1, 10**6), "inconsistent"),
+])
+def test_values_no_target_can_have_are_refused_naming_the_shard(built, change, match):
+    folder, vocab = built
+    assert vocab < 1000
+    _rewrite_shard(folder, change)
+    with pytest.raises(DataError, match=f"shard {folder / 'shard-00000.safetensors'}: {match}"):
+        TeacherCache(folder, key(), vocab_size=vocab).load()
+
+
+def test_a_manifest_cannot_name_files_outside_the_cache(built, tmp_path):
+    folder, vocab = built
+    shutil.copy(folder / "shard-00000.safetensors", tmp_path / "outside.safetensors")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["shards"][0]["file"] = "../outside.safetensors"
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=r"names the shard '../outside.safetensors', which is not a file inside"):
+        TeacherCache(folder, key()).load()

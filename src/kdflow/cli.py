@@ -6,6 +6,7 @@ imported only once a verb runs, so `kdflow --help` is instant.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 import sys
@@ -109,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             overrides.append(arg)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from kdflow import runfolder
+
+    held_before = runfolder.holding()
     try:
         cfg = load_config(_load(verb.config), config_path, overrides)
         if print_only:
@@ -116,12 +120,50 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         _load(verb.runner)(cfg)
     except KDFlowError as e:
+        _close_progress_bars()
         print(f"kdflow: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file the run reads or writes: a full disk, a read-only folder, ...
+        _close_progress_bars()
+        print(f"kdflow: error: {os_error_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\nkdflow: interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
         return 130
+    finally:
+        for folder in runfolder.holding() - held_before:  # the run folders this command took
+            runfolder.release(folder)
     return 0
+
+
+def _close_progress_bars() -> None:
+    """Close the progress bars an error interrupted, so that the error starts a line of its own."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", None) or []):
+        bar.close()
+
+
+_ADVICE = {
+    errno.ENOSPC: "the disk is full: free space on it, or write elsewhere",
+    errno.EDQUOT: "the disk quota is used up: free space, or write elsewhere",
+    errno.EACCES: "no permission: choose a folder you can write to, or fix its permissions",
+    errno.EPERM: "not permitted: choose a folder you can write to, or fix its permissions",
+    errno.EROFS: "the file system is read-only: write elsewhere",
+    errno.ENOENT: "no such file or folder: check the path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: check the path",
+    errno.EISDIR: "that is a folder: give a file",
+    errno.EMFILE: "too many open files: raise the limit (ulimit -n)",
+    errno.EIO: "an input/output error: check the disk",
+    errno.EEXIST: "something is in the way there: remove it or choose another path",
+}
+
+
+def os_error_line(e: OSError) -> str:
+    """One line for an OSError: the path it concerns, what happened, what to do."""
+    where = f"{e.filename}: " if e.filename else ""
+    what = e.strerror or str(e) or type(e).__name__
+    advice = _ADVICE.get(e.errno)
+    return f"{where}{what}" + (f" ({advice})" if advice else "")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ is valid. Below the CLI nothing reads raw dicts: methods receive these objects.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
@@ -21,11 +22,82 @@ import yaml
 from kdflow.errors import ConfigError
 
 
-def opt(default: Any = dataclasses.MISSING, help: str = "", factory: Any = None) -> Any:
-    """A dataclass field with a help text (shown by `kdflow <verb> --help`)."""
+def opt(default: Any = dataclasses.MISSING, help: str = "", factory: Any = None, range: str | None = None,
+        check: Any = None) -> Any:
+    """A dataclass field with a help text (shown by `kdflow <verb> --help`).
+
+    `range` declares the valid values of a numeric setting (of each item, for a list): "> 0", ">= 1",
+    "[0, 1)", or alternatives joined by " or " ("-1 or >= 1"). `validate` checks every value against
+    it, NaN and infinities included, and `--help` shows it. `check(value, key)` is a further test
+    that needs more than a range (e.g. a name that transformers must know); it raises ConfigError.
+    """
+    meta = {"help": help, "range": range, "check": check}
     if factory is not None:
-        return field(default_factory=factory, metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+_NUMBER = r"-?\d+(?:\.\d*)?(?:e-?\d+)?"
+_BOUND = re.compile(rf"(>=|>|<=|<)\s*({_NUMBER})")
+_INTERVAL = re.compile(rf"([\[(])\s*({_NUMBER})\s*,\s*({_NUMBER})\s*([\])])")
+
+
+def in_range(value: float, spec: str) -> bool:
+    """Whether `value` satisfies a range declared with `opt(range=...)`; NaN and infinities never do."""
+    if not math.isfinite(value):
+        return False
+    for part in spec.split(" or "):
+        part = part.strip()
+        if m := _INTERVAL.fullmatch(part):
+            lo, hi = float(m.group(2)), float(m.group(3))
+            if (lo < value or (m.group(1) == "[" and value == lo)) and (value < hi or (m.group(4) == "]" and value == hi)):
+                return True
+        elif m := _BOUND.fullmatch(part):
+            bound = float(m.group(2))
+            if {">=": value >= bound, ">": value > bound, "<=": value <= bound, "<": value < bound}[m.group(1)]:
+                return True
+        elif re.fullmatch(_NUMBER, part):
+            if value == float(part):
+                return True
+        else:
+            raise ValueError(f"unreadable range {spec!r}")
+    return False
+
+
+def _range_text(spec: str) -> str:
+    return f"lie in {spec}" if _INTERVAL.fullmatch(spec.strip()) else f"be {spec}"
+
+
+def _scheduler_name(value: str, key: str) -> None:
+    from transformers.trainer_utils import SchedulerType
+
+    names = [s.value for s in SchedulerType]
+    if value not in names:
+        raise ConfigError(f"setting '{key}': unknown scheduler {value!r}{_did_you_mean(value, names)}; "
+                          f"transformers knows: {', '.join(names)}")
+
+
+def _report_targets(value: list[str], key: str) -> None:
+    """Logger names transformers knows, and installed: a typo or a missing package stops the run
+    here, not after the models have loaded."""
+    from transformers.integrations.integration_utils import (INTEGRATION_TO_CALLBACK,
+                                                             get_available_reporting_integrations)
+
+    names = ["none", "all", *INTEGRATION_TO_CALLBACK]
+    for v in value:
+        if v not in names:
+            raise ConfigError(f"setting '{key}': unknown logger {v!r}{_did_you_mean(v, names)}; valid: {', '.join(names)}")
+    missing = [v for v in value if v not in ("none", "all") and v not in get_available_reporting_integrations()]
+    if missing:
+        raise ConfigError(f"setting '{key}': {missing[0]} is not installed; install it (pip install {missing[0]}) "
+                          f"or leave it out ({key}=[none] logs nowhere)")
+
+
+def _did_you_mean(value: str, names: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(str(value), names, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -44,9 +116,9 @@ class ModelSpec:
 @dataclass
 class LoraSpec:
     enabled: bool = opt(False, "train a LoRA adapter (peft) instead of all weights")
-    r: int = opt(8, "LoRA rank")
-    alpha: int = opt(16, "LoRA alpha (scale = alpha / r)")
-    dropout: float = opt(0.05, "LoRA dropout")
+    r: int = opt(8, "LoRA rank", range=">= 1")
+    alpha: int = opt(16, "LoRA alpha (scale = alpha / r)", range=">= 1")
+    dropout: float = opt(0.05, "LoRA dropout", range="[0, 1)")
     target_modules: list[str] = opt(factory=lambda: ["q_proj", "v_proj"], help="module names that get adapters")
 
 
@@ -56,8 +128,10 @@ class StudentSpec(ModelSpec):
         "pretrained",
         "pretrained: load `name`; config: random weights from the teacher's (or `name`'s) config with "
         "`config_overrides`; prune_teacher: copy the teacher keeping only some transformer layers")
-    keep_layers: list[int] | None = opt(None, "prune_teacher: indices of the teacher layers to keep, in order")
-    keep_every: int | None = opt(None, "prune_teacher: keep every n-th layer (0, n, 2n, ...) and always the last one")
+    keep_layers: list[int] | None = opt(None, "prune_teacher: indices of the teacher layers to keep, in order",
+                                        range=">= 0")
+    keep_every: int | None = opt(None, "prune_teacher: keep every n-th layer (0, n, 2n, ...) and always the last one",
+                                 range=">= 1")
     config_overrides: dict[str, Any] = opt(factory=dict, help="init=config: model config fields to change, e.g. {num_hidden_layers: 4}")
     lora: LoraSpec = opt(factory=LoraSpec, help="optional LoRA adapter on the student")
 
@@ -73,46 +147,51 @@ class DataConfig:
     system_prompt: str | None = opt(None, "system message added before the prompt when a chat template is used")
     chat_template: Literal["auto", "always", "never"] = opt("auto", "use the tokenizer's chat template (auto: when it has one)")
     prompt_template: str = opt("{prompt}\n", "without a chat template: how the prompt is written before the answer")
-    max_length: int = opt(256, "maximum tokens of prompt + answer; answers are cut at the end, prompts never")
-    min_response_tokens: int = opt(4, "a prompt that leaves fewer answer tokens than this is an error")
-    max_train_rows: int | None = opt(None, "use only the first N training rows")
-    max_eval_rows: int | None = opt(None, "use only the first N validation/test rows")
+    max_length: int = opt(256, "maximum tokens of prompt + answer; answers are cut at the end, prompts never",
+                          range=">= 2")
+    min_response_tokens: int = opt(4, "a prompt that leaves fewer answer tokens than this is an error", range=">= 1")
+    max_train_rows: int | None = opt(None, "use only the first N training rows", range=">= 1")
+    max_eval_rows: int | None = opt(None, "use only the first N validation/test rows", range=">= 1")
 
 
 @dataclass
 class TrainConfig:
-    learning_rate: float = opt(5e-5, "peak learning rate")
-    num_epochs: float = opt(1.0, "passes over the training data (ignored when max_steps > 0)")
-    max_steps: int = opt(-1, "optimizer steps; -1 uses num_epochs")
-    batch_size: int = opt(8, "sequences per micro-batch per device")
-    grad_accum: int = opt(1, "micro-batches per optimizer step")
-    warmup_ratio: float = opt(0.0, "fraction of steps with linear warm-up")
-    weight_decay: float = opt(0.0, "AdamW weight decay")
-    adam_beta1: float = opt(0.9, "AdamW beta1")
-    adam_beta2: float = opt(0.999, "AdamW beta2")
-    lr_scheduler: str = opt("linear", "transformers scheduler name: linear, cosine, constant, ...")
-    max_grad_norm: float = opt(1.0, "gradient clipping norm (0 disables)")
-    logging_steps: int = opt(5, "log losses every N optimizer steps")
-    save_steps: int = opt(50, "write a checkpoint every N optimizer steps (0: only at the end)")
-    save_total_limit: int = opt(2, "keep at most N checkpoints")
-    eval_steps: int = opt(0, "evaluate validation loss every N steps (0: never during training)")
+    learning_rate: float = opt(5e-5, "peak learning rate", range="> 0")
+    num_epochs: float = opt(1.0, "passes over the training data (ignored when max_steps > 0)", range="> 0")
+    max_steps: int = opt(-1, "optimizer steps; -1 uses num_epochs", range="-1 or >= 1")
+    batch_size: int = opt(8, "sequences per micro-batch per device", range=">= 1")
+    grad_accum: int = opt(1, "micro-batches per optimizer step", range=">= 1")
+    warmup_ratio: float = opt(0.0, "fraction of steps with linear warm-up", range="[0, 1]")
+    weight_decay: float = opt(0.0, "AdamW weight decay", range=">= 0")
+    adam_beta1: float = opt(0.9, "AdamW beta1", range="[0, 1)")
+    adam_beta2: float = opt(0.999, "AdamW beta2", range="[0, 1)")
+    lr_scheduler: str = opt("linear", "transformers scheduler name: linear, cosine, constant, ...",
+                            check=_scheduler_name)
+    max_grad_norm: float = opt(1.0, "gradient clipping norm (0 disables)", range=">= 0")
+    logging_steps: int = opt(5, "log losses every N optimizer steps", range=">= 1")
+    save_steps: int = opt(50, "write a checkpoint every N optimizer steps (0: only at the end)", range=">= 0")
+    save_total_limit: int = opt(2, "keep at most N checkpoints", range=">= 1")
+    eval_steps: int = opt(0, "evaluate validation loss every N steps (0: never during training)", range=">= 0")
     bf16: bool = opt(False, "mixed precision bf16 for the student (losses stay float32)")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
     resume: str = opt("auto", "auto: continue from the newest checkpoint in output_dir; never; or a checkpoint path")
-    report_to: list[str] = opt(factory=lambda: ["tensorboard"], help="transformers loggers: tensorboard, wandb, none ...")
-    num_threads: int = opt(0, "torch CPU threads (0: leave torch's default)")
+    report_to: list[str] = opt(factory=lambda: ["tensorboard"], help="transformers loggers: tensorboard, wandb, none ...",
+                             check=_report_targets)
+    num_threads: int = opt(0, "torch CPU threads (0: leave torch's default)", range=">= 0")
 
 
 @dataclass
 class EvalConfig:
-    max_rows: int | None = opt(100, "evaluate on the first N test rows (null: all)")
-    batch_size: int = opt(16, "sequences per batch for scoring and generation")
-    max_new_tokens: int = opt(48, "generation length limit")
+    max_rows: int | None = opt(100, "evaluate on the first N test rows (null: all)", range=">= 1")
+    batch_size: int = opt(16, "sequences per batch for scoring and generation", range=">= 1")
+    max_new_tokens: int = opt(48, "generation length limit", range=">= 1")
     greedy: bool = opt(True, "greedy generation: Rouge-L and exact match")
-    sample_seeds: list[int] = opt(factory=list, help="also sample once per seed and report mean Rouge-L, length and distinct-n")
-    sample_temperature: float = opt(1.0, "sampling temperature for sampled generation (not the KD temperature)")
-    sample_top_p: float = opt(1.0, "nucleus sampling threshold for sampled generation")
-    show_examples: int = opt(3, "generated examples written into the report")
+    sample_seeds: list[int] = opt(factory=list, help="also sample once per seed and report mean Rouge-L, length and distinct-n",
+                                  range="[0, 4294967295]")
+    sample_temperature: float = opt(1.0, "sampling temperature for sampled generation (not the KD temperature)",
+                                    range="> 0")
+    sample_top_p: float = opt(1.0, "nucleus sampling threshold for sampled generation", range="(0, 1]")
+    show_examples: int = opt(3, "generated examples written into the report", range=">= 0")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -123,13 +202,15 @@ class EvalConfig:
 class KDConfig:
     divergence: Literal["fkl", "rkl", "jsd", "skl", "srkl", "tv"] = opt(
         "fkl", "fkl forward KL(p||q), rkl reverse KL(q||p), jsd generalized JSD(beta), skl skew KL, srkl skew reverse KL, tv total variation")
-    kd_weight: float = opt(0.5, "weight of the KD term; the CE term gets 1 - kd_weight")
-    temperature: float = opt(2.0, "KD temperature applied to teacher and student logits; the KD term is multiplied by temperature^2")
-    jsd_beta: float = opt(0.5, "beta of the generalized JSD (mixture m = beta p + (1 - beta) q)")
-    skew_alpha: float = opt(0.1, "alpha of skew KL / skew reverse KL")
+    kd_weight: float = opt(0.5, "weight of the KD term; the CE term gets 1 - kd_weight", range="[0, 1]")
+    temperature: float = opt(2.0, "KD temperature applied to teacher and student logits; the KD term is multiplied by temperature^2",
+                             range="> 0")
+    jsd_beta: float = opt(0.5, "beta of the generalized JSD (mixture m = beta p + (1 - beta) q)", range="[0, 1]")
+    skew_alpha: float = opt(0.1, "alpha of skew KL / skew reverse KL", range="[0, 1]")
     token_scope: Literal["response", "all"] = opt("response", "positions in the KD term: response tokens, or all non-padding tokens")
     chunk_tokens: int = opt(0, "compute CE and KD from hidden states this many tokens at a time, recomputing each chunk's "
-                               "logits in backward: bounds memory to chunk x vocabulary (0: all at once, fastest)")
+                               "logits in backward: bounds memory to chunk x vocabulary (0: all at once, fastest)",
+                               range=">= 0")
     sparse_mode: Literal["tail", "renorm"] = opt(
         "tail", "a top-k teacher (cache, cross-tokenizer): tail keeps its leftover mass as one bucket against the student's "
                 "mass outside the k ids; renorm renormalises the teacher over its k ids")
@@ -139,11 +220,12 @@ class KDConfig:
 class TeacherCacheConfig:
     dir: str | None = opt(None, "teacher cache folder: `kdflow cache-teacher` fills it, `kdflow distill` trains from it "
                                 "without running the teacher")
-    k: int = opt(64, "teacher tokens kept per position")
+    k: int = opt(64, "teacher tokens kept per position", range=">= 1")
     logp_dtype: Literal["float16", "bfloat16"] = opt("float16", "storage type of the cached log-probs")
     store_tail: bool = opt(True, "also store the exact log of the mass outside the top k (float32, 4 bytes per position)")
-    shard_size: int = opt(512, "examples per shard file (an interrupted build resumes after the last complete shard)")
-    batch_size: int = opt(16, "sequences per teacher forward while caching")
+    shard_size: int = opt(512, "examples per shard file (an interrupted build resumes after the last complete shard)",
+                          range=">= 1")
+    batch_size: int = opt(16, "sequences per teacher forward while caching", range=">= 1")
 
 
 @dataclass
@@ -159,7 +241,7 @@ class AlignConfig:
         "mask", "student positions with no teacher counterpart: mask leaves them out of the KD term; onehot_next "
                 "gives them a one-hot target on the student's own next token")
     top_k: int = opt(64, "online teacher: its top-k tokens per position are carried into the student's vocabulary "
-                         "(with a teacher cache, teacher_cache.k is used)")
+                         "(with a teacher cache, teacher_cache.k is used)", range=">= 1")
     vocab_map_cache: bool = opt(True, "keep the MinED vocabulary maps under $KDFLOW_CACHE/vocab_maps (built once per "
                                       "tokenizer pair)")
 
@@ -168,11 +250,11 @@ class AlignConfig:
 class SeqKDConfig:
     cache_file: str | None = opt(None, "where the teacher's generated answers are stored (default: <output_dir>/seqkd_generations.jsonl)")
     do_sample: bool = opt(False, "sample the teacher's answers instead of greedy decoding")
-    temperature: float = opt(1.0, "sampling temperature of the teacher's generation")
-    top_p: float = opt(1.0, "nucleus sampling threshold of the teacher's generation")
-    max_new_tokens: int = opt(64, "maximum answer length generated by the teacher")
-    batch_size: int = opt(16, "prompts per generation batch")
-    seed: int = opt(0, "sampling seed")
+    temperature: float = opt(1.0, "sampling temperature of the teacher's generation", range="> 0")
+    top_p: float = opt(1.0, "nucleus sampling threshold of the teacher's generation", range="(0, 1]")
+    max_new_tokens: int = opt(64, "maximum answer length generated by the teacher", range=">= 1")
+    batch_size: int = opt(16, "prompts per generation batch", range=">= 1")
+    seed: int = opt(0, "sampling seed", range="[0, 4294967295]")
 
 
 @dataclass
@@ -180,7 +262,7 @@ class DistillConfig:
     method: Literal["sft", "kd", "hard_token", "seqkd"] = opt(
         "kd", "sft: cross-entropy only; kd: soft-label KD; hard_token: CE on the teacher's argmax; seqkd: train on the teacher's generated answers")
     output_dir: str = opt("runs/distill", "run folder: checkpoints, resolved config, metrics, report")
-    seed: int = opt(0, "random seed")
+    seed: int = opt(0, "random seed", range="[0, 4294967295]")
     teacher: ModelSpec = opt(factory=lambda: ModelSpec(name="bundled:smollm2-135m-instruct"), help="the frozen teacher")
     student: StudentSpec = opt(factory=StudentSpec, help="the model being trained")
     data: DataConfig = opt(factory=DataConfig, help="rows and how they become tokens")
@@ -199,45 +281,52 @@ class DistillConfig:
 class MiniLLMSettings:
     """MiniLLM (methods.md §5): rollouts, the loss and its optimisation."""
 
-    mix_alpha: float = opt(0.2, "teacher share of the sampling mixture: tokens are drawn from mix_alpha p + (1 - mix_alpha) q")
+    mix_alpha: float = opt(0.2, "teacher share of the sampling mixture: tokens are drawn from mix_alpha p + (1 - mix_alpha) q",
+                           range="[0, 1]")
     sample_temperature: float = opt(1.0, "temperature of the rollout sampling only (not of any loss); the importance "
-                                         "weights correct towards the untempered student")
-    max_new_tokens: int = opt(48, "longest sampled response (tokens, EOS included)")
-    rollout_batch_size: int = opt(16, "prompts sampled per rollout; each rollout is trained on for inner_epochs passes")
-    batch_size: int = opt(8, "rollout sequences per optimizer step (must divide rollout_batch_size)")
+                                         "weights correct towards the untempered student", range="> 0")
+    max_new_tokens: int = opt(48, "longest sampled response (tokens, EOS included)", range=">= 1")
+    rollout_batch_size: int = opt(16, "prompts sampled per rollout; each rollout is trained on for inner_epochs passes",
+                                  range=">= 1")
+    batch_size: int = opt(8, "rollout sequences per optimizer step (must divide rollout_batch_size)", range=">= 1")
     micro_batch_size: int = opt(0, "sequences per forward/backward inside one optimizer step (0: batch_size); "
-                                   "losses are normalised by the whole step's token count")
-    inner_epochs: int = opt(2, "passes over each rollout batch (PPO-style inner epochs)")
-    clip_ratio: float = opt(0.2, "PPO clipping of the ratio q_theta / q_rollout to [1 - clip_ratio, 1 + clip_ratio]")
-    single_step_weight: float = opt(1.0, "weight of the single-step term: the exact token-level reverse KL at each sampled prefix")
-    pg_weight: float = opt(1.0, "weight of the long-term policy-gradient term (length-normalised returns of the later tokens)")
+                                   "losses are normalised by the whole step's token count", range=">= 0")
+    inner_epochs: int = opt(2, "passes over each rollout batch (PPO-style inner epochs)", range=">= 1")
+    clip_ratio: float = opt(0.2, "PPO clipping of the ratio q_theta / q_rollout to [1 - clip_ratio, 1 + clip_ratio]",
+                            range="> 0")
+    single_step_weight: float = opt(1.0, "weight of the single-step term: the exact token-level reverse KL at each sampled prefix",
+                                    range=">= 0")
+    pg_weight: float = opt(1.0, "weight of the long-term policy-gradient term (length-normalised returns of the later tokens)",
+                           range=">= 0")
     single_step_importance: bool = opt(True, "weight the single-step term by the importance weight q/p~ like the "
                                              "paper's Eq. 6 (false: unweighted, like the authors' code)")
-    lm_coef: float = opt(0.0, "coefficient of the optional language-modelling loss on lm_data (0: off)")
+    lm_coef: float = opt(0.0, "coefficient of the optional language-modelling loss on lm_data (0: off)", range=">= 0")
     lm_data: str | None = opt(None, "rows for the language-modelling loss: a `text` field (plain text, every token) "
                                     "or prompt/response rows (answer tokens); same file forms as data.train")
     lm_text_field: str = opt("text", "field of lm_data rows holding plain text")
-    lm_batch_size: int = opt(8, "lm_data rows per optimizer step")
-    learning_rate: float = opt(5e-6, "peak learning rate (AdamW)")
-    max_steps: int = opt(100, "optimizer steps; a rollout is drawn whenever the previous one is used up")
-    warmup_ratio: float = opt(0.0, "fraction of steps with linear warm-up")
-    lr_scheduler: str = opt("constant", "transformers scheduler name: constant, linear, cosine, ...")
-    weight_decay: float = opt(0.0, "AdamW weight decay")
-    adam_beta1: float = opt(0.9, "AdamW beta1")
-    adam_beta2: float = opt(0.999, "AdamW beta2")
-    max_grad_norm: float = opt(1.0, "gradient clipping norm (0 disables)")
+    lm_batch_size: int = opt(8, "lm_data rows per optimizer step", range=">= 1")
+    learning_rate: float = opt(5e-6, "peak learning rate (AdamW)", range="> 0")
+    max_steps: int = opt(100, "optimizer steps; a rollout is drawn whenever the previous one is used up", range=">= 1")
+    warmup_ratio: float = opt(0.0, "fraction of steps with linear warm-up", range="[0, 1]")
+    lr_scheduler: str = opt("constant", "transformers scheduler name: constant, linear, cosine, ...",
+                            check=_scheduler_name)
+    weight_decay: float = opt(0.0, "AdamW weight decay", range=">= 0")
+    adam_beta1: float = opt(0.9, "AdamW beta1", range="[0, 1)")
+    adam_beta2: float = opt(0.999, "AdamW beta2", range="[0, 1)")
+    max_grad_norm: float = opt(1.0, "gradient clipping norm (0 disables)", range=">= 0")
     bf16: bool = opt(False, "autocast student and teacher forwards to bf16 (rollouts and training); losses stay float32")
-    logging_steps: int = opt(1, "log losses and rollout statistics every N optimizer steps")
-    save_steps: int = opt(20, "checkpoint at the first rollout boundary at or after every N optimizer steps (0: only at the end)")
-    save_total_limit: int = opt(2, "keep at most N checkpoints")
+    logging_steps: int = opt(1, "log losses and rollout statistics every N optimizer steps", range=">= 1")
+    save_steps: int = opt(20, "checkpoint at the first rollout boundary at or after every N optimizer steps (0: only at the end)",
+                          range=">= 0")
+    save_total_limit: int = opt(2, "keep at most N checkpoints", range=">= 1")
     resume: str = opt("auto", "auto: continue from the newest checkpoint in output_dir; never; or a checkpoint path")
-    num_threads: int = opt(0, "torch CPU threads (0: leave torch's default)")
+    num_threads: int = opt(0, "torch CPU threads (0: leave torch's default)", range=">= 0")
 
 
 @dataclass
 class MiniLLMConfig:
     output_dir: str = opt("runs/minillm", "run folder: checkpoints, resolved config, metrics, report")
-    seed: int = opt(0, "random seed (data order, rollouts, minibatches)")
+    seed: int = opt(0, "random seed (data order, rollouts, minibatches)", range="[0, 4294967295]")
     teacher: ModelSpec = opt(factory=lambda: ModelSpec(name="bundled:smollm2-135m-instruct"), help="the frozen teacher p")
     student: StudentSpec = opt(factory=StudentSpec, help="the student q; start it from an SFT checkpoint (init: pretrained, "
                                                           "name: runs/<sft run>/student)")
@@ -255,9 +344,10 @@ class PeerSpec:
     model: StudentSpec = opt(factory=StudentSpec, help="how the peer is built: pretrained `name`, init=config, or "
                                                         "init=prune_teacher from `base` (keep_layers / keep_every); lora")
     base: ModelSpec | None = opt(None, "model that init=prune_teacher / init=config start from (null: the run's `base`)")
-    learning_rate: float | None = opt(None, "this peer's peak learning rate (null: train.learning_rate)")
-    weight_decay: float | None = opt(None, "this peer's AdamW weight decay (null: train.weight_decay)")
-    seed: int | None = opt(None, "seed of this peer's random weights (init=config) and LoRA init (null: run seed + position)")
+    learning_rate: float | None = opt(None, "this peer's peak learning rate (null: train.learning_rate)", range="> 0")
+    weight_decay: float | None = opt(None, "this peer's AdamW weight decay (null: train.weight_decay)", range=">= 0")
+    seed: int | None = opt(None, "seed of this peer's random weights (init=config) and LoRA init (null: run seed + position)",
+                           range="[0, 4294967295]")
 
 
 @dataclass
@@ -269,7 +359,8 @@ class CoDistillKDConfig(KDConfig):
 @dataclass
 class CoDistillConfig:
     output_dir: str = opt("runs/codistill", "run folder: peers/<name>/checkpoint-N, resolved config, metrics, report")
-    seed: int = opt(0, "random seed (data order, and the peers' seeds unless they set their own)")
+    seed: int = opt(0, "random seed (data order, and the peers' seeds unless they set their own)",
+                    range="[0, 4294967295]")
     base: ModelSpec = opt(factory=lambda: ModelSpec(name="bundled:smollm2-135m-instruct"),
                           help="default model that peers with init=prune_teacher or init=config derive from")
     peers: list[PeerSpec] = opt(factory=list, help="the N >= 2 models trained together, each with its own settings")
@@ -292,7 +383,7 @@ class EvalRunConfig:
     data: DataConfig = opt(factory=DataConfig, help="the `test` rows are evaluated")
     eval: EvalConfig = opt(factory=EvalConfig, help="what to measure")
     output: str | None = opt(None, "write metrics JSON here (default: print only)")
-    seed: int = opt(0, "random seed")
+    seed: int = opt(0, "random seed", range="[0, 4294967295]")
 
 
 @dataclass
@@ -302,24 +393,27 @@ class PartyConfig:
                              help="the party's model; its base weights stay frozen and a LoRA adapter is trained")
     prune_from: str | None = opt(None, "model.init=prune_teacher or config: the model (a name as in model.name) to take "
                                        "layers or the config from")
-    learning_rate: float = opt(3e-4, "this party's learning rate")
+    learning_rate: float = opt(3e-4, "this party's learning rate", range="> 0")
 
 
 @dataclass
 class FedDataConfig(DataConfig):
-    public_rows: int = opt(256, "rows of data.train that form the public set, shared by every party in the same order")
-    private_rows: int | None = opt(256, "private rows per client (null: split all remaining rows)")
+    public_rows: int = opt(256, "rows of data.train that form the public set, shared by every party in the same order",
+                           range=">= 1")
+    private_rows: int | None = opt(256, "private rows per client (null: split all remaining rows)", range=">= 1")
     partition: Literal["equal", "dirichlet"] = opt("equal", "equal parts, or skewed per value of partition_field")
     partition_field: str | None = opt("pos", "row field whose values are skewed across clients (dirichlet)")
-    dirichlet_alpha: float = opt(0.5, "Dirichlet concentration: small values give each client a skewed mix")
+    dirichlet_alpha: float = opt(0.5, "Dirichlet concentration: small values give each client a skewed mix",
+                                 range="> 0")
 
 
 @dataclass
 class FedMKTSection:
-    rounds: int = opt(3, "communication rounds")
-    top_k: int = opt(64, "top-k log-probs exchanged per position (the paper uses 128)")
-    temperature: float = opt(1.0, "temperature of the exchanged distributions and of the KD term")
-    ce_weight: float = opt(0.9, "lambda: weight of the CE on public labels; the KD term gets 1 - lambda")
+    rounds: int = opt(3, "communication rounds", range=">= 1")
+    top_k: int = opt(64, "top-k log-probs exchanged per position (the paper uses 128)", range=">= 1")
+    temperature: float = opt(1.0, "temperature of the exchanged distributions and of the KD term", range="> 0")
+    ce_weight: float = opt(0.9, "lambda: weight of the CE on public labels; the KD term gets 1 - lambda",
+                           range="[0, 1]")
     divergence: Literal["fkl", "rkl", "jsd", "skl", "srkl", "tv"] = opt("fkl", "KD divergence D(sender || receiver)")
     sparse_mode: Literal["tail", "renorm"] = opt("tail", "how a top-k distribution is compared (see kd.sparse_mode)")
     selection: Literal["dualmince", "reference", "none", "weighted"] = opt(
@@ -327,12 +421,12 @@ class FedMKTSection:
                      "reference: as dualmince but others distil towards the receiver's own earlier distribution; "
                      "none: always the lowest-CE sender; weighted: senders mixed by softmax(-CE), KD weighted by the "
                      "chance the mix beats the receiver")
-    private_epochs: int = opt(1, "client epochs on its private data per round")
-    public_epochs: int = opt(1, "client epochs on the public set with the server's knowledge per round")
-    server_epochs: int = opt(1, "server epochs on the public set per round")
+    private_epochs: int = opt(1, "client epochs on its private data per round", range=">= 0")
+    public_epochs: int = opt(1, "client epochs on the public set with the server's knowledge per round", range=">= 0")
+    server_epochs: int = opt(1, "server epochs on the public set per round", range=">= 0")
     fedavg: bool = opt(False, "homogeneous clients: average client adapters (FedAvg) after each round")
     reset_optimizer: bool = opt(False, "start every phase with a fresh optimizer, as the reference code does")
-    eval_every: int = opt(1, "evaluate every party on the test split every N rounds (and after the last)")
+    eval_every: int = opt(1, "evaluate every party on the test split every N rounds (and after the last)", range=">= 1")
 
 
 @dataclass
@@ -341,23 +435,26 @@ class FlowerSection:
                                       "(deployment: one `flower-supernode` per client); null runs a local simulation")
     insecure: bool = opt(False, "deployment: talk to the SuperLink without TLS (loopback or a trusted network only)")
     root_certificates: str | None = opt(None, "deployment: PEM file of the CA that signed the SuperLink's certificate")
-    min_clients: int = opt(1, "a phase goes on when at least this many clients replied in time; fewer stop the run")
+    min_clients: int = opt(1, "a phase goes on when at least this many clients replied in time; fewer stop the run",
+                           range=">= 1")
     reply_timeout: float = opt(900.0, "seconds the server waits for the clients' replies in each phase; a client that "
-                                      "fails or has not replied by then is left out of the round")
-    connect_timeout: float = opt(120.0, "seconds the server waits before round 1 for every client's SuperNode to connect")
+                                      "fails or has not replied by then is left out of the round", range="> 0")
+    connect_timeout: float = opt(120.0, "seconds the server waits before round 1 for every client's SuperNode to connect",
+                                 range="> 0")
     chunk_bytes: int = opt(64 * 2**20, "payload arrays larger than this are sent as several arrays, split along the "
-                                       "position axis")
-    max_payload_bytes: int = opt(2**31 - 1, "a received payload declaring more bytes than this is rejected unread")
+                                       "position axis", range=">= 1")
+    max_payload_bytes: int = opt(2**31 - 1, "a received payload declaring more bytes than this is rejected unread",
+                                 range=">= 1")
     state_dir: str | None = opt(None, "where each client keeps its adapter, optimizer and last outputs between messages "
                                       "(default <output_dir>/flower-clients/<client name>); node config `state-dir` overrides it")
     client_cpus: int = opt(1, "simulation: CPU cores reserved per simulated client (clients run in parallel up to the "
-                              "machine's cores)")
+                              "machine's cores)", range=">= 1")
 
 
 @dataclass
 class FedMKTConfig:
     output_dir: str = opt("runs/fedmkt", "run folder: per-round checkpoints, metrics, report")
-    seed: int = opt(0, "random seed (partitions, shuffling, LoRA init)")
+    seed: int = opt(0, "random seed (partitions, shuffling, LoRA init)", range="[0, 4294967295]")
     server: PartyConfig = opt(factory=lambda: PartyConfig(
         name="server", model=StudentSpec(name="bundled:smollm2-135m-instruct", lora=LoraSpec(enabled=True))),
         help="the server LLM")
@@ -551,7 +648,12 @@ def load_config(cls: type, path: str | os.PathLike | None = None, overrides: lis
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {p} not found")
-        text = p.read_text()
+        data = p.read_bytes()
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            line = data[:e.start].count(b"\n") + 1
+            raise ConfigError(f"config file {p}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save it as UTF-8") from None
     return load_config_text(cls, text, overrides, where=f"config file {path}")
 
 
@@ -572,29 +674,28 @@ def load_config_text(cls: type, text: str, overrides: list[str] | None = None, w
 
 
 def validate(cfg: Any) -> None:
-    """Range checks that types alone cannot express."""
+    """Check every setting against what its field declares: the range of a number (NaN and
+    infinities are never in range), and any further `check`."""
     def walk(obj: Any, prefix: str) -> None:
         for f in dataclasses.fields(obj):
             v = getattr(obj, f.name)
             key = prefix + f.name
             if dataclasses.is_dataclass(v):
                 walk(v, key + ".")
-            elif isinstance(v, list) and v and dataclasses.is_dataclass(v[0]):
+                continue
+            if isinstance(v, list) and v and dataclasses.is_dataclass(v[0]):
                 for i, item in enumerate(v):
                     walk(item, f"{key}[{i}].")
-            elif f.name in ("kd_weight", "jsd_beta", "skew_alpha", "warmup_ratio", "dropout", "top_p", "sample_top_p",
-                            "ce_weight", "mix_alpha") and v is not None:
-                if not 0.0 <= v <= 1.0:
-                    raise ConfigError(f"setting '{key}' must lie in [0, 1], got {v}")
-            elif f.name in ("temperature", "sample_temperature", "learning_rate", "clip_ratio", "reply_timeout",
-                            "connect_timeout", "chunk_bytes", "max_payload_bytes", "client_cpus") and v is not None:
-                if v <= 0:
-                    raise ConfigError(f"setting '{key}' must be > 0, got {v}")
-            elif f.name in ("batch_size", "grad_accum", "max_length", "r", "max_new_tokens", "k", "shard_size", "rounds",
-                            "top_k", "min_clients",
-                            "rollout_batch_size", "inner_epochs", "lm_batch_size") and v is not None:
-                if v < 1:
-                    raise ConfigError(f"setting '{key}' must be >= 1, got {v}")
+                continue
+            spec = f.metadata.get("range")
+            if spec is not None and v is not None:
+                for i, x in enumerate(v) if isinstance(v, list) else [(None, v)]:
+                    if not in_range(x, spec):
+                        where = key if i is None else f"{key}[{i}]"
+                        got = f"{x}" if math.isfinite(x) else f"{x}, which is not a finite number"
+                        raise ConfigError(f"setting '{where}' must {_range_text(spec)}, got {got}")
+            if f.metadata.get("check") is not None and v is not None:
+                f.metadata["check"](v, key)
     walk(cfg, "")
     _check_kd_is_finite(cfg)
 
@@ -643,5 +744,7 @@ def describe(cls: type, prefix: str = "", defaults: Any = None) -> list[tuple[st
             rows.append((prefix + f.name, "section", "", f.metadata.get("help", "") + " (a list; keys of each item below)"))
             rows.extend(describe(typing.get_args(tp)[0], prefix + f.name + "[i].", None))
         else:
-            rows.append((prefix + f.name, _type_name(tp), repr(value), f.metadata.get("help", "")))
+            spec = f.metadata.get("range")
+            shown = _type_name(tp) + ("" if not spec else f" in {spec}" if _INTERVAL.fullmatch(spec) else f" {spec}")
+            rows.append((prefix + f.name, shown, repr(value), f.metadata.get("help", "")))
     return rows

@@ -47,45 +47,58 @@ class Rows:
 
 def read_rows(spec: str, role: str = "data") -> Rows:
     """Read rows from a local file (.jsonl/.json/.csv/.parquet), a saved datasets folder, or hf:<id>[#config]@<split>."""
-    if spec.startswith("hf:"):
-        return _read_hub(spec)
     path = Path(spec).expanduser()
-    if not path.exists():
+    if spec.startswith("hf:"):
+        rows = _read_hub(spec)
+    elif not path.exists():
         raise DataError(f"{role} file {path} not found")
-    if path.is_dir():
-        return _read_saved_dataset(path)
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        return _read_jsonl(path)
-    if suffix == ".json":
-        return _read_json(path)
-    if suffix == ".csv":
-        return _read_csv(path)
-    if suffix == ".parquet":
-        return _read_parquet(path)
-    raise DataError(f"{role} file {path}: unsupported format '{suffix}'; use .jsonl, .json, .csv, .parquet, a datasets folder or hf:<id>@<split>")
+    elif path.is_dir():
+        rows = _read_saved_dataset(path)
+    else:
+        readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+        suffix = path.suffix.lower()
+        if suffix not in readers:
+            raise DataError(f"{role} file {path}: unsupported format '{suffix}'; use .jsonl, .json, .csv, .parquet, "
+                            "a datasets folder or hf:<id>@<split>")
+        rows = readers[suffix](path)
+    if len(rows) == 0:  # an empty split would train on nothing or report perplexity 1.0
+        raise DataError(f"{role} {spec} has no rows; give a file with at least one row")
+    return rows
+
+
+def _text(path: Path) -> str:
+    """The file as UTF-8 text (a leading BOM dropped); bytes that are not UTF-8 are an error naming the line."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read it ({e.strerror})") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the file as UTF-8") from None
 
 
 def _read_jsonl(path: Path) -> Rows:
     items, locs = [], []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}); fix or remove the line") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{n}: expected a JSON object per line, got {type(obj).__name__}")
-            items.append(obj)
-            locs.append(f"{path}:{n}")
+    # split on newlines only: str.splitlines would also cut at U+2028 and friends, which JSON strings may hold
+    for n, line in enumerate(_text(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}); fix or remove the line") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}:{n}: expected a JSON object per line, got {type(obj).__name__}")
+        items.append(obj)
+        locs.append(f"{path}:{n}")
     return Rows(str(path), items, locs)
 
 
 def _read_json(path: Path) -> Rows:
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
+        obj = json.loads(_text(path))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
     if isinstance(obj, dict) and isinstance(obj.get("data"), list):
@@ -96,29 +109,45 @@ def _read_json(path: Path) -> Rows:
 
 
 def _read_csv(path: Path) -> Rows:
+    import io
+
     items, locs = [], []
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
+    reader = csv.DictReader(io.StringIO(_text(path), newline=""))
+    try:
         for row in reader:
+            if None in row:  # more cells than the header names
+                raise DataError(f"{path}:{reader.line_num}: {len(row[None])} more cell(s) than the header has columns")
             items.append(dict(row))
             locs.append(f"{path}:{reader.line_num}")
+    except csv.Error as e:
+        raise DataError(f"{path}:{reader.line_num}: not valid CSV ({e})") from None
     return Rows(str(path), items, locs)
 
 
 def _read_parquet(path: Path) -> Rows:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    items = pq.read_table(path).to_pylist()
+    try:
+        items = pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise DataError(f"{path}: not a readable parquet file ({str(e).splitlines()[0][:200]}); "
+                        "write it again or give another file") from None
     return Rows(str(path), items, [f"{path} row {i + 1}" for i in range(len(items))])
 
 
 def _read_saved_dataset(path: Path) -> Rows:
     import datasets
 
+    import pyarrow as pa
+
     try:
         ds = datasets.load_from_disk(str(path))
     except FileNotFoundError:
         raise DataError(f"{path} is a folder but not a dataset saved with save_to_disk") from None
+    except (pa.ArrowException, OSError, ValueError, KeyError) as e:
+        raise DataError(f"{path}: the saved dataset cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                        "save it again with save_to_disk") from None
     if isinstance(ds, datasets.DatasetDict):
         raise DataError(f"{path} holds several splits ({', '.join(ds)}); point at one split's folder")
     items = list(ds)

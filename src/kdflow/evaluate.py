@@ -165,6 +165,10 @@ class EvalResult:
 def evaluate_model(model: Any, tok: Any, rows: Rows, data_cfg: DataConfig, eval_cfg: EvalConfig,
                    progress: bool = True, name: str = "model") -> EvalResult:
     rows = rows.head(eval_cfg.max_rows)
+    if len(rows) == 0:  # the metrics of nothing would read as NLL 0 and perplexity 1
+        from kdflow.errors import DataError
+
+        raise DataError(f"{rows.source}: no rows to evaluate")
     t0 = time.time()
     metrics: dict[str, float] = {"rows": float(len(rows))}
     examples = encode_rows(rows, tok, data_cfg)
@@ -251,15 +255,22 @@ def format_table(results: dict[str, dict[str, float]], keys: list[str] | None = 
 
 def run_eval(cfg: Any) -> dict[str, float]:
     """`kdflow eval`: evaluate one model (optionally with a LoRA adapter) on `data.test`."""
+    from pathlib import Path
+
     import transformers
 
     from kdflow.data import read_rows
-    from kdflow.errors import ConfigError
+    from kdflow.errors import ConfigError, ModelError
     from kdflow.models import load_model, load_tokenizer
     from kdflow.report import write_json
 
     if not cfg.data.test:
         raise ConfigError("data.test is not set: give the rows to evaluate")
+    if cfg.lora_adapter and not (Path(cfg.lora_adapter) / "adapter_config.json").is_file():
+        raise ConfigError(f"lora_adapter {cfg.lora_adapter}: no adapter_config.json there; give a folder saved by peft "
+                          "(a run's student_adapter/ or peers/<name>/adapter/)")
+    if cfg.output and Path(cfg.output).is_dir():
+        raise ConfigError(f"output {cfg.output} is a folder; give the path of the JSON file to write")
     transformers.set_seed(cfg.seed)
     rows = read_rows(cfg.data.test, "data.test").head(cfg.data.max_eval_rows)
     tok = load_tokenizer(cfg.model)
@@ -267,7 +278,11 @@ def run_eval(cfg: Any) -> dict[str, float]:
     if cfg.lora_adapter:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, cfg.lora_adapter)
+        try:
+            model = PeftModel.from_pretrained(model, cfg.lora_adapter)
+        except Exception as e:  # peft raises whatever the adapter's files or shapes give it
+            raise ModelError(f"lora_adapter {cfg.lora_adapter} does not load onto {cfg.model.name} "
+                             f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); give the adapter trained on this model") from None
     res = evaluate_model(model, tok, rows, cfg.data, cfg.eval, name=cfg.model.name or "model")
     print(format_table({cfg.model.name or "model": res.metrics}))
     for ex in res.examples:

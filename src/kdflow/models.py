@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,17 +121,23 @@ def ensure_converted(source: ModelSource) -> Path:
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from kdflow.report import make_temp_dir, writing
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    tmp = make_temp_dir(out)
     try:
         kwargs = {"gguf_file": source.gguf_file}
         if source.revision:
             kwargs["revision"] = source.revision
-        tok = AutoTokenizer.from_pretrained(source.location, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
+        try:
+            tok = AutoTokenizer.from_pretrained(source.location, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
+        except Exception as err:  # a damaged GGUF file fails in the reader with any error type
+            raise _load_error(source, err, "GGUF file") from None
         _clear_gguf_flags(model)
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+        with writing(out):
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
         (tmp / "kdflow_source.json").write_text(json.dumps({"identity": source.identity, "gguf_file": source.gguf_file}))
         try:
             os.replace(tmp, out)  # atomic: a concurrent or interrupted conversion never leaves half a folder
@@ -157,20 +162,27 @@ def _load_location(spec: ModelSpec) -> tuple[str, dict[str, Any], ModelSource]:
     return source.location, kwargs, source
 
 
-def _hub_error(spec: ModelSpec, err: Exception) -> ModelError:
-    return ModelError(
-        f"could not load model '{spec.name}': {type(err).__name__}: {str(err).splitlines()[0][:300]} "
-        "(a Hub id needs network access or a populated HF cache; offline, give a local folder or .gguf file)")
+def _load_error(source: ModelSource, err: Exception, what: str = "model") -> ModelError:
+    """One line for a model or tokenizer that transformers could not load, saying where it came from."""
+    detail = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:300]}"
+    if source.gguf_file:
+        return ModelError(f"{what} {Path(source.location) / source.gguf_file} cannot be read ({detail}); "
+                          "the file may be damaged or incomplete: download or convert it again")
+    if Path(source.location).exists():
+        return ModelError(f"{what} folder {source.location} cannot be loaded ({detail}); its files may be damaged or "
+                          "incomplete: save the model there again (save_pretrained) or give another one")
+    return ModelError(f"could not load {what} '{source.location}': {detail} (a Hub id needs network access or a "
+                      "populated HF cache; offline, give a local folder or .gguf file)")
 
 
 def load_tokenizer(spec: ModelSpec) -> Any:
     from transformers import AutoTokenizer
 
-    location, kwargs, _ = _load_location(spec)
+    location, kwargs, source = _load_location(spec)
     try:
         tok = AutoTokenizer.from_pretrained(location, **kwargs)
-    except (OSError, ValueError) as err:
-        raise _hub_error(spec, err) from None
+    except Exception as err:  # tokenizers and transformers raise many types for a missing or damaged file
+        raise _load_error(source, err, "tokenizer of model") from None
     if tok.pad_token_id is None:
         # Masks are built from attention masks and spans, so reusing EOS as padding is safe.
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
@@ -181,11 +193,11 @@ def load_model(spec: ModelSpec) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
-    location, kwargs, _ = _load_location(spec)
+    location, kwargs, source = _load_location(spec)
     try:
         model = AutoModelForCausalLM.from_pretrained(location, dtype=getattr(torch, DTYPES[spec.dtype]), **kwargs)
-    except (OSError, ValueError) as err:
-        raise _hub_error(spec, err) from None
+    except Exception as err:  # safetensors, json and transformers each raise their own type for damaged files
+        raise _load_error(source, err) from None
     return check_output_head(model)
 
 
@@ -302,21 +314,86 @@ def build_student(spec: StudentSpec, teacher: Any | None, teacher_spec: ModelSpe
             teacher = load_model(teacher_spec)
         model = prune_layers(teacher, keep_list(spec, teacher.config.num_hidden_layers)).to(dtype)
     else:  # random weights from a config
-        if spec.name:
-            location, kwargs, _ = _load_location(spec)
-            cfg = AutoConfig.from_pretrained(location, **kwargs)
-        elif teacher is not None:
-            cfg = copy.deepcopy(teacher.config)
-        else:
-            raise ConfigError("student.init=config needs student.name or a teacher to take the config from")
-        for k, v in spec.config_overrides.items():
-            if not hasattr(cfg, k):
-                raise ConfigError(f"student.config_overrides: {type(cfg).__name__} has no field '{k}'")
-            setattr(cfg, k, v)
-        if isinstance(getattr(cfg, "layer_types", None), list):
-            cfg.layer_types = cfg.layer_types[: cfg.num_hidden_layers]
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+        cfg = student_config(spec, teacher.config if teacher is not None else None, teacher_spec)
+        try:
+            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+            with torch.no_grad():  # a config can build and still not run (e.g. heads that do not divide)
+                model(input_ids=torch.zeros((1, 2), dtype=torch.long))
+        except Exception as err:
+            raise _overrides_error(spec, err) from None
     return check_output_head(model)
+
+
+def student_config(spec: StudentSpec, base_config: Any = None, teacher_spec: ModelSpec | None = None,
+                   setting: str = "student") -> Any:
+    """The model config of an init=config student: `spec.name`'s, else `base_config` or the teacher's,
+    with `config_overrides` applied and checked (unknown fields, wrong types)."""
+    from transformers import AutoConfig
+
+    if spec.name or base_config is None:
+        origin = spec if spec.name else teacher_spec
+        if origin is None or not origin.name:
+            raise ConfigError(f"{setting}.init=config needs {setting}.name or a teacher to take the config from")
+        location, kwargs, source = _load_location(origin)
+        try:
+            cfg = AutoConfig.from_pretrained(location, **kwargs)
+        except Exception as err:
+            raise _load_error(source, err, "config of model") from None
+    else:
+        cfg = copy.deepcopy(base_config)
+    for k, v in spec.config_overrides.items():
+        if not hasattr(cfg, k):
+            raise ConfigError(f"{setting}.config_overrides: {type(cfg).__name__} has no field '{k}'")
+        old = getattr(cfg, k)
+        if old is not None and v is not None and not _same_kind(old, v):
+            raise ConfigError(f"{setting}.config_overrides.{k}: expected {type(old).__name__} like {old!r}, got {v!r}")
+        # Counts and sizes (num_*, *_size, *_heads, *_layers, *_dim) below 1 build a model that is no model.
+        if isinstance(v, int) and not isinstance(v, bool) and v < 1 and re.search(r"^num_|_size$|_heads$|_layers$|_dim$", k):
+            raise ConfigError(f"{setting}.config_overrides.{k} must be >= 1, got {v}")
+        try:
+            setattr(cfg, k, v)
+        except Exception as err:  # transformers' strict config dataclasses validate on assignment
+            raise _overrides_error(spec, err, setting) from None
+    if isinstance(getattr(cfg, "layer_types", None), list):
+        cfg.layer_types = cfg.layer_types[: cfg.num_hidden_layers]
+    return cfg
+
+
+def _same_kind(old: Any, new: Any) -> bool:
+    if isinstance(old, bool) or isinstance(new, bool):
+        return isinstance(old, bool) and isinstance(new, bool)
+    if isinstance(old, (int, float)):
+        return isinstance(new, (int, float)) and (isinstance(old, float) or isinstance(new, int))
+    return isinstance(new, type(old)) or isinstance(old, type(new))
+
+
+def _overrides_error(spec: StudentSpec, err: Exception, setting: str = "student") -> ConfigError:
+    detail = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[-1].strip()[:200]}"
+    return ConfigError(f"{setting}.config_overrides {spec.config_overrides} do not give a working model ({detail}); "
+                       "fix the values (sizes must fit together, e.g. hidden_size divisible by num_attention_heads)")
+
+
+def check_student(spec: StudentSpec, teacher_spec: ModelSpec | None, setting: str = "student") -> None:
+    """What can be checked of a student's settings before any weights load."""
+    if spec.init == "pretrained" and not spec.name:
+        raise ConfigError(f"{setting}.name is empty: give a model, or set {setting}.init to prune_teacher or config")
+    if spec.init == "prune_teacher":
+        if teacher_spec is None or not teacher_spec.name:
+            raise ConfigError(f"{setting}.init=prune_teacher needs a model to prune (its teacher or base)")
+        if not spec.keep_layers and not spec.keep_every:
+            raise ConfigError(f"{setting}.init=prune_teacher needs {setting}.keep_layers or {setting}.keep_every")
+        if spec.keep_layers and len(set(spec.keep_layers)) != len(spec.keep_layers):
+            raise ConfigError(f"{setting}.keep_layers {spec.keep_layers} must be distinct")
+    if spec.init == "config":
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        cfg = student_config(spec, None, teacher_spec, setting)
+        try:
+            with torch.device("meta"):  # shapes only: no memory, no weights
+                AutoModelForCausalLM.from_config(cfg)
+        except Exception as err:
+            raise _overrides_error(spec, err, setting) from None
 
 
 def apply_lora(model: Any, spec: LoraSpec) -> Any:

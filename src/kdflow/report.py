@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -11,38 +12,105 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
-def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
-    """Write a file so that readers see either the old or the complete new content."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (os.umask can only be read by setting it)."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
+    """Write a file so that readers see either the old or the complete new content.
+
+    The file gets the mode an ordinary `open(path, "w")` would give (0666 less the umask), not the
+    0600 of the temporary file it is written to.
+    """
+    path = Path(path)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        try:
+            os.fchmod(fd, 0o666 & ~_umask())
+            with os.fdopen(fd, "wb") as f:
+                f.write(data.encode() if isinstance(data, str) else data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
 
 
 @contextlib.contextmanager
 def atomic_folder(folder: str | os.PathLike) -> Iterator[Path]:
     """Fill a temporary sibling of `folder`, then put it in place of `folder` in one rename: readers
-    (and a resumed run) see the old folder or the complete new one, never half of it."""
+    (and a resumed run) see the old folder or the complete new one, never half of it.
+
+    Inside a run folder the new folder also gets the run's settings stamp (kdflow.runfolder), so
+    every checkpoint written this way says which run wrote it. Mode: 0777 less the umask.
+    """
+    from kdflow.runfolder import stamp
+
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+    with writing(folder):
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = make_temp_dir(folder)
+        try:
+            yield tmp
+            stamp(tmp)
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(tmp, folder)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def make_temp_dir(final: Path) -> Path:
+    """An empty sibling of `final` to fill and rename into place, with the mode an ordinary mkdir would
+    give (0777 less the umask), not mkdtemp's 0700."""
+    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".", dir=final.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
+
+
+_FULL_BELOW = 8 * 2**20  # bytes free under which a failed write is taken for a full disk
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """Name `path` in the OSError of a failed write, and turn the failures of library writers that
+    raise something else on a full disk (torch.save: RuntimeError, safetensors: SafetensorError)
+    into OSError(ENOSPC) when the disk holding `path` is full, so the CLI can say so in one line."""
+    path = Path(path)
     try:
-        yield tmp
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        yield
+    except OSError as e:
+        if e.filename != str(path):  # e.g. the temporary file's name: say which output failed
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
+    except Exception as e:
+        if _free_bytes(path) < _FULL_BELOW:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
+        raise
+
+
+def _free_bytes(path: Path) -> int:
+    for p in (path, *path.parents):
+        if p.exists():
+            try:
+                return shutil.disk_usage(p).free
+            except OSError:
+                break
+    return 2**62
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

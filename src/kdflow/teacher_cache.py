@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from kdflow.errors import DataError
 from kdflow.losses import TopKTargets, shifted_masks
-from kdflow.report import write_json
+from kdflow.report import write_json, writing
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -135,6 +135,8 @@ def build_cache(folder: str | os.PathLike, key: dict[str, Any], examples: list[d
     from kdflow.data import collate
 
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise DataError(f"teacher_cache.dir {folder} is a file, not a folder; choose another teacher_cache.dir")
     folder.mkdir(parents=True, exist_ok=True)
     manifest = _read_manifest(folder)
     if manifest is not None:
@@ -177,7 +179,8 @@ def build_cache(folder: str | os.PathLike, key: dict[str, Any], examples: list[d
             tensors["valid"] = torch.cat([t["valid"] for t in per_example]).to(torch.uint8)
         name = f"shard-{len(manifest['shards']):05d}.safetensors"
         tmp = folder / (name + ".tmp")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        with writing(folder / name):
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
         os.replace(tmp, folder / name)
         manifest["shards"].append({"file": name, "examples": len(shard), "positions": sum(counts),
                                    "sha256": _sha256(folder / name), "bytes": (folder / name).stat().st_size})
@@ -197,39 +200,74 @@ def build_cache(folder: str | os.PathLike, key: dict[str, Any], examples: list[d
 
 
 class TeacherCache:
-    """A complete cache whose manifest matches the run; hands out per-example targets."""
+    """A complete cache whose manifest matches the run; hands out per-example targets.
 
-    def __init__(self, folder: str | os.PathLike, key: dict[str, Any]):
+    Opening it checks what is cheap to check (shard names stay inside the folder, files have their
+    recorded sizes); each shard's checksum and contents (finite log-probs, ids inside the student's
+    vocabulary, consistent offsets) are checked when it is read. A damaged cache is refused in one
+    line naming the shard, never passed on to the loss.
+    """
+
+    def __init__(self, folder: str | os.PathLike, key: dict[str, Any], vocab_size: int | None = None):
         self.folder = Path(folder)
+        self.vocab_size = vocab_size
         manifest = _read_manifest(self.folder)
         if manifest is None:
             raise DataError(f"no teacher cache at {self.folder}: run `kdflow cache-teacher` with the same config first")
+        where = self.folder / MANIFEST
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("key"), dict) \
+                or not isinstance(manifest.get("shards"), list):
+            raise DataError(f"{where} is not a teacher cache manifest; delete the folder and run `kdflow cache-teacher` again")
         changed = _diff(manifest["key"], key)
         if changed:
             detail = "; ".join(f"{c}: cache {manifest['key'].get(c)!r} vs run {key.get(c)!r}" for c in changed[:3])
             raise DataError(f"teacher cache {self.folder} does not match this run ({detail}); "
                             "rebuild it with `kdflow cache-teacher` or point teacher_cache.dir elsewhere")
+        for shard in manifest["shards"]:
+            self._check_entry(shard, where)
         if not manifest.get("complete"):
             raise DataError(f"teacher cache {self.folder} is incomplete ({sum(s['examples'] for s in manifest['shards'])}"
                             f" of {manifest['examples']} examples); run `kdflow cache-teacher` again to finish it")
         self.manifest = manifest
 
-    def load(self, verify: bool = False) -> dict[int, dict[str, torch.Tensor]]:
-        """row_index -> {ids [n, k] int64, logp [n, k] float32, tail_logp [n], valid [n]}."""
-        from safetensors.torch import load_file
+    def _check_entry(self, shard: Any, where: Path) -> None:
+        fields = {"file": str, "examples": int, "positions": int, "sha256": str, "bytes": int}
+        if not isinstance(shard, dict) or any(not isinstance(shard.get(k), t) for k, t in fields.items()):
+            raise DataError(f"{where}: a shard entry lacks {', '.join(fields)}; rebuild the cache with `kdflow cache-teacher`")
+        name = shard["file"]
+        # A manifest names files inside its own folder only: "../x" or an absolute path is refused.
+        if Path(name).name != name or name in ("", ".", "..") or not name.endswith(".safetensors"):
+            raise DataError(f"{where} names the shard {name!r}, which is not a file inside the cache folder; "
+                            "rebuild the cache with `kdflow cache-teacher`")
+        path = self.folder / name
+        if not path.is_file():
+            raise DataError(f"teacher cache shard {path} is missing; rebuild the cache")
+        size = path.stat().st_size
+        if size != shard["bytes"]:
+            raise DataError(f"teacher cache shard {path} has {size} bytes, the manifest says {shard['bytes']} (damaged "
+                            "or cut short); rebuild the cache with `kdflow cache-teacher`")
+
+    def load(self, verify: bool = True) -> dict[int, dict[str, torch.Tensor]]:
+        """row_index -> {ids [n, k] int64, logp [n, k] float32, tail_logp [n], valid [n]}.
+
+        Each shard is read once; with `verify` its SHA-256 is compared with the manifest's first."""
+        from safetensors.torch import load as load_bytes
 
         out: dict[int, dict[str, torch.Tensor]] = {}
-        k = self.manifest["key"]["k"]
         for shard in self.manifest["shards"]:
             path = self.folder / shard["file"]
-            if not path.is_file():
-                raise DataError(f"teacher cache shard {path} is missing; rebuild the cache")
-            if verify and _sha256(path) != shard["sha256"]:
-                raise DataError(f"teacher cache shard {path} is corrupted (checksum differs); rebuild the cache")
-            t = load_file(str(path))
+            data = path.read_bytes()
+            if verify and hashlib.sha256(data).hexdigest() != shard["sha256"]:
+                raise DataError(f"teacher cache shard {path} is damaged (its checksum differs from the manifest's); "
+                                "rebuild the cache with `kdflow cache-teacher`")
+            try:
+                t = load_bytes(data)
+            except Exception as e:  # safetensors' own error type for a bad header
+                raise DataError(f"teacher cache shard {path} cannot be read ({e}); rebuild the cache") from None
+            problem = self._shard_problem(t, shard)
+            if problem:
+                raise DataError(f"teacher cache shard {path}: {problem}; rebuild the cache with `kdflow cache-teacher`")
             ids, logp, offsets = t["ids"], t["logp"], t["offsets"]
-            if ids.dim() != 2 or ids.shape != logp.shape or ids.shape[1] > k or offsets[-1] != ids.shape[0]:
-                raise DataError(f"teacher cache shard {path} has inconsistent shapes; rebuild the cache")
             if ids.dtype == torch.uint16:
                 ids = ids.to(torch.int32).long()
                 ids[ids == EMPTY_U16] = -1
@@ -244,6 +282,41 @@ class TeacherCache:
                     entry["valid"] = t["valid"][a:b].bool()
                 out[row] = entry
         return out
+
+    def _shard_problem(self, t: dict[str, torch.Tensor], shard: dict[str, Any]) -> str | None:
+        """What is wrong with one shard's arrays, or None."""
+        k = self.manifest["key"]["k"]
+        need = {"ids", "logp", "offsets", "row_index"}
+        if not need <= set(t):
+            return f"missing arrays {sorted(need - set(t))}"
+        ids, logp, offsets, rows = t["ids"], t["logp"], t["offsets"], t["row_index"]
+        n = ids.shape[0] if ids.dim() == 2 else -1
+        if ids.dim() != 2 or ids.shape != logp.shape or ids.shape[1] > k or offsets.dim() != 1 \
+                or offsets.numel() != rows.numel() + 1 or rows.numel() != shard["examples"] or n != shard["positions"]:
+            return "inconsistent shapes"
+        if int(offsets[0]) != 0 or int(offsets[-1]) != n or bool((offsets[1:] < offsets[:-1]).any()):
+            return "inconsistent offsets"
+        total = self.manifest.get("examples")
+        if bool((rows < 0).any()) or (isinstance(total, int) and bool((rows >= total).any())):
+            return "row indices outside the dataset"
+        for name in ("logp", "tail_logp"):
+            if name in t:
+                x = t[name].float()
+                # -inf is a probability of 0 (an empty slot, no mass outside the top k); NaN, +inf and
+                # positive values are no log-probability at all.
+                if bool(torch.isnan(x).any()) or bool((x > 1e-3).any()):
+                    bad = int((torch.isnan(x) | (x > 1e-3)).nonzero()[0][0])
+                    return f"{name} holds a value that is no log-probability (NaN, +inf or > 0) at position {bad}"
+        wide = ids.to(torch.int64)
+        if ids.dtype == torch.uint16:
+            wide = torch.where(wide == EMPTY_U16, torch.full_like(wide, -1), wide)
+        limit = self.vocab_size
+        if bool((wide < -1).any()) or (limit is not None and bool((wide >= limit).any())):
+            worst = int(wide.max()) if limit is not None and bool((wide >= limit).any()) else int(wide.min())
+            return f"token id {worst} is outside the student's vocabulary (0..{(limit or 0) - 1})"
+        if "valid" in t and bool((t["valid"] > 1).any()):
+            return "the 'valid' flags are not 0 or 1"
+        return None
 
     def attach(self, examples: list[dict[str, Any]], token_scope: str) -> None:
         """Add `teacher_*` fields to each example; check each example's KD positions match the cache."""

@@ -15,53 +15,42 @@ from pathlib import Path
 from typing import Any
 
 from kdflow.config import TrainConfig, dump_yaml
-from kdflow.errors import ConfigError
-from kdflow.report import atomic_folder, write_atomic
+from kdflow.errors import ConfigError, DataError
+from kdflow.report import atomic_folder, write_atomic, writing
+from kdflow.runfolder import check_files, hold
 
 
 def setup_run(output_dir: str | os.PathLike, cfg: Any, seed: int, num_threads: int = 0, resume: str | None = None,
-              has_checkpoints: Any = None, ignore: tuple[str, ...] = ()) -> Path:
-    """Create the run folder, write the resolved config beside the outputs, seed everything.
+              resume_key: str = "train.resume", ignore: tuple[str, ...] = ()) -> Path:
+    """Take the run folder, write the resolved config beside the outputs, seed everything.
 
-    A folder that already holds checkpoints of a run with other settings is refused when the
-    run would resume from them (`resume`, default `cfg.train.resume`, is "auto"): resuming would
-    mix two experiments. `has_checkpoints(out) -> bool` finds a method's own checkpoints
-    (default: `checkpoint-N` folders). Evaluation settings, `resume` / `num_threads` /
-    `report_to` of any section, and keys starting with an `ignore` prefix may change.
+    Call it once the settings are checked and the data read, so that a run refused for either
+    leaves the folder as it was. `kdflow.runfolder.hold` locks the folder against a second run;
+    with `resume` (default `cfg.train.resume`) "never" it moves an earlier run's checkpoints and
+    results aside, otherwise it refuses checkpoints written with other settings (resuming them
+    would mix two experiments) or damaged ones. `resume_key` names the setting in messages; keys
+    starting with an `ignore` prefix may change between a run and its resumption.
     """
     import transformers
-    import yaml
 
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    new_text = dump_yaml(cfg)
-    old_path = out / "config.yaml"
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir {out} is a file, not a folder; choose another output_dir")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"output_dir {out}: cannot create it ({e.strerror}); choose a folder you can write to") from None
     train = getattr(cfg, "train", None)
     if resume is None:
         resume = train.resume if train is not None else "never"
-    found = (has_checkpoints or last_checkpoint)(out)
-    if old_path.is_file() and found and resume == "auto":
-        changed = _changed_keys(yaml.safe_load(old_path.read_text()) or {}, yaml.safe_load(new_text))
-        changed = [k for k in changed if not k.startswith(("eval.", "evaluate_") + tuple(ignore))
-                   and k.rsplit(".", 1)[-1] not in ("resume", "num_threads", "report_to")]
-        if changed:
-            raise ConfigError(
-                f"{out} holds checkpoints of a run with other settings ({', '.join(changed[:5])} differ); "
-                "use another output_dir, or train.resume=never to start over there")
-    write_atomic(old_path, new_text)
+    hold(out, cfg, resume, resume_key, ignore)
+    write_atomic(out / "config.yaml", dump_yaml(cfg))
     if num_threads > 0:
         import torch
 
         torch.set_num_threads(num_threads)
     transformers.set_seed(seed)
     return out
-
-
-def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        keys = sorted(set(old) | set(new))
-        return [k for key in keys for k in _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
-    return [] if old == new else [prefix.rstrip(".")]
 
 
 def last_checkpoint(output_dir: str | os.PathLike) -> str | None:
@@ -232,6 +221,15 @@ def make_token_normalized_trainer_class() -> type:
                     "lower train.learning_rate, check the data, or disable train.bf16")
             return (loss, {}) if return_outputs else loss
 
+        def _save_checkpoint(self, model: Any, trial: Any) -> None:
+            from kdflow.runfolder import stamp
+
+            folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+            if self.args.should_save:
+                stamp(folder)  # before trainer_state.json, whose presence marks the checkpoint complete
+            with writing(folder):
+                super()._save_checkpoint(model, trial)
+
         def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
             if "loss" in logs and self._term_logs:
                 # per-term losses summed over the micro-batches of each step, averaged over steps
@@ -370,7 +368,16 @@ def load_loop_checkpoint(folder: str | os.PathLike, model: Any, optimizer: Any, 
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    weights = load_file(str(folder / "trainable.safetensors"))
+    check_files(folder)
+    try:
+        weights = load_file(str(folder / "trainable.safetensors"))
+        optimizer_state = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+        scheduler_state = torch.load(folder / "scheduler.pt", map_location="cpu", weights_only=True)
+        state = json.loads((folder / LOOP_STATE).read_text())
+        rng = load_file(str(folder / "rng.safetensors")) if restore_rng else None
+    except Exception as e:  # safetensors, torch and json each have their own errors for a damaged file
+        raise DataError(f"checkpoint {folder} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                        "delete it to resume from an earlier checkpoint, or set resume=never to start over") from None
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if set(weights) != set(params):
         extra, missing = sorted(set(weights) - set(params)), sorted(set(params) - set(weights))
@@ -379,28 +386,22 @@ def load_loop_checkpoint(folder: str | os.PathLike, model: Any, optimizer: Any, 
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(weights[n].to(p.device, p.dtype))
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
-    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", map_location="cpu", weights_only=True))
-    state = json.loads((folder / LOOP_STATE).read_text())
+    optimizer.load_state_dict(optimizer_state)
+    scheduler.load_state_dict(scheduler_state)
     if restore_rng:
-        _set_rng_state(load_file(str(folder / "rng.safetensors")), state["rng"])
+        _set_rng_state(rng, state["rng"])
     return state
 
 
 def common_loop_checkpoint(folders: list[Path], resume: str, setting: str = "train.resume") -> int | None:
     """The step to resume several models trained together from: the newest checkpoint that every
     folder holds (resume=auto; an interruption while they were being saved leaves the newest one
-    incomplete), or the `checkpoint-N` that `resume` names. None: start afresh; with
-    resume=never the folders' old checkpoints are deleted so they cannot mix with the new run's.
+    incomplete), or the `checkpoint-N` that `resume` names. None: start afresh (with resume=never,
+    `setup_run` has moved the folder's earlier checkpoints aside).
     """
-    import shutil
-
     have = [loop_checkpoints(f) for f in folders]
     common = set(have[0]).intersection(*have[1:])
     if resume == "never":
-        for found in have:
-            for ckpt in found.values():
-                shutil.rmtree(ckpt, ignore_errors=True)
         return None
     if resume == "auto":
         return max(common) if common else None

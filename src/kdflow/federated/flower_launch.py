@@ -178,17 +178,28 @@ def wait_for_run(run_id: int, env: dict[str, str], timeout: float, done_file: Pa
                  poll: float = 15.0) -> str:
     """Wait until the run is finished; returns its status, e.g. 'finished:completed'. Each status
     query starts a `flwr` process, so it runs every `poll` seconds, and sooner once `done_file`
-    (written by the ServerApp at the end) appears."""
+    (written by the ServerApp at the end) is there anew."""
     deadline = time.time() + timeout
     status, last = "unknown", 0.0
+    before = _signature(done_file) if done_file is not None else None
     while time.time() < deadline:
-        done = done_file is not None and done_file.exists()
+        now = _signature(done_file) if done_file is not None else None
+        done = now is not None and now != before
         if done or time.time() - last >= poll:
             status, last = run_status(run_id, env), time.time()
             if status.startswith("finished"):
                 return status
         time.sleep(1.0 if done else 0.5)
     raise FlowerLaunchError(f"Flower run {run_id} still '{status}' after {timeout:g} s")
+
+
+def _signature(path: Path) -> tuple[int, int] | None:
+    """(inode, mtime) of `path`, None when absent: a file replaced atomically gets a new one."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
 
 
 def run_logs(run_id: int, env: dict[str, str]) -> str:
@@ -208,7 +219,9 @@ def run_fedmkt_flower(cfg: FedMKTConfig) -> dict[str, Any]:
     check_config(cfg, baselines=False)  # the baselines are not run over Flower
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").unlink(missing_ok=True)  # written again by the ServerApp when the run ends
+    # The ServerApp replaces metrics.json when the run ends; the earlier one stays until then, and a
+    # file still carrying its old signature afterwards is not this run's.
+    old_metrics = _signature(out / "metrics.json")
     app_dir = write_app(out / "flower-app")
     toml = write_run_config(out / "flower-run-config.toml", run_config_from_config(cfg))
     logs = out / "flower-logs"
@@ -238,7 +251,8 @@ def run_fedmkt_flower(cfg: FedMKTConfig) -> dict[str, Any]:
     if status != "finished:completed":
         raise FlowerLaunchError(f"Flower run {run_id} ended '{status}'; the ServerApp's log is {logs / f'run-{run_id}.log'}")
     metrics_path = out / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    fresh = metrics_path.is_file() and _signature(metrics_path) != old_metrics
+    metrics = json.loads(metrics_path.read_text()) if fresh else {}
     metrics["wall_seconds"] = time.time() - t0
     print(f"[kdflow] fedmkt-flower finished in {metrics['wall_seconds']:.0f} s; report {out / 'report.md'}")
     return metrics

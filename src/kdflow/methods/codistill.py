@@ -29,14 +29,14 @@ import torch
 
 from kdflow.config import CoDistillConfig, PeerSpec, to_dict
 from kdflow.data import Rows, collate, encode_rows, read_rows, row_turns
-from kdflow.errors import ConfigError, DataError, KDFlowError
+from kdflow.errors import ConfigError, KDFlowError
 from kdflow.evaluate import EvalResult, answer_nll, evaluate_cached, format_table
 from kdflow.losses import (DenseTeacher, HeadLossSpec, TopKTargets, get_divergence, head_losses,
                            shifted_masks)
-from kdflow.models import (apply_lora, build_student, count_parameters, load_model, load_tokenizer, model_identity,
-                           save_model, selected_hidden, tokenizer_fingerprint)
+from kdflow.models import (apply_lora, build_student, check_student, count_parameters, load_model, load_tokenizer,
+                           model_identity, save_model, selected_hidden, tokenizer_fingerprint)
 from kdflow.report import examples_markdown, plot_curves, write_atomic, write_json
-from kdflow.training import (common_loop_checkpoint, load_loop_checkpoint, loop_checkpoints, prune_loop_checkpoints,
+from kdflow.training import (common_loop_checkpoint, load_loop_checkpoint, prune_loop_checkpoints,
                              save_loop_checkpoint, setup_run, step_normalized, step_rows)
 
 # ----------------------------------------------------------------------------------------------
@@ -459,15 +459,14 @@ def _check(cfg: CoDistillConfig) -> None:
 
 def run_codistill(cfg: CoDistillConfig) -> dict[str, Any]:
     _check(cfg)
-    out = setup_run(cfg.output_dir, cfg, cfg.seed, cfg.train.num_threads, ignore=("baseline_alone",),
-                    has_checkpoints=lambda o: any(loop_checkpoints(d) for d in [*o.glob("peers/*"), *o.glob("alone/*")]))
     t_start = time.time()
     # Read and encode every split before loading models: a bad row stops the run early.
     train_rows = read_rows(cfg.data.train, "data.train").head(cfg.data.max_train_rows)
-    if len(train_rows) == 0:
-        raise DataError(f"{cfg.data.train} has no rows")
     val_rows = read_rows(cfg.data.validation, "data.validation").head(cfg.data.max_eval_rows) if cfg.data.validation else None
     test_rows = read_rows(cfg.data.test, "data.test").head(cfg.data.max_eval_rows) if cfg.data.test else None
+    for i, spec in enumerate(cfg.peers):
+        check_student(spec.model, _base_of(cfg, spec), f"peers[{i}].model")
+    out = setup_run(cfg.output_dir, cfg, cfg.seed, cfg.train.num_threads, ignore=("baseline_alone",))
     toks = [_peer_tokenizer(cfg, s) for s in cfg.peers]
     encoded: list[list[dict[str, Any]]] = []
     groups: list[int] = []

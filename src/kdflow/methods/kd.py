@@ -28,10 +28,12 @@ from kdflow.data import Collator, ListDataset, Rows, encode_rows, prompts_of, re
 from kdflow.errors import ConfigError, DataError
 from kdflow.evaluate import EvalResult, evaluate_cached, format_table, generate
 from kdflow.losses import DenseTeacher, HeadLossSpec, get_divergence, head_losses, shifted_masks
-from kdflow.models import (apply_lora, build_student, count_parameters, freeze, load_model, load_tokenizer,
-                           model_identity, require_same_tokenizer, save_model, selected_hidden, tokenizer_fingerprint)
+from kdflow.models import (apply_lora, build_student, check_student, count_parameters, freeze, load_model,
+                           load_tokenizer, model_identity, require_same_tokenizer, save_model, selected_hidden,
+                           tokenizer_fingerprint)
 from kdflow.teacher_cache import TeacherCache, batch_targets, build_cache, manifest_key, same_tokenizer_targets
 from kdflow.report import examples_markdown, loss_series, plot_curves, write_atomic, write_json
+from kdflow.runfolder import run_settings
 from kdflow.training import (make_token_normalized_trainer_class, resolve_resume, setup_run, train_or_restore,
                              training_arguments)
 
@@ -188,9 +190,9 @@ def seqkd_rows(cfg: DistillConfig, rows: Rows, teacher: Any, teacher_tok: Any, o
 
 def _eval_cached(out: Path, name: str, model: Any, tok: Any, rows: Rows, cfg: DistillConfig) -> EvalResult:
     """Evaluate, reusing a result saved by an earlier (interrupted) run with the same settings."""
-    settings = {k: v for k, v in to_dict(cfg).items() if k not in ("eval", "evaluate_teacher", "evaluate_before")}
-    settings["train"] = {k: v for k, v in settings["train"].items() if k not in ("resume", "num_threads", "report_to")}
-    return evaluate_cached(out / "eval" / f"{name}.json", {"run": settings}, model, tok, rows, cfg.data, cfg.eval, name)
+    # the settings that identify the run's checkpoints (not where the folder is: a moved run reuses its results)
+    return evaluate_cached(out / "eval" / f"{name}.json", {"run": run_settings(cfg)}, model, tok, rows, cfg.data,
+                           cfg.eval, name)
 
 
 def _data_settings(cfg: DistillConfig) -> dict[str, Any]:
@@ -216,8 +218,6 @@ def _read_splits(cfg: DistillConfig) -> tuple[Rows, Rows | None, Rows | None]:
     train_rows = read_rows(cfg.data.train, "data.train").head(cfg.data.max_train_rows)
     val_rows = read_rows(cfg.data.validation, "data.validation").head(cfg.data.max_eval_rows) if cfg.data.validation else None
     test_rows = read_rows(cfg.data.test, "data.test").head(cfg.data.max_eval_rows) if cfg.data.test else None
-    if len(train_rows) == 0:
-        raise DataError(f"{cfg.data.train} has no rows")
     return train_rows, val_rows, test_rows
 
 
@@ -289,18 +289,21 @@ def run_cache_teacher(cfg: DistillConfig) -> dict[str, Any]:
 
 
 def run_distill(cfg: DistillConfig) -> dict[str, Any]:
-    out = setup_run(cfg.output_dir, cfg, cfg.seed, cfg.train.num_threads)
     t_start = time.time()
     train_rows, val_rows, test_rows = _read_splits(cfg)
     use_cache = cfg.teacher_cache.dir is not None and cfg.method in ("kd", "hard_token") and cfg.kd.kd_weight > 0
 
     if cfg.method != "sft" and not cfg.teacher.name:
         raise ConfigError(f"method {cfg.method} needs teacher.name")
+    check_student(cfg.student, cfg.teacher if cfg.teacher.name else None)
+    # The folder is touched only now: a run refused above leaves an earlier run's folder as it was.
+    out = setup_run(cfg.output_dir, cfg, cfg.seed, cfg.train.num_threads)
     teacher_tok = load_tokenizer(cfg.teacher) if cfg.teacher.name else None
     tok = _student_tokenizer(cfg, teacher_tok)
     cross = _cross_tokenizer(cfg, teacher_tok, tok) if cfg.method in ("kd", "hard_token") else None
     vocab_size = len(tok)
-    cache = TeacherCache(cfg.teacher_cache.dir, _cache_key(cfg, train_rows, teacher_tok, tok, cross)) if use_cache else None
+    cache = (TeacherCache(cfg.teacher_cache.dir, _cache_key(cfg, train_rows, teacher_tok, tok, cross), vocab_size)
+             if use_cache else None)
 
     # The teacher's weights are loaded only when something needs them: online KD, generation,
     # a student pruned from it, or its own evaluation. With a teacher cache, training never does.

@@ -27,16 +27,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from kdflow.config import MiniLLMConfig, MiniLLMSettings, to_dict
+from kdflow.config import MiniLLMConfig, MiniLLMSettings
 from kdflow.data import Encoder, Rows, collate, left_pad, prompts_of, read_rows
 from kdflow.errors import ConfigError, DataError, KDFlowError
 from kdflow.evaluate import EvalResult, evaluate_cached, format_table
 from kdflow.losses import ce_sum, reverse_kl
-from kdflow.models import (apply_lora, build_student, count_parameters, freeze, load_model, load_tokenizer,
-                           require_same_tokenizer, save_model, selected_logits)
+from kdflow.models import (apply_lora, build_student, check_student, count_parameters, freeze, load_model,
+                           load_tokenizer, require_same_tokenizer, save_model, selected_logits)
 from kdflow.report import examples_markdown, plot_curves, write_atomic, write_json
 from kdflow.rollout import Rollout, length_normalized_returns, mixed_sample, pack_right
-from kdflow.training import (common_loop_checkpoint, load_loop_checkpoint, loop_checkpoints, prune_loop_checkpoints,
+from kdflow.runfolder import run_settings
+from kdflow.training import (common_loop_checkpoint, load_loop_checkpoint, prune_loop_checkpoints,
                              save_loop_checkpoint, setup_run)
 
 TERMS = ("single_step", "pg", "lm")
@@ -280,9 +281,9 @@ def train(cfg: MiniLLMConfig, student: Any, teacher: Any, tok: Any, prompts: lis
 
 def _eval_cached(out: Path, name: str, model: Any, tok: Any, rows: Rows, cfg: MiniLLMConfig) -> EvalResult:
     """Evaluate, reusing a result saved by an earlier (interrupted) run with the same settings."""
-    settings = {k: v for k, v in to_dict(cfg).items() if k not in ("eval", "evaluate_teacher", "evaluate_before")}
-    settings["minillm"] = {k: v for k, v in settings["minillm"].items() if k not in ("resume", "num_threads")}
-    return evaluate_cached(out / "eval" / f"{name}.json", {"run": settings}, model, tok, rows, cfg.data, cfg.eval, name)
+    # the settings that identify the run's checkpoints (not where the folder is: a moved run reuses its results)
+    return evaluate_cached(out / "eval" / f"{name}.json", {"run": run_settings(cfg)}, model, tok, rows, cfg.data,
+                           cfg.eval, name)
 
 
 def _check_settings(cfg: MiniLLMConfig) -> None:
@@ -291,29 +292,22 @@ def _check_settings(cfg: MiniLLMConfig) -> None:
         raise ConfigError("data.train is not set: rollouts need prompts (a .jsonl/.csv/.parquet file or hf:<id>@<split>)")
     if s.rollout_batch_size % s.batch_size:
         raise ConfigError(f"minillm.batch_size={s.batch_size} must divide minillm.rollout_batch_size={s.rollout_batch_size}")
-    if s.max_steps < 1:
-        raise ConfigError(f"minillm.max_steps must be >= 1, got {s.max_steps}")
-    if s.micro_batch_size < 0 or s.logging_steps < 1 or s.save_steps < 0:
-        raise ConfigError("minillm.micro_batch_size and minillm.save_steps must be >= 0, minillm.logging_steps >= 1")
-    if s.lm_coef < 0 or s.single_step_weight < 0 or s.pg_weight < 0:
-        raise ConfigError("minillm.lm_coef, minillm.single_step_weight and minillm.pg_weight must be >= 0")
     if s.lm_coef > 0 and not s.lm_data:
         raise ConfigError("minillm.lm_coef > 0 needs minillm.lm_data (rows of plain text or prompt/response pairs)")
 
 
 def run_minillm(cfg: MiniLLMConfig) -> dict[str, Any]:
     _check_settings(cfg)
-    out = setup_run(cfg.output_dir, cfg, cfg.seed, cfg.minillm.num_threads, resume=cfg.minillm.resume,
-                    has_checkpoints=lambda o: bool(loop_checkpoints(o)))
     t_start = time.time()
     # Read every data file first: a bad row should stop the run before minutes of model loading.
     train_rows = read_rows(cfg.data.train, "data.train").head(cfg.data.max_train_rows)
     test_rows = read_rows(cfg.data.test, "data.test").head(cfg.data.max_eval_rows) if cfg.data.test else None
     lm_rows = read_rows(cfg.minillm.lm_data, "minillm.lm_data") if cfg.minillm.lm_data and cfg.minillm.lm_coef > 0 else None
-    if len(train_rows) == 0:
-        raise DataError(f"{cfg.data.train} has no rows")
     if not cfg.teacher.name:
         raise ConfigError("teacher.name is not set: MiniLLM needs the teacher at every sampled token")
+    check_student(cfg.student, cfg.teacher)
+    out = setup_run(cfg.output_dir, cfg, cfg.seed, cfg.minillm.num_threads, resume=cfg.minillm.resume,
+                    resume_key="minillm.resume")
 
     teacher_tok = load_tokenizer(cfg.teacher)
     uses_own_tok = cfg.student.init == "pretrained" or (cfg.student.init == "config" and cfg.student.name)
