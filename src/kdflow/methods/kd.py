@@ -26,10 +26,11 @@ import torch
 from kdflow.config import DistillConfig, to_dict
 from kdflow.data import Collator, ListDataset, Rows, encode_rows, prompts_of, read_rows, rows_fingerprint, row_turns
 from kdflow.errors import ConfigError, DataError
-from kdflow.evaluate import EvalResult, evaluate_cached, format_table, generate
+from kdflow.evaluate import EvalResult, evaluate_cached, format_table, generate, scoring_rule
 from kdflow.losses import DenseTeacher, HeadLossSpec, check_sparse_divergence, get_divergence, head_losses, shifted_masks
 from kdflow.models import (apply_lora, build_student, count_parameters, freeze, load_model, load_tokenizer,
                            model_identity, require_same_tokenizer, save_model, selected_hidden, tokenizer_fingerprint)
+from kdflow.teachers import check_teacher, prepare_teacher
 from kdflow.teacher_cache import TeacherCache, batch_targets, build_cache, manifest_key, same_tokenizer_targets
 from kdflow.report import examples_markdown, loss_series, plot_curves, write_atomic, write_json
 from kdflow.training import (make_token_normalized_trainer_class, resolve_resume, setup_run, train_or_restore,
@@ -164,11 +165,13 @@ def seqkd_rows(cfg: DistillConfig, rows: Rows, teacher: Any, teacher_tok: Any, o
 # The run
 
 
-def _eval_cached(out: Path, name: str, model: Any, tok: Any, rows: Rows, cfg: DistillConfig) -> EvalResult:
+def _eval_cached(out: Path, name: str, model: Any, tok: Any, rows: Rows, cfg: DistillConfig,
+                 teacher: Any = None) -> EvalResult:
     """Evaluate, reusing a result saved by an earlier (interrupted) run with the same settings."""
     settings = {k: v for k, v in to_dict(cfg).items() if k not in ("eval", "evaluate_teacher", "evaluate_before")}
     settings["train"] = {k: v for k, v in settings["train"].items() if k not in ("resume", "num_threads", "report_to")}
-    return evaluate_cached(out / "eval" / f"{name}.json", {"run": settings}, model, tok, rows, cfg.data, cfg.eval, name)
+    return evaluate_cached(out / "eval" / f"{name}.json", {"run": settings}, model, tok, rows, cfg.data, cfg.eval, name,
+                           teacher=teacher)
 
 
 def _data_settings(cfg: DistillConfig) -> dict[str, Any]:
@@ -247,12 +250,14 @@ def run_cache_teacher(cfg: DistillConfig) -> dict[str, Any]:
     import transformers
 
     transformers.set_seed(cfg.seed)
-    train_rows, _, _ = _read_splits(cfg)
+    train_rows, val_rows, _ = _read_splits(cfg)
+    cfg = dataclasses.replace(cfg, teacher=prepare_teacher(cfg.teacher, cfg.data, train_rows))
     teacher_tok = load_tokenizer(cfg.teacher)
     tok = _student_tokenizer(cfg, teacher_tok)
     cross = _cross_tokenizer(cfg, teacher_tok, tok)
     examples = encode_rows(train_rows, tok, cfg.data)
     teacher = freeze(load_model(cfg.teacher))
+    check_teacher(cfg.teacher, lambda: (teacher, teacher_tok), val_rows, cfg.data, cfg.eval)
     c = cfg.teacher_cache
     if cross is not None:  # targets in the student's vocabulary, at the student's positions
         print(f"[kdflow] alignment: {cross.prepare(examples, train_rows).summary()}")
@@ -279,6 +284,8 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
 
     if cfg.method != "sft" and not cfg.teacher.name:
         raise ConfigError(f"method {cfg.method} needs teacher.name")
+    if cfg.teacher.name:  # every use of the teacher (targets, pruning the student, its scores) sees the adapted one
+        cfg = dataclasses.replace(cfg, teacher=prepare_teacher(cfg.teacher, cfg.data, train_rows))
     teacher_tok = load_tokenizer(cfg.teacher) if cfg.teacher.name else None
     tok = _student_tokenizer(cfg, teacher_tok)
     cross = _cross_tokenizer(cfg, teacher_tok, tok) if cfg.method in ("kd", "hard_token") else None
@@ -290,6 +297,10 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
     needs_teacher = ((cfg.method in ("kd", "hard_token") and not use_cache) or cfg.method == "seqkd"
                      or cfg.student.init == "prune_teacher" or (cfg.evaluate_teacher and test_rows is not None))
     teacher = freeze(load_model(cfg.teacher)) if (needs_teacher and cfg.teacher.name) else None
+    teacher_check = None
+    if cfg.method != "sft":
+        teacher_check = check_teacher(cfg.teacher, lambda: (teacher or freeze(load_model(cfg.teacher)), teacher_tok),
+                                      val_rows, cfg.data, cfg.eval)
     student = build_student(cfg.student, teacher, cfg.teacher if cfg.teacher.name else None)
 
     # Encode (validates every row: missing fields, empty text, prompts over the limit).
@@ -347,7 +358,9 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
 
     model_after = trainer.model
     if test_rows is not None:
-        results["student (after)"] = _eval_cached(out, "student_after", model_after, tok, test_rows, cfg)
+        same_tok = teacher is not None and cross is None and tokenizer_fingerprint(teacher_tok) == tokenizer_fingerprint(tok)
+        results["student (after)"] = _eval_cached(out, "student_after", model_after, tok, test_rows, cfg,
+                                                  teacher=teacher if same_tok else None)
         if cfg.evaluate_teacher and teacher is not None:
             results["teacher"] = _eval_cached(out, "teacher", teacher, teacher_tok, test_rows, cfg)
             results = {"teacher": results.pop("teacher"), **results}
@@ -360,6 +373,9 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
                   "tokens_per_second": (_tokens_per_second(train_examples, trainer.state.global_step, cfg, train_seconds)
                                         if trained_now and not resume else None)},
         "token_scope": cfg.kd.token_scope,
+        "teacher": cfg.teacher.name,
+        "teacher_check": teacher_check,
+        "scoring": scoring_rule(cfg.data, cfg.eval),
         "cross_tokenizer": None if cross is None else {
             "sequence": cfg.align.sequence, "unpaired": cfg.align.unpaired, "vocab_maps": cross.maps.info,
             "alignment": None if align_stats is None else dataclasses.asdict(align_stats)},
@@ -407,7 +423,14 @@ def _report(cfg: DistillConfig, metrics: dict[str, Any], results: dict[str, Eval
         a = x["alignment"]
         paired = f", {a['paired']} of {a['positions']} answer positions paired" if a else " (targets from the teacher cache)"
         lines.append(f"- cross-tokenizer: positions paired by {x['sequence']}{paired}, unpaired positions: {x['unpaired']}")
-    lines += ["", f"## Test split (`{cfg.data.test}`, first {cfg.eval.max_rows} rows)", "",
+    tc = metrics.get("teacher_check")
+    if tc:
+        em = f", exact match {tc['exact_match']:.1%}" if tc.get("exact_match") is not None else ""
+        verdict = ("; below thresholds: " + "; ".join(tc["below_thresholds"])) if tc["below_thresholds"] else ""
+        lines.append(f"- teacher check on {tc['rows']} validation rows: answer NLL {tc['answer_nll']:.3f}{em}{verdict}")
+    lines.append(f"- exact match: {metrics['scoring']}")
+    rows = next((int(r.metrics["rows"]) for r in results.values()), 0)
+    lines += ["", f"## Test split (`{cfg.data.test}`, {rows} rows)", "",
               format_table({k: v.metrics for k, v in results.items()}) or "(no test split)", ""]
     if series:
         lines += ["## Loss", "", "![loss curve](loss_curve.png)", ""]
