@@ -95,3 +95,26 @@ def test_compare_two_variants_two_seeds_resumes(tmp_path, tiny_dirs, tiny_data, 
     # a third call has nothing left to run
     calls.clear()
     assert main(["compare", *args]) == 0 and calls == []
+
+
+def test_teacher_check_warns_or_stops_before_training(tmp_path, tiny_dirs, tiny_data, capsys):
+    """A random tiny teacher cannot answer the task: warn by default (and record it), stop with
+    teacher.check.mode=error before any step is trained."""
+    from conftest import write_jsonl  # noqa: F401  (fixtures module on the path)
+
+    args = [f"teacher.name={tiny_dirs['teacher']}", f"student.name={tiny_dirs['student']}",
+            f"data.train={tiny_data['train']}", f"data.validation={tiny_data['validation']}",
+            f"data.test={tiny_data['test']}", "train.batch_size=4", "train.max_steps=1", "train.report_to=[none]",
+            "eval.max_new_tokens=3", "eval.batch_size=8", "evaluate_before=false", "evaluate_teacher=false",
+            "teacher.check.max_rows=4"]
+    assert main(["distill", *args, f"output_dir={tmp_path / 'warn'}"]) == 0
+    out = capsys.readouterr().out
+    assert "WARNING: the teacher looks unable to answer this task" in out and "teacher.adapt" in out
+    metrics = json.loads((tmp_path / "warn" / "metrics.json").read_text())
+    assert metrics["teacher_check"]["below_thresholds"] and metrics["teacher_check"]["rows"] == 4
+    assert main(["distill", *args, f"output_dir={tmp_path / 'err'}", "teacher.check.mode=error"]) == 2
+    err = capsys.readouterr().err
+    assert "teacher.check.max_answer_nll" in err and "teacher.adapt" in err
+    assert not (tmp_path / "err" / "student").exists()  # nothing was trained
+    # sft never consults the teacher's answers
+    assert main(["distill", *args, f"output_dir={tmp_path / 'sft'}", "method=sft", "teacher.check.mode=error"]) == 0

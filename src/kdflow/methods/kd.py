@@ -295,7 +295,8 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
     # The teacher's weights are loaded only when something needs them: online KD, generation,
     # a student pruned from it, or its own evaluation. With a teacher cache, training never does.
     needs_teacher = ((cfg.method in ("kd", "hard_token") and not use_cache) or cfg.method == "seqkd"
-                     or cfg.student.init == "prune_teacher" or (cfg.evaluate_teacher and test_rows is not None))
+                     or cfg.student.init == "prune_teacher"
+                     or ((cfg.evaluate_teacher or cfg.eval.exposure_bias) and test_rows is not None))
     teacher = freeze(load_model(cfg.teacher)) if (needs_teacher and cfg.teacher.name) else None
     teacher_check = None
     if cfg.method != "sft":
