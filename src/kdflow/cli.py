@@ -39,6 +39,9 @@ VERBS: dict[str, Verb] = {
     "fedmkt-flower": Verb("kdflow.config:FedMKTConfig", "kdflow.federated.flower_launch:run_fedmkt_flower",
                           "the same FedMKT rounds over Flower: a local simulation, or a SuperLink (flower.superlink) "
                           "with one SuperNode per client"),
+    "compare": Verb("kdflow.config:CompareConfig", "kdflow.compare:run_compare",
+                    "run several methods x seeds on one task (shared adapted teacher and teacher cache) and write a "
+                    "leaderboard with paired intervals against plain SFT; resumable"),
     "eval": Verb("kdflow.config:EvalRunConfig", "kdflow.evaluate:run_eval",
                  "evaluate one model on a test split: answer NLL, perplexity, Rouge-L, exact match, sampled metrics"),
 }

@@ -77,6 +77,12 @@ def _scheduler_name(value: str, key: str) -> None:
                           f"transformers knows: {', '.join(names)}")
 
 
+def _answer_pattern(value: str | None, key: str) -> None:
+    from kdflow.scoring import compile_pattern
+
+    compile_pattern(value, key)
+
+
 def _report_targets(value: list[str], key: str) -> None:
     """Logger names transformers knows, and installed: a typo or a missing package stops the run
     here, not after the models have loaded."""
@@ -137,12 +143,51 @@ class StudentSpec(ModelSpec):
 
 
 @dataclass
+class AdaptSpec:
+    method: Literal["none", "sft", "lora"] = opt(
+        "none", "fine-tune the teacher on data.train before it teaches: sft (all weights), lora (an adapter, merged "
+                "after training), none. The adapted teacher is saved once under `dir`, keyed by a hash of teacher, "
+                "data and these settings, and reused by every later run")
+    steps: int = opt(150, "optimizer steps of the adaptation", range=">= 1")
+    learning_rate: float = opt(1e-4, "peak learning rate (lora usually wants ~1e-3, sft ~1e-4)", range="> 0")
+    batch_size: int = opt(8, "rows per optimizer step", range=">= 1")
+    warmup_ratio: float = opt(0.05, "fraction of steps with linear warm-up", range="[0, 1]")
+    lr_scheduler: str = opt("cosine", "transformers scheduler name", check=_scheduler_name)
+    weight_decay: float = opt(0.0, "AdamW weight decay", range=">= 0")
+    bf16: bool = opt(False, "bf16 autocast while adapting (losses stay float32)")
+    seed: int = opt(0, "seed of the adaptation (data order, LoRA init); part of the folder's key", range="[0, 4294967295]")
+    lora: LoraSpec = opt(factory=lambda: LoraSpec(enabled=True, r=16, alpha=32, dropout=0.05, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]), help="method=lora: the adapter")
+    dir: str | None = opt(None, "where adapted teachers are kept (default $KDFLOW_CACHE/adapted_teachers)")
+
+
+@dataclass
+class TeacherCheckSpec:
+    mode: Literal["warn", "error", "off"] = opt(
+        "warn", "before training, score the teacher on data.validation with the run's scorer; warn (or stop) when it is "
+                "below the thresholds: a teacher that cannot answer the task teaches the wrong thing")
+    max_rows: int = opt(150, "validation rows scored", range=">= 1")
+    max_answer_nll: float = opt(2.5, "threshold on the teacher's answer NLL (nats/token)", range="> 0")
+    min_exact_match: float = opt(0.0, "threshold on the teacher's exact match (0 disables; set it for short-answer tasks)", range="[0, 1]")
+
+
+@dataclass
+class TeacherSpec(ModelSpec):
+    adapt: AdaptSpec = opt(factory=AdaptSpec, help="fine-tune the teacher on the task first (methods.md: every paper "
+                                                    "adapts the teacher before distilling)")
+    check: TeacherCheckSpec = opt(factory=TeacherCheckSpec, help="score the teacher on validation rows before training")
+
+
+@dataclass
 class DataConfig:
     train: str | None = opt(None, "training rows: .jsonl/.json/.csv/.parquet file, a datasets folder, or hf:<id>[#config]@<split>")
     validation: str | None = opt(None, "validation rows (same forms as `train`); used for eval during training when eval_steps > 0")
     test: str | None = opt(None, "test rows, evaluated at the end of a run")
     prompt_field: str = opt("prompt", "field holding the prompt text")
     response_field: str = opt("response", "field holding the reference answer")
+    references_field: str | None = opt(None, "field holding every accepted answer (a list, or one string joined by "
+                                             "references_separator), for exact match; the response is always accepted")
+    references_separator: str = opt("|", "separator of accepted answers in a references_field string")
     messages_field: str = opt("messages", "field holding a chat (list of {role, content}); used when a row has it")
     system_prompt: str | None = opt(None, "system message added before the prompt when a chat template is used")
     chat_template: Literal["auto", "always", "never"] = opt("auto", "use the tokenizer's chat template (auto: when it has one)")
@@ -182,15 +227,28 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    max_rows: int | None = opt(100, "evaluate on the first N test rows (null: all)", range=">= 1")
+    max_rows: int | None = opt(None, "evaluate on the first N test rows (null: the whole split, up to 1,000 rows)",
+                               range=">= 1")
     batch_size: int = opt(16, "sequences per batch for scoring and generation", range=">= 1")
     max_new_tokens: int = opt(48, "generation length limit", range=">= 1")
-    greedy: bool = opt(True, "greedy generation: Rouge-L and exact match")
+    greedy: bool = opt(True, "greedy generation: Rouge-L, exact match, distinct-n")
+    match: Literal["exact", "contains"] = opt(
+        "exact", "exact: the normalised answer equals an accepted answer; contains: an accepted answer appears in it "
+                 "as whole words")
+    answer_pattern: str | None = opt(None, "regular expression that extracts the answer from a generation before "
+                                           "matching (its group, or the whole match, at the last match; no match: the "
+                                           "whole text), e.g. 'is \"?([\\w-]+)\"?[.]?$'", check=_answer_pattern)
     sample_seeds: list[int] = opt(factory=list, help="also sample once per seed and report mean Rouge-L, length and distinct-n",
                                   range="[0, 4294967295]")
     sample_temperature: float = opt(1.0, "sampling temperature for sampled generation (not the KD temperature)",
                                     range="> 0")
     sample_top_p: float = opt(1.0, "nucleus sampling threshold for sampled generation", range="(0, 1]")
+    calibration_bins: int = opt(15, "bins of the expected calibration error of the next-token distribution on answer "
+                                    "tokens", range=">= 1")
+    exposure_bias: bool = opt(False, "also measure exposure bias (ExAccErr against the teacher on the model's own "
+                                     "samples vs the teacher's; needs the teacher and one tokenizer)")
+    bootstrap_resamples: int = opt(2000, "row-bootstrap resamples of every paired interval", range=">= 100")
+    bootstrap_seed: int = opt(0, "seed of the bootstrap resampling (recorded)", range="[0, 4294967295]")
     show_examples: int = opt(3, "generated examples written into the report", range=">= 0")
 
 
@@ -263,7 +321,7 @@ class DistillConfig:
         "kd", "sft: cross-entropy only; kd: soft-label KD; hard_token: CE on the teacher's argmax; seqkd: train on the teacher's generated answers")
     output_dir: str = opt("runs/distill", "run folder: checkpoints, resolved config, metrics, report")
     seed: int = opt(0, "random seed", range="[0, 4294967295]")
-    teacher: ModelSpec = opt(factory=lambda: ModelSpec(name="bundled:smollm2-135m-instruct"), help="the frozen teacher")
+    teacher: TeacherSpec = opt(factory=lambda: TeacherSpec(name="bundled:smollm2-135m-instruct"), help="the frozen teacher")
     student: StudentSpec = opt(factory=StudentSpec, help="the model being trained")
     data: DataConfig = opt(factory=DataConfig, help="rows and how they become tokens")
     kd: KDConfig = opt(factory=KDConfig, help="soft- and hard-label KD settings")
@@ -327,7 +385,7 @@ class MiniLLMSettings:
 class MiniLLMConfig:
     output_dir: str = opt("runs/minillm", "run folder: checkpoints, resolved config, metrics, report")
     seed: int = opt(0, "random seed (data order, rollouts, minibatches)", range="[0, 4294967295]")
-    teacher: ModelSpec = opt(factory=lambda: ModelSpec(name="bundled:smollm2-135m-instruct"), help="the frozen teacher p")
+    teacher: TeacherSpec = opt(factory=lambda: TeacherSpec(name="bundled:smollm2-135m-instruct"), help="the frozen teacher p")
     student: StudentSpec = opt(factory=StudentSpec, help="the student q; start it from an SFT checkpoint (init: pretrained, "
                                                           "name: runs/<sft run>/student)")
     data: DataConfig = opt(factory=DataConfig, help="prompts for rollouts come from data.train; data.test is evaluated")
@@ -374,6 +432,32 @@ class CoDistillConfig:
     evaluate_before: bool = opt(True, "evaluate every peer before training too")
     baseline_alone: bool = opt(False, "also train each peer alone (CE only) for the same steps, batches and seeds, "
                                       "and add it to the table")
+
+
+@dataclass
+class VariantSpec:
+    name: str = opt("", "the variant's label: names its folder (<output_dir>/<name>/seed-<s>/) and its leaderboard row")
+    method: Literal["sft", "kd", "hard_token", "seqkd", "minillm"] = opt(
+        "kd", "sft, kd, hard_token, seqkd (kdflow distill), or minillm (kdflow minillm, starting from the same seed's "
+              "`baseline` variant's student, which must be an sft variant)")
+    overrides: list[str] = opt(factory=list, help="key=value settings on top of the shared ones, e.g. "
+                                                 "['kd.divergence=rkl', 'kd.kd_weight=1.0']")
+
+
+@dataclass
+class CompareConfig(DistillConfig):
+    output_dir: str = opt("runs/compare", "comparison folder: one run folder per variant and seed, the shared teacher "
+                                          "cache and seqkd answers, leaderboard.md/.json/.png")
+    variants: list[VariantSpec] = opt(factory=list, help="the methods compared; every other setting of this file is "
+                                                        "shared by all of them (`method` is set by each variant)")
+    seeds: list[int] = opt(factory=lambda: [0], help="training seeds; every variant runs once per seed", range="[0, 4294967295]")
+    baseline: str = opt("sft", "the variant every other one is compared with (paired intervals of the difference)")
+    share_teacher_cache: bool = opt(True, "kd and hard_token variants train from one teacher cache (top-k log-probs, "
+                                          "teacher_cache.k) built once per temperature, instead of running the teacher online")
+    minillm: MiniLLMSettings = opt(factory=MiniLLMSettings, help="settings of minillm variants")
+    metrics: list[str] = opt(factory=lambda: ["exact_match", "answer_nll", "rougeL", "ece"],
+                             help="leaderboard columns (the first two are plotted): exact_match, answer_nll, rougeL, "
+                                  "ece, sampled_rougeL, exaccerr, answer_tokens, distinct_2")
 
 
 @dataclass

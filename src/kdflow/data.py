@@ -350,6 +350,27 @@ def reference_answers(rows: Rows, cfg: DataConfig) -> list[str]:
     return [row_turns(row, where, cfg).response for row, where in zip(rows.items, rows.locations)]
 
 
+def accepted_answers(rows: Rows, cfg: DataConfig) -> list[list[str]]:
+    """Every answer a grader accepts per row: the reference first, then data.references_field's
+    entries (a list, or a string joined by data.references_separator)."""
+    from kdflow.scoring import split_references
+
+    out = []
+    for row, where in zip(rows.items, rows.locations):
+        accepted = [row_turns(row, where, cfg).response]
+        if cfg.references_field:
+            if cfg.references_field not in row:
+                raise DataError(f"{where}: missing field '{cfg.references_field}' (data.references_field); "
+                                f"row has: {', '.join(map(str, row))}")
+            value = row[cfg.references_field]
+            if value is not None and not isinstance(value, (str, list, tuple)):
+                raise DataError(f"{where}: field '{cfg.references_field}' must be text or a list of texts, "
+                                f"got {type(value).__name__}")
+            accepted += [a for a in split_references(value, cfg.references_separator) if a not in accepted]
+        out.append(accepted)
+    return out
+
+
 def prompts_of(rows: Rows, tok: Any, cfg: DataConfig) -> list[list[int]]:
     enc = Encoder(tok, cfg)
     return [enc.prompt_ids(row_turns(row, where, cfg)) for row, where in zip(rows.items, rows.locations)]

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import math
-import re
-import string
 import time
-from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from kdflow.config import DataConfig, EvalConfig
-from kdflow.data import Rows, collate, encode_rows, left_pad, prompts_of, reference_answers, row_turns
+from kdflow.data import Rows, accepted_answers, collate, encode_rows, left_pad, prompts_of, row_turns
+from kdflow.scoring import (compile_pattern, distinct_n, expected_calibration_error, extract_answer, match_answer,
+                            normalize_answer)
+
+MAX_DEFAULT_ROWS = 1000  # eval.max_rows=null evaluates the whole split up to this many rows
 
 
 # ----------------------------------------------------------------------------------------------
@@ -31,6 +32,8 @@ def answer_nll(model: Any, examples: list[dict[str, Any]], pad_id: int, batch_si
     model.eval()
     device = next(model.parameters()).device
     total, count, per_example = 0.0, 0, []
+    confidence: list[list[float]] = []  # per row and answer token: the model's top probability, and
+    correct: list[list[float]] = []     # whether its top token is the reference token (calibration)
     batches = range(0, len(examples), batch_size)
     for start in tqdm(batches, desc="answer NLL", disable=not progress, leave=False):
         batch = collate(examples[start:start + batch_size], pad_id)
@@ -41,11 +44,16 @@ def answer_nll(model: Any, examples: list[dict[str, Any]], pad_id: int, batch_si
         tok_nll = -logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
         for row_nll, row_mask in zip(tok_nll.sum(-1).tolist(), mask.sum(-1).tolist()):
             per_example.append(row_nll / max(row_mask, 1))
+        top_logp, top_id = logp.max(-1)
+        for conf_row, ok_row, m in zip(top_logp.exp().tolist(), (top_id == labels).tolist(), mask.tolist()):
+            confidence.append([c for c, keep in zip(conf_row, m) if keep])
+            correct.append([float(o) for o, keep in zip(ok_row, m) if keep])
         total += float(tok_nll.sum())
         count += int(mask.sum())
     model.train(was_training)
     nll = total / max(count, 1)
-    return {"nll": nll, "perplexity": math.exp(min(nll, 50.0)), "tokens": count, "per_example_nll": per_example}
+    return {"nll": nll, "perplexity": math.exp(min(nll, 50.0)), "tokens": count, "per_example_nll": per_example,
+            "confidence": confidence, "correct": correct}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -112,44 +120,36 @@ def _generate(model: Any, tok: Any, prompts: list[list[int]], max_new_tokens: in
 # Text metrics
 
 
-_PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
-
-
-def normalize_answer(text: str) -> str:
-    text = _PUNCT.sub(" ", text.lower())
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
-    return " ".join(text.split())
-
-
 def exact_match(predictions: list[str], references: list[str]) -> float:
+    """Share of predictions equal to their reference after normalisation (one reference each)."""
     if not predictions:
         return 0.0
-    return sum(normalize_answer(p) == normalize_answer(r) for p, r in zip(predictions, references)) / len(predictions)
+    return sum(match_answer(p, [r]) for p, r in zip(predictions, references)) / len(predictions)
 
 
 _SCORER = None
 
 
-def rouge_l(predictions: list[str], references: list[str]) -> float:
-    """Mean Rouge-L F-measure (rouge-score, with stemming)."""
+def rouge_l_scores(predictions: list[str], references: list[list[str]] | list[str]) -> list[float]:
+    """Rouge-L F-measure (rouge-score, with stemming) of each prediction against the best of its references."""
     global _SCORER
-    if not predictions:
-        return 0.0
     if _SCORER is None:
         from rouge_score import rouge_scorer
 
         _SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    return sum(_SCORER.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)) / len(predictions)
+    out = []
+    for p, refs in zip(predictions, references):
+        refs = [refs] if isinstance(refs, str) else refs
+        out.append(max(_SCORER.score(r, p)["rougeL"].fmeasure for r in refs))
+    return out
 
 
-def distinct_n(texts: list[str], n: int) -> float:
-    """Distinct n-grams over all n-grams of all texts (diversity of the generations)."""
-    grams: Counter = Counter()
-    for t in texts:
-        words = t.split()
-        grams.update(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
-    total = sum(grams.values())
-    return len(grams) / total if total else 0.0
+def rouge_l(predictions: list[str], references: list[str]) -> float:
+    """Mean Rouge-L F-measure (rouge-score, with stemming)."""
+    if not predictions:
+        return 0.0
+    scores = rouge_l_scores(predictions, references)
+    return sum(scores) / len(scores)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,77 +160,184 @@ def distinct_n(texts: list[str], n: int) -> float:
 class EvalResult:
     metrics: dict[str, float]
     examples: list[dict[str, str]]  # prompt, reference, greedy prediction
+    per_row: dict[str, list[float]] = field(default_factory=dict)  # row scores, for paired intervals
+
+
+def eval_rows(rows: Rows, eval_cfg: EvalConfig) -> Rows:
+    """The rows an evaluation scores: the first eval.max_rows, or the whole split up to 1,000 rows."""
+    return rows.head(eval_cfg.max_rows if eval_cfg.max_rows is not None else MAX_DEFAULT_ROWS)
+
+
+def scoring_rule(data_cfg: DataConfig, eval_cfg: EvalConfig) -> str:
+    """How exact match was scored, in words, for reports."""
+    rule = "normalised exact match" if eval_cfg.match == "exact" else "normalised answer contained in the generation"
+    refs = f"any of `{data_cfg.references_field}` or the reference" if data_cfg.references_field else "the reference"
+    extract = f", answer extracted with `{eval_cfg.answer_pattern}`" if eval_cfg.answer_pattern else ""
+    return f"{rule} against {refs}{extract}"
 
 
 def evaluate_model(model: Any, tok: Any, rows: Rows, data_cfg: DataConfig, eval_cfg: EvalConfig,
-                   progress: bool = True, name: str = "model") -> EvalResult:
-    rows = rows.head(eval_cfg.max_rows)
-    if len(rows) == 0:  # the metrics of nothing would read as NLL 0 and perplexity 1
+                   progress: bool = True, name: str = "model", teacher: Any = None) -> EvalResult:
+    """Score `model` on `rows`: answer NLL and calibration under teacher forcing, greedy and sampled
+    generations against the accepted answers; with `teacher` (same tokenizer) and
+    eval.exposure_bias, ExAccErr. Per-row scores come back for paired comparisons."""
+    rows = eval_rows(rows, eval_cfg)
+    if len(rows) == 0:
         from kdflow.errors import DataError
 
-        raise DataError(f"{rows.source}: no rows to evaluate")
+        raise DataError(f"{rows.source}: no rows to evaluate (empty split or eval.max_rows=0); give test rows or drop data.test")
+    pattern = compile_pattern(eval_cfg.answer_pattern)
     t0 = time.time()
     metrics: dict[str, float] = {"rows": float(len(rows))}
+    per_row: dict[str, list[float]] = {}
     examples = encode_rows(rows, tok, data_cfg)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     scored = answer_nll(model, examples, pad_id, eval_cfg.batch_size, progress=progress)
     metrics["answer_nll"] = scored["nll"]
     metrics["perplexity"] = scored["perplexity"]
-    refs = reference_answers(rows, data_cfg)
+    flat_conf = [c for row in scored["confidence"] for c in row]
+    flat_ok = [c for row in scored["correct"] for c in row]
+    metrics["ece"] = expected_calibration_error(flat_conf, flat_ok, eval_cfg.calibration_bins)
+    metrics["top1_accuracy"] = sum(flat_ok) / max(len(flat_ok), 1)
+    per_row["answer_nll"] = scored["per_example_nll"]
+    per_row["token_confidence"] = scored["confidence"]
+    per_row["token_correct"] = scored["correct"]
+    accepted = accepted_answers(rows, data_cfg)
     prompts = prompts_of(rows, tok, data_cfg)
     shown: list[dict[str, str]] = []
     if eval_cfg.greedy:
         ids = generate(model, tok, prompts, eval_cfg.max_new_tokens, eval_cfg.batch_size, progress=progress,
                        desc=f"{name}: greedy")
         preds = [tok.decode(x, skip_special_tokens=True).strip() for x in ids]
-        metrics["rougeL"] = rouge_l(preds, refs)
-        metrics["exact_match"] = exact_match(preds, refs)
+        answers = [extract_answer(p, pattern) for p in preds]
+        em = [float(match_answer(a, refs, eval_cfg.match)) for a, refs in zip(answers, accepted)]
+        rl = rouge_l_scores(answers, accepted)
+        per_row.update(exact_match=em, rougeL=rl, answer_tokens=[float(len(x)) for x in ids])
+        metrics["rougeL"] = sum(rl) / len(rl)
+        metrics["exact_match"] = sum(em) / len(em)
         metrics["answer_tokens"] = sum(len(x) for x in ids) / max(len(ids), 1)
+        metrics["distinct_1"] = distinct_n(preds, 1)
+        metrics["distinct_2"] = distinct_n(preds, 2)
         prompt_texts = [row_turns(r, w, data_cfg).messages[-1]["content"] for r, w in zip(rows.items, rows.locations)]
-        shown = [{"prompt": str(p), "reference": r, "prediction": g}
-                 for p, r, g in list(zip(prompt_texts, refs, preds))[: eval_cfg.show_examples]]
+        shown = [{"prompt": str(p), "reference": " | ".join(refs), "prediction": g}
+                 for p, refs, g in list(zip(prompt_texts, accepted, preds))[: eval_cfg.show_examples]]
     if eval_cfg.sample_seeds:
         per_seed = []
+        row_rouge = [0.0] * len(rows)
         for seed in eval_cfg.sample_seeds:
             ids = generate(model, tok, prompts, eval_cfg.max_new_tokens, eval_cfg.batch_size, do_sample=True,
                            temperature=eval_cfg.sample_temperature, top_p=eval_cfg.sample_top_p, seed=seed,
                            progress=progress, desc=f"{name}: sampled (seed {seed})")
             preds = [tok.decode(x, skip_special_tokens=True).strip() for x in ids]
+            answers = [extract_answer(p, pattern) for p in preds]
+            rl = rouge_l_scores(answers, accepted)
+            row_rouge = [a + b / len(eval_cfg.sample_seeds) for a, b in zip(row_rouge, rl)]
             per_seed.append({
-                "rougeL": rouge_l(preds, refs),
+                "rougeL": sum(rl) / len(rl),
+                "exact_match": sum(match_answer(a, r, eval_cfg.match) for a, r in zip(answers, accepted)) / len(answers),
                 "length": sum(len(x) for x in ids) / max(len(ids), 1),
                 "distinct_1": distinct_n(preds, 1),
                 "distinct_2": distinct_n(preds, 2),
             })
+        per_row["sampled_rougeL"] = row_rouge
         for key in per_seed[0]:
             vals = [s[key] for s in per_seed]
             mean = sum(vals) / len(vals)
             metrics[f"sampled_{key}"] = mean
             metrics[f"sampled_{key}_std"] = (sum((v - mean) ** 2 for v in vals) / len(vals)) ** 0.5
+    if eval_cfg.exposure_bias and teacher is not None:
+        metrics.update(exposure_bias(model, teacher, tok, prompts, eval_cfg))
     metrics["seconds"] = time.time() - t0
-    return EvalResult(metrics, shown)
+    return EvalResult(metrics, shown, per_row)
 
 
-def evaluate_cached(path: Any, key: dict[str, Any], model: Any, tok: Any, rows: Rows, data_cfg: DataConfig,
-                    eval_cfg: EvalConfig, name: str = "model") -> EvalResult:
-    """`evaluate_model`, reusing the result saved at `path` by an earlier (interrupted) run whose
-    `key` (what the model and its training depend on) and evaluation settings were the same."""
+@torch.no_grad()
+def _token_kl_along(sequences: list[list[int]], prompts: list[list[int]], teacher: Any, student: Any, pad_id: int,
+                    batch_size: int) -> list[list[float]]:
+    """KL(p‖q) of teacher p and student q at every generated position of each prompt + answer."""
+    out: list[list[float]] = []
+    t_dev = next(teacher.parameters()).device
+    s_dev = next(student.parameters()).device
+    for start in range(0, len(sequences), batch_size):
+        rows = [{"input_ids": p + a, "labels": [-100] * len(p) + a} for p, a in
+                zip(prompts[start:start + batch_size], sequences[start:start + batch_size])]
+        batch = collate(rows, pad_id)
+        mask = batch["labels"][:, 1:] != -100
+        t_logp = F.log_softmax(teacher(input_ids=batch["input_ids"].to(t_dev),
+                                       attention_mask=batch["attention_mask"].to(t_dev)).logits[:, :-1].float(), -1)
+        s_logp = F.log_softmax(student(input_ids=batch["input_ids"].to(s_dev),
+                                       attention_mask=batch["attention_mask"].to(s_dev)).logits[:, :-1].float(), -1)
+        v = min(t_logp.shape[-1], s_logp.shape[-1])
+        t_logp, s_logp = t_logp[..., :v].cpu(), s_logp[..., :v].cpu()
+        kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)
+        for i in range(len(rows)):
+            out.append(kl[i][mask[i]].tolist())
+    return out
+
+
+def exposure_bias(model: Any, teacher: Any, tok: Any, prompts: list[list[int]], eval_cfg: EvalConfig) -> dict[str, float]:
+    """ExAccErr (MiniLLM §5.3 after Arora et al.): the teacher is the oracle. The per-token error at a
+    step is KL(p‖q) of the next-token distributions. ε: the mean error along the teacher's own
+    sampled answers (oracle prefixes); R: the mean error along the model's own sampled answers.
+    ExAccErr = (R − ε) / ε, the relative excess error that generating from one's own prefixes adds
+    (token-weighted over every generated position up to eval.max_new_tokens; 0 = none)."""
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    seed = eval_cfg.sample_seeds[0] if eval_cfg.sample_seeds else 0
+
+    def with_eos(ids: list[list[int]]) -> list[list[int]]:
+        # generate() strips EOS; the step that emits it is a decision too
+        return [x + [tok.eos_token_id] if len(x) < eval_cfg.max_new_tokens else x for x in ids]
+
+    own = with_eos(generate(model, tok, prompts, eval_cfg.max_new_tokens, eval_cfg.batch_size, do_sample=True,
+                            temperature=1.0, seed=seed, desc="exposure bias: model samples"))
+    oracle = with_eos(generate(teacher, tok, prompts, eval_cfg.max_new_tokens, eval_cfg.batch_size, do_sample=True,
+                               temperature=1.0, seed=seed, desc="exposure bias: teacher samples"))
+    kl_own = [k for row in _token_kl_along(own, prompts, teacher, model, pad_id, eval_cfg.batch_size) for k in row]
+    kl_oracle = [k for row in _token_kl_along(oracle, prompts, teacher, model, pad_id, eval_cfg.batch_size) for k in row]
+    r = sum(kl_own) / max(len(kl_own), 1)
+    eps = sum(kl_oracle) / max(len(kl_oracle), 1)
+    return {"exposure_error_own": r, "exposure_error_oracle": eps,
+            "exaccerr": (r - eps) / eps if eps > 0 else float("nan")}
+
+
+def _cache_key(key: dict[str, Any], rows: Rows, data_cfg: DataConfig, eval_cfg: EvalConfig) -> dict[str, Any]:
+    from kdflow.config import to_dict
+    from kdflow.data import rows_fingerprint
+
+    return {**key, "eval": to_dict(eval_cfg), "data": rows_fingerprint(eval_rows(rows, eval_cfg)), "scoring": {
+        "references_field": data_cfg.references_field, "references_separator": data_cfg.references_separator}}
+
+
+def cached_result(path: Any, key: dict[str, Any], rows: Rows, data_cfg: DataConfig, eval_cfg: EvalConfig) -> EvalResult | None:
+    """The result `evaluate_cached` saved at `path` for the same key and settings, or None."""
     import json
     from pathlib import Path
 
-    from kdflow.config import to_dict
-    from kdflow.data import rows_fingerprint
-    from kdflow.report import write_json
-
     path = Path(path)
-    key = {**key, "eval": to_dict(eval_cfg), "data": rows_fingerprint(rows)}
     if path.is_file():
         saved = json.loads(path.read_text())
-        if saved.get("key") == key:
-            return EvalResult(saved["metrics"], saved["examples"])
-    print(f"[kdflow] evaluating {name} on {min(len(rows), eval_cfg.max_rows or len(rows))} test rows")
-    res = evaluate_model(model, tok, rows, data_cfg, eval_cfg, name=name)
-    write_json(path, {"key": key, "metrics": res.metrics, "examples": res.examples})
+        if saved.get("key") == _cache_key(key, rows, data_cfg, eval_cfg):
+            return EvalResult(saved["metrics"], saved["examples"], saved.get("per_row", {}))
+    return None
+
+
+def evaluate_cached(path: Any, key: dict[str, Any], model: Any, tok: Any, rows: Rows, data_cfg: DataConfig,
+                    eval_cfg: EvalConfig, name: str = "model", teacher: Any = None) -> EvalResult:
+    """`evaluate_model`, reusing the result saved at `path` by an earlier (interrupted) run whose
+    `key` (what the model and its training depend on) and evaluation settings were the same.
+    `model` may be a function returning (model, tokenizer), called only when nothing is saved."""
+    from kdflow.report import write_json
+
+    saved = cached_result(path, key, rows, data_cfg, eval_cfg)
+    if saved is not None:
+        return saved
+    if callable(model) and not hasattr(model, "parameters"):
+        model, tok = model()
+    rows = eval_rows(rows, eval_cfg)
+    print(f"[kdflow] evaluating {name} on {len(rows)} rows of {rows.source}")
+    res = evaluate_model(model, tok, rows, data_cfg, eval_cfg, name=name, teacher=teacher)
+    write_json(path, {"key": _cache_key(key, rows, data_cfg, eval_cfg), "metrics": res.metrics,
+                      "examples": res.examples, "per_row": res.per_row})
     return res
 
 
@@ -238,8 +345,8 @@ def format_table(results: dict[str, dict[str, float]], keys: list[str] | None = 
     """A markdown table, one row per model."""
     if not results:
         return ""
-    keys = keys or [k for k in ("answer_nll", "perplexity", "rougeL", "exact_match", "answer_tokens",
-                                "sampled_rougeL", "sampled_length", "sampled_distinct_2")
+    keys = keys or [k for k in ("answer_nll", "perplexity", "rougeL", "exact_match", "ece", "answer_tokens",
+                                "sampled_rougeL", "sampled_length", "sampled_distinct_2", "exaccerr")
                     if any(k in m for m in results.values())]
     head = "| model | " + " | ".join(keys) + " |"
     sep = "|---|" + "---:|" * len(keys)

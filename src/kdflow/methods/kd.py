@@ -26,11 +26,12 @@ import torch
 from kdflow.config import DistillConfig, ModelSpec, to_dict
 from kdflow.data import Collator, ListDataset, Rows, encode_rows, prompts_of, read_rows, rows_fingerprint, row_turns
 from kdflow.errors import ConfigError, DataError
-from kdflow.evaluate import EvalResult, evaluate_cached, format_table, generate
+from kdflow.evaluate import EvalResult, evaluate_cached, format_table, generate, scoring_rule
 from kdflow.losses import DenseTeacher, HeadLossSpec, get_divergence, head_losses, shifted_masks
 from kdflow.models import (apply_lora, build_student, check_student, count_parameters, freeze, load_model,
                            load_tokenizer, model_identity, require_same_tokenizer, save_model, selected_hidden,
                            tokenizer_fingerprint)
+from kdflow.teachers import check_teacher, prepare_teacher
 from kdflow.teacher_cache import TeacherCache, batch_targets, build_cache, manifest_key, same_tokenizer_targets
 from kdflow.report import examples_markdown, loss_series, plot_curves, write_atomic, write_json
 from kdflow.runfolder import run_settings
@@ -188,11 +189,12 @@ def seqkd_rows(cfg: DistillConfig, rows: Rows, teacher: Any, teacher_tok: Any, o
 # The run
 
 
-def _eval_cached(out: Path, name: str, model: Any, tok: Any, rows: Rows, cfg: DistillConfig) -> EvalResult:
+def _eval_cached(out: Path, name: str, model: Any, tok: Any, rows: Rows, cfg: DistillConfig,
+                 teacher: Any = None) -> EvalResult:
     """Evaluate, reusing a result saved by an earlier (interrupted) run with the same settings."""
     # the settings that identify the run's checkpoints (not where the folder is: a moved run reuses its results)
     return evaluate_cached(out / "eval" / f"{name}.json", {"run": run_settings(cfg)}, model, tok, rows, cfg.data,
-                           cfg.eval, name)
+                           cfg.eval, name, teacher=teacher)
 
 
 def _data_settings(cfg: DistillConfig) -> dict[str, Any]:
@@ -269,12 +271,14 @@ def run_cache_teacher(cfg: DistillConfig) -> dict[str, Any]:
     import transformers
 
     transformers.set_seed(cfg.seed)
-    train_rows, _, _ = _read_splits(cfg)
+    train_rows, val_rows, _ = _read_splits(cfg)
+    cfg = dataclasses.replace(cfg, teacher=prepare_teacher(cfg.teacher, cfg.data, train_rows))
     teacher_tok = load_tokenizer(cfg.teacher)
     tok = _student_tokenizer(cfg, teacher_tok)
     cross = _cross_tokenizer(cfg, teacher_tok, tok)
     examples = encode_rows(train_rows, tok, cfg.data)
     teacher = freeze(load_model(cfg.teacher))
+    check_teacher(cfg.teacher, lambda: (teacher, teacher_tok), val_rows, cfg.data, cfg.eval)
     c = cfg.teacher_cache
     if cross is not None:  # targets in the student's vocabulary, at the student's positions
         print(f"[kdflow] alignment: {cross.prepare(examples, train_rows).summary()}")
@@ -298,6 +302,8 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
     check_student(cfg.student, cfg.teacher if cfg.teacher.name else None)
     # The folder is touched only now: a run refused above leaves an earlier run's folder as it was.
     out = setup_run(cfg.output_dir, cfg, cfg.seed, cfg.train.num_threads)
+    if cfg.teacher.name:  # every use of the teacher (targets, pruning the student, its scores) sees the adapted one
+        cfg = dataclasses.replace(cfg, teacher=prepare_teacher(cfg.teacher, cfg.data, train_rows))
     teacher_tok = load_tokenizer(cfg.teacher) if cfg.teacher.name else None
     tok = _student_tokenizer(cfg, teacher_tok)
     cross = _cross_tokenizer(cfg, teacher_tok, tok) if cfg.method in ("kd", "hard_token") else None
@@ -308,8 +314,13 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
     # The teacher's weights are loaded only when something needs them: online KD, generation,
     # a student pruned from it, or its own evaluation. With a teacher cache, training never does.
     needs_teacher = ((cfg.method in ("kd", "hard_token") and not use_cache) or cfg.method == "seqkd"
-                     or cfg.student.init == "prune_teacher" or (cfg.evaluate_teacher and test_rows is not None))
+                     or cfg.student.init == "prune_teacher"
+                     or ((cfg.evaluate_teacher or cfg.eval.exposure_bias) and test_rows is not None))
     teacher = freeze(load_model(cfg.teacher)) if (needs_teacher and cfg.teacher.name) else None
+    teacher_check = None
+    if cfg.method != "sft":
+        teacher_check = check_teacher(cfg.teacher, lambda: (teacher or freeze(load_model(cfg.teacher)), teacher_tok),
+                                      val_rows, cfg.data, cfg.eval)
     student = build_student(cfg.student, teacher, cfg.teacher if cfg.teacher.name else None)
 
     # Encode (validates every row: missing fields, empty text, prompts over the limit).
@@ -378,7 +389,9 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
         saved = ModelSpec(name=str(out / "student"), dtype=cfg.student.dtype,
                           trust_remote_code=cfg.student.trust_remote_code)
         model_after = load_model(saved).to(trainer.args.device)
-        results["student (after)"] = _eval_cached(out, "student_after", model_after, tok, test_rows, cfg)
+        same_tok = teacher is not None and cross is None and tokenizer_fingerprint(teacher_tok) == tokenizer_fingerprint(tok)
+        results["student (after)"] = _eval_cached(out, "student_after", model_after, tok, test_rows, cfg,
+                                                  teacher=teacher if same_tok else None)
         del model_after
         if cfg.evaluate_teacher and teacher is not None:
             results["teacher"] = _eval_cached(out, "teacher", teacher, teacher_tok, test_rows, cfg)
@@ -393,6 +406,9 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
                                         if trained_now and not resume else None)},
         "token_scope": cfg.kd.token_scope,
         "seqkd": seqkd_stats,
+        "teacher": cfg.teacher.name,
+        "teacher_check": teacher_check,
+        "scoring": scoring_rule(cfg.data, cfg.eval),
         "cross_tokenizer": None if cross is None else {
             "sequence": cfg.align.sequence, "unpaired": cfg.align.unpaired, "vocab_maps": cross.maps.info,
             "alignment": None if align_stats is None else dataclasses.asdict(align_stats)},
@@ -444,7 +460,14 @@ def _report(cfg: DistillConfig, metrics: dict[str, Any], results: dict[str, Eval
         a = x["alignment"]
         paired = f", {a['paired']} of {a['positions']} answer positions paired" if a else " (targets from the teacher cache)"
         lines.append(f"- cross-tokenizer: positions paired by {x['sequence']}{paired}, unpaired positions: {x['unpaired']}")
-    lines += ["", f"## Test split (`{cfg.data.test}`, first {cfg.eval.max_rows} rows)", "",
+    tc = metrics.get("teacher_check")
+    if tc:
+        em = f", exact match {tc['exact_match']:.1%}" if tc.get("exact_match") is not None else ""
+        verdict = ("; below thresholds: " + "; ".join(tc["below_thresholds"])) if tc["below_thresholds"] else ""
+        lines.append(f"- teacher check on {tc['rows']} validation rows: answer NLL {tc['answer_nll']:.3f}{em}{verdict}")
+    lines.append(f"- exact match: {metrics['scoring']}")
+    rows = next((int(r.metrics["rows"]) for r in results.values()), 0)
+    lines += ["", f"## Test split (`{cfg.data.test}`, {rows} rows)", "",
               format_table({k: v.metrics for k, v in results.items()}) or "(no test split)", ""]
     if series:
         lines += ["## Loss", "", "![loss curve](loss_curve.png)", ""]

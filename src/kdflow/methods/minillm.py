@@ -19,6 +19,7 @@ micro-batches); the optional LM loss on `lm_data` is divided by its own token co
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -35,6 +36,7 @@ from kdflow.losses import ce_sum, reverse_kl
 from kdflow.models import (apply_lora, build_student, check_student, count_parameters, freeze, load_model,
                            load_tokenizer, require_same_tokenizer, save_model, selected_logits)
 from kdflow.report import examples_markdown, plot_curves, write_atomic, write_json
+from kdflow.teachers import check_teacher, prepare_teacher
 from kdflow.rollout import Rollout, length_normalized_returns, mixed_sample, pack_right
 from kdflow.runfolder import run_settings
 from kdflow.training import (common_loop_checkpoint, load_loop_checkpoint, prune_loop_checkpoints,
@@ -302,6 +304,7 @@ def run_minillm(cfg: MiniLLMConfig) -> dict[str, Any]:
     # Read every data file first: a bad row should stop the run before minutes of model loading.
     train_rows = read_rows(cfg.data.train, "data.train").head(cfg.data.max_train_rows)
     test_rows = read_rows(cfg.data.test, "data.test").head(cfg.data.max_eval_rows) if cfg.data.test else None
+    val_rows = read_rows(cfg.data.validation, "data.validation").head(cfg.data.max_eval_rows) if cfg.data.validation else None
     lm_rows = read_rows(cfg.minillm.lm_data, "minillm.lm_data") if cfg.minillm.lm_data and cfg.minillm.lm_coef > 0 else None
     if not cfg.teacher.name:
         raise ConfigError("teacher.name is not set: MiniLLM needs the teacher at every sampled token")
@@ -309,6 +312,7 @@ def run_minillm(cfg: MiniLLMConfig) -> dict[str, Any]:
     out = setup_run(cfg.output_dir, cfg, cfg.seed, cfg.minillm.num_threads, resume=cfg.minillm.resume,
                     resume_key="minillm.resume")
 
+    cfg = dataclasses.replace(cfg, teacher=prepare_teacher(cfg.teacher, cfg.data, train_rows))
     teacher_tok = load_tokenizer(cfg.teacher)
     uses_own_tok = cfg.student.init == "pretrained" or (cfg.student.init == "config" and cfg.student.name)
     tok = load_tokenizer(cfg.student) if uses_own_tok else teacher_tok
@@ -323,6 +327,7 @@ def run_minillm(cfg: MiniLLMConfig) -> dict[str, Any]:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     teacher = freeze(load_model(cfg.teacher)).to(device)
+    teacher_check = check_teacher(cfg.teacher, lambda: (teacher, teacher_tok), val_rows, cfg.data, cfg.eval)
     student = build_student(cfg.student, teacher, cfg.teacher).to(device)
     total, _ = count_parameters(student)
     print(f"[kdflow] minillm: student {total / 1e6:.1f}M params, teacher {count_parameters(teacher)[0] / 1e6:.1f}M, "
@@ -352,6 +357,8 @@ def run_minillm(cfg: MiniLLMConfig) -> dict[str, Any]:
                   "sampled_tokens_per_second": state["sampled_tokens"] / max(state["rollout_seconds"], 1e-9)},
         "last_rollout": {k[len("rollout_"):]: v for k, v in (history[-1] if history else {}).items() if k.startswith("rollout_")},
         "eval": {k: v.metrics for k, v in results.items()},
+        "teacher": cfg.teacher.name,
+        "teacher_check": teacher_check,
         "student_parameters": total,
         "seconds_total": time.time() - t_start,
     }

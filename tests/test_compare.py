@@ -1,0 +1,120 @@
+"""`kdflow compare` on tiny models: plan validation, a 2-variant x 2-seed run that resumes after an
+interruption, the leaderboard's paired intervals; the teacher adaptation it shares."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kdflow.cli import main
+from kdflow.config import CompareConfig, load_config
+from kdflow.errors import ConfigError
+
+
+def compare_args(tiny_dirs, tiny_data, out, adapt_dir):
+    return [f"teacher.name={tiny_dirs['teacher']}", "student.init=prune_teacher", "student.keep_layers=[0,3]",
+            f"data.train={tiny_data['train']}", f"data.validation={tiny_data['validation']}",
+            f"data.test={tiny_data['test']}", f"output_dir={out}", "train.batch_size=4", "train.max_steps=2",
+            "train.report_to=[none]", "train.save_steps=0", "eval.max_new_tokens=4", "eval.batch_size=8",
+            "eval.bootstrap_resamples=200", "teacher.adapt.method=lora", "teacher.adapt.steps=2",
+            "teacher.adapt.learning_rate=1e-3", "teacher.adapt.lora.target_modules=[q_proj,v_proj]",
+            f"teacher.adapt.dir={adapt_dir}", "teacher.check.max_rows=4", "kd.temperature=1.0", "seeds=[0,1]",
+            "variants=[{name: sft, method: sft}, {name: kd, method: kd, overrides: ['kd.kd_weight=1.0']}]"]
+
+
+def test_plan_is_validated_before_anything_runs(tmp_path):
+    bad = [["variants=[]"], ["variants=[{name: kd, method: kd}]"],  # the baseline 'sft' is missing
+           ["variants=[{name: sft, method: sft}, {name: sft, method: kd}]"],
+           ["variants=[{name: sft, method: sft}, {name: kd, method: kd, overrides: ['kd.divergnce=rkl']}]"],
+           ["variants=[{name: sft, method: sft}, {name: kd, method: kd, overrides: ['seed=3']}]"],
+           ["variants=[{name: sft, method: kd}, {name: m, method: minillm}]"],
+           ["variants=[{name: sft, method: sft}]", "metrics=[exact_matc]"]]
+    from kdflow.compare import plan
+
+    for overrides in bad:
+        cfg = load_config(CompareConfig, None, [f"output_dir={tmp_path}", *overrides])
+        with pytest.raises(ConfigError):
+            plan(cfg)
+    cfg = load_config(CompareConfig, None, [f"output_dir={tmp_path}", "seeds=[0,1]", "variants=[{name: sft, method: sft}, "
+                                            "{name: m, method: minillm}, {name: rkl, method: kd, overrides: "
+                                            "['kd.divergence=rkl']}]"])
+    plans = plan(cfg)
+    assert [(p.variant.name, p.seed) for p in plans] == [("sft", 0), ("rkl", 0), ("m", 0), ("sft", 1), ("rkl", 1), ("m", 1)]
+    assert plans[1].cfg.kd.divergence == "rkl" and plans[1].cfg.seed == 0
+    assert plans[2].cfg.student.name == str(tmp_path / "sft" / "seed-0" / "student")  # minillm starts from its sft
+
+
+def test_compare_two_variants_two_seeds_resumes(tmp_path, tiny_dirs, tiny_data, monkeypatch, capsys):
+    import kdflow.methods.kd as kd
+
+    out, adapt_dir = tmp_path / "cmp", tmp_path / "adapted"
+    args = compare_args(tiny_dirs, tiny_data, out, adapt_dir)
+    real, calls = kd.run_distill, []
+
+    def interrupted(cfg):
+        calls.append((cfg.method, cfg.seed))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(cfg)
+
+    monkeypatch.setattr(kd, "run_distill", interrupted)
+    assert main(["compare", *args]) == 130  # interrupted during the third run
+    assert calls == [("sft", 0), ("kd", 0), ("sft", 1)]
+    adapted = list(adapt_dir.iterdir())
+    assert len(adapted) == 1 and (adapted[0] / "kdflow_adapted.json").is_file() and (adapted[0] / "adapter").is_dir()
+    cache = [p for p in (out / "shared").iterdir() if p.name.startswith("teacher-cache-")]
+    assert len(cache) == 1 and json.loads((cache[0] / "manifest.json").read_text())["complete"]
+
+    calls.clear()
+    monkeypatch.setattr(kd, "run_distill", lambda cfg: (calls.append((cfg.method, cfg.seed)), real(cfg))[1])
+    assert main(["compare", *args]) == 0
+    assert calls == [("sft", 1), ("kd", 1)]  # finished runs are not rerun
+    captured = capsys.readouterr().out
+    assert "reusing" in captured  # the adapted teacher is made once
+    board = json.loads((out / "leaderboard.json").read_text())
+    assert set(board["variants"]) == {"sft", "kd"}
+    kd_em = board["variants"]["kd"]["metrics"]["exact_match"]
+    assert len(kd_em["per_seed"]) == 2 and "vs_baseline" in kd_em
+    nll = board["variants"]["kd"]["metrics"]["answer_nll"]
+    # the paired interval brackets its own estimate, which is the difference of the seed means
+    d = nll["vs_baseline"]
+    assert d["low"] <= d["estimate"] <= d["high"]
+    sft_nll = board["variants"]["sft"]["metrics"]["answer_nll"]
+    assert d["estimate"] == pytest.approx(nll["mean"] - sft_nll["mean"], abs=1e-6)  # token-weighted, as the run reports
+    assert "vs_baseline" in board["variants"]["kd"]["metrics"]["ece"]
+    assert (out / "leaderboard.png").stat().st_size > 1000
+    text = (out / "leaderboard.md").read_text()
+    assert "| kd (kd, kd.kd_weight=1.0; 2 seeds)" in text and "| teacher |" in text
+    for variant in ("sft", "kd"):
+        for seed in (0, 1):
+            run = out / variant / f"seed-{seed}"
+            assert (run / "metrics.json").is_file() and (run / "student" / "config.json").is_file()
+    kd_run = json.loads((out / "kd" / "seed-0" / "metrics.json").read_text())
+    assert kd_run["teacher"] == str(adapted[0]) and kd_run["teacher_check"]["rows"] == 4
+    # a third call has nothing left to run
+    calls.clear()
+    assert main(["compare", *args]) == 0 and calls == []
+
+
+def test_teacher_check_warns_or_stops_before_training(tmp_path, tiny_dirs, tiny_data, capsys):
+    """A random tiny teacher cannot answer the task: warn by default (and record it), stop with
+    teacher.check.mode=error before any step is trained."""
+    from conftest import write_jsonl  # noqa: F401  (fixtures module on the path)
+
+    args = [f"teacher.name={tiny_dirs['teacher']}", f"student.name={tiny_dirs['student']}",
+            f"data.train={tiny_data['train']}", f"data.validation={tiny_data['validation']}",
+            f"data.test={tiny_data['test']}", "train.batch_size=4", "train.max_steps=1", "train.report_to=[none]",
+            "eval.max_new_tokens=3", "eval.batch_size=8", "evaluate_before=false", "evaluate_teacher=false",
+            "teacher.check.max_rows=4"]
+    assert main(["distill", *args, f"output_dir={tmp_path / 'warn'}"]) == 0
+    out = capsys.readouterr().out
+    assert "WARNING: the teacher looks unable to answer this task" in out and "teacher.adapt" in out
+    metrics = json.loads((tmp_path / "warn" / "metrics.json").read_text())
+    assert metrics["teacher_check"]["below_thresholds"] and metrics["teacher_check"]["rows"] == 4
+    assert main(["distill", *args, f"output_dir={tmp_path / 'err'}", "teacher.check.mode=error"]) == 2
+    err = capsys.readouterr().err
+    assert "teacher.check.max_answer_nll" in err and "teacher.adapt" in err
+    assert not (tmp_path / "err" / "student").exists()  # nothing was trained
+    # sft never consults the teacher's answers
+    assert main(["distill", *args, f"output_dir={tmp_path / 'sft'}", "method=sft", "teacher.check.mode=error"]) == 0
