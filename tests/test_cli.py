@@ -39,6 +39,8 @@ def test_two_step_kd_run_through_the_real_cli(tmp_path, tiny_dirs, tiny_data):
     assert any("kd" in h and "ce" in h for h in hist)
     assert "kd.divergence" not in (out / "config.yaml").read_text()  # resolved config is nested YAML
     assert "divergence: jsd" in (out / "config.yaml").read_text()
+    report = (out / "report.md").read_text()
+    assert "student (after) − student (before): exact_match" in report and "answer_nll" in report
 
 
 @pytest.mark.parametrize("method", ["sft", "hard_token", "seqkd"])

@@ -333,8 +333,8 @@ def leaderboard_markdown(board: dict[str, Any], cfg: CompareConfig) -> str:
     from kdflow.evaluate import scoring_rule
 
     lines = ["# kdflow compare — leaderboard", "",
-             f"Test rows `{cfg.data.test}`; training `{cfg.data.train}`; seeds {cfg.seeds}. Each cell: mean ± sd over "
-             f"seeds, then [95% row-bootstrap interval] of the seed-averaged scores; Δ: difference from "
+             f"Test rows `{cfg.data.test}`; training `{cfg.data.train}`; seeds {cfg.seeds}. Each cell: mean (± sd over "
+             f"seeds), then [95% row-bootstrap interval] of the seed-averaged scores; Δ: difference from "
              f"`{cfg.baseline}` on the same rows with its paired 95% interval ({board['bootstrap']['resamples']} "
              f"resamples, seed {board['bootstrap']['seed']}). Exact match: {scoring_rule(cfg.data, cfg.eval)}.", ""]
     if board.get("teacher_check"):
@@ -349,8 +349,8 @@ def leaderboard_markdown(board: dict[str, Any], cfg: CompareConfig) -> str:
     lines += [head, "|---|" + "---:|---:|" * len(metrics) + "---:|---:|---:|"]
     if board.get("teacher"):
         t = board["teacher"]
-        lines.append("| teacher | " + " | ".join(f"{_fmt(m, t[m])} | " if m in t else " | " for m in metrics)
-                     + " | | |")
+        cells = [c for m in metrics for c in ((_fmt(m, t[m]) if m in t else ""), "")]
+        lines.append("| teacher | " + " | ".join(cells + ["100%" if t.get("exact_match") else "", "", ""]) + " |")
     for name, e in board["variants"].items():
         cells = []
         for m in metrics:
@@ -358,7 +358,7 @@ def leaderboard_markdown(board: dict[str, Any], cfg: CompareConfig) -> str:
             if not item:
                 cells += ["", ""]
                 continue
-            c = f"{_fmt(m, item['mean'])} ± {_fmt(m, item['sd'])}"
+            c = _fmt(m, item["mean"]) + (f" ± {_fmt(m, item['sd'])}" if len(item["per_seed"]) > 1 else "")
             if "interval" in item:
                 c += f" [{_fmt(m, item['interval']['low'])}, {_fmt(m, item['interval']['high'])}]"
             d = item.get("vs_baseline")

@@ -341,6 +341,41 @@ def evaluate_cached(path: Any, key: dict[str, Any], model: Any, tok: Any, rows: 
     return res
 
 
+def paired_differences(a: EvalResult, b: EvalResult, eval_cfg: EvalConfig) -> dict[str, Any]:
+    """a − b on the same rows for every per-row metric both have, with paired 95% row-bootstrap
+    intervals (answer NLL token-weighted, as reported; the others as row means)."""
+    from kdflow.scoring import paired_bootstrap_stat, row_mean, token_weighted_mean
+
+    out: dict[str, Any] = {}
+    for m in ("exact_match", "answer_nll", "rougeL", "sampled_rougeL"):
+        if m not in a.per_row or m not in b.per_row or len(a.per_row[m]) != len(b.per_row[m]):
+            continue
+        if m == "answer_nll" and "token_confidence" in a.per_row and "token_confidence" in b.per_row:
+            stat_a = token_weighted_mean([a.per_row[m]], [[len(t) for t in a.per_row["token_confidence"]]])
+            stat_b = token_weighted_mean([b.per_row[m]], [[len(t) for t in b.per_row["token_confidence"]]])
+        else:
+            stat_a, stat_b = row_mean(a.per_row[m]), row_mean(b.per_row[m])
+        out[m] = paired_bootstrap_stat(len(a.per_row[m]), stat_a, stat_b, eval_cfg.bootstrap_resamples,
+                                       eval_cfg.bootstrap_seed)
+    return out
+
+
+def differences_markdown(results: dict[str, EvalResult], pairs: list[tuple[str, str]], eval_cfg: EvalConfig) -> list[str]:
+    """Report lines: for each (a, b) pair present, a − b per metric with its paired interval."""
+    lines = []
+    for a, b in pairs:
+        if a not in results or b not in results:
+            continue
+        diffs = paired_differences(results[a], results[b], eval_cfg)
+        if diffs:
+            cells = ", ".join(f"{m} {iv.text(3)}" for m, iv in diffs.items())
+            lines.append(f"- {a} − {b}: {cells}")
+    if lines:
+        lines = ["## Differences on the same rows (paired 95% row-bootstrap intervals, "
+                 f"{eval_cfg.bootstrap_resamples} resamples, seed {eval_cfg.bootstrap_seed})", ""] + lines + [""]
+    return lines
+
+
 def format_table(results: dict[str, dict[str, float]], keys: list[str] | None = None) -> str:
     """A markdown table, one row per model."""
     if not results:

@@ -26,7 +26,7 @@ import torch
 from kdflow.config import DistillConfig, ModelSpec, to_dict
 from kdflow.data import Collator, ListDataset, Rows, encode_rows, prompts_of, read_rows, rows_fingerprint, row_turns
 from kdflow.errors import ConfigError, DataError
-from kdflow.evaluate import EvalResult, evaluate_cached, format_table, generate, scoring_rule
+from kdflow.evaluate import EvalResult, differences_markdown, evaluate_cached, format_table, generate, scoring_rule
 from kdflow.losses import DenseTeacher, HeadLossSpec, get_divergence, head_losses, shifted_masks
 from kdflow.models import (apply_lora, build_student, check_student, count_parameters, freeze, load_model,
                            load_tokenizer, model_identity, require_same_tokenizer, save_model, selected_hidden,
@@ -469,6 +469,8 @@ def _report(cfg: DistillConfig, metrics: dict[str, Any], results: dict[str, Eval
     rows = next((int(r.metrics["rows"]) for r in results.values()), 0)
     lines += ["", f"## Test split (`{cfg.data.test}`, {rows} rows)", "",
               format_table({k: v.metrics for k, v in results.items()}) or "(no test split)", ""]
+    lines += differences_markdown(results, [("student (after)", "student (before)"), ("student (after)", "teacher")],
+                                  cfg.eval)
     if series:
         lines += ["## Loss", "", "![loss curve](loss_curve.png)", ""]
     for name, res in results.items():

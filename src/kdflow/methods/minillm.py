@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from kdflow.config import MiniLLMConfig, MiniLLMSettings
 from kdflow.data import Encoder, Rows, collate, left_pad, prompts_of, read_rows
 from kdflow.errors import ConfigError, DataError, KDFlowError
-from kdflow.evaluate import EvalResult, evaluate_cached, format_table
+from kdflow.evaluate import EvalResult, differences_markdown, evaluate_cached, format_table
 from kdflow.losses import ce_sum, reverse_kl
 from kdflow.models import (apply_lora, build_student, check_student, count_parameters, freeze, load_model,
                            load_tokenizer, require_same_tokenizer, save_model, selected_logits)
@@ -405,6 +405,8 @@ def _report(cfg: MiniLLMConfig, metrics: dict[str, Any], results: dict[str, Eval
         lines.append("")
     if curves:
         lines += ["## Curves", "", "![loss terms](loss_curve.png)", "", "![rollout reward](reward_curve.png)", ""]
+    lines += differences_markdown(results, [("student (after)", "student (before)"), ("student (after)", "teacher")],
+                                  cfg.eval)
     for name, res in results.items():
         if res.examples:
             lines += examples_markdown(f"{name} (greedy)", res.examples)
