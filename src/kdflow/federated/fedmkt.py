@@ -107,6 +107,10 @@ def check_config(cfg: FedMKTConfig, baselines: bool = True) -> None:
     def spec(c: PartyConfig) -> dict[str, Any]:
         return {"model": to_dict(c.model), "prune_from": c.prune_from}
 
+    for key, party in [("server", cfg.server)] + [(f"clients[{i}]", c) for i, c in enumerate(cfg.clients)]:
+        if party.model.device not in ("auto", "cpu"):
+            raise ConfigError(f"{key}.model.device={party.model.device}: a party's model trains on the process's device "
+                              "(auto) or on the cpu; choose GPUs with CUDA_VISIBLE_DEVICES")
     first = cfg.clients[0] if cfg.clients else None
     for c in cfg.clients[1:]:
         diff = _first_difference(spec(first), spec(c), "")
