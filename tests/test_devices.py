@@ -282,3 +282,14 @@ def test_without_rouge_score_rouge_l_is_nan_and_said_once(monkeypatch, capsys):
     assert all(math.isnan(x) for x in ev.rouge_l_scores(["a b"], [["a b"]]))
     ev.rouge_l_scores(["a"], [["b"]])
     assert capsys.readouterr().out.count("rouge-score is not installed") == 1
+
+
+def test_where_models_run_is_not_part_of_a_runs_identity_but_how_they_load_is():
+    """A run started on one GPU resumes on another (or on the CPU); a 4-bit teacher is another run."""
+    from kdflow.runfolder import run_settings
+
+    base = load_config(DistillConfig, None, ["teacher.name=t"])
+    moved = load_config(DistillConfig, None, ["teacher.name=t", "teacher.device=cuda:1", "student.device=cpu"])
+    spread = load_config(DistillConfig, None, ["teacher.name=t", "teacher.device_map=auto"])
+    assert run_settings(base) == run_settings(moved) == run_settings(spread)
+    assert run_settings(base) != run_settings(load_config(DistillConfig, None, ["teacher.name=t", "teacher.load_in=4bit"]))

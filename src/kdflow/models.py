@@ -229,10 +229,16 @@ def freeze(model: Any) -> Any:
 
 def process_device() -> Any:
     """This process's device as accelerate assigns it: under `accelerate launch` / `torchrun` the
-    rank's GPU, else the GPU, MPS or the CPU."""
+    rank's GPU, else the GPU, MPS or the CPU. Asking does not fix accelerate's process state: one
+    this call had to create is reset, so the training loop (Trainer, Accelerator) still sets it up
+    as it wants (e.g. on the CPU for a student with device: cpu)."""
     from accelerate import PartialState
 
-    return PartialState().device
+    existed = bool(PartialState._shared_state)
+    device = PartialState().device
+    if not existed:
+        PartialState._reset_state()
+    return device
 
 
 def run_device(spec: ModelSpec | None = None, setting: str = "model") -> Any:

@@ -183,13 +183,14 @@ def public_outputs(party: Party, k: int, temperature: float, batch_size: int = 1
         batch = collate(party.public[s:s + batch_size], party.tok.pad_token_id)
         ce_mask, _ = shifted_masks(batch["labels"], batch["attention_mask"])
         hidden, head = selected_hidden(party.model, batch["input_ids"], batch["attention_mask"], ce_mask)
-        logits = head(hidden).float()[..., :V].cpu()  # the payload is built on the CPU
-        per_pos = F.cross_entropy(logits, batch["labels"][:, 1:][ce_mask], reduction="none")
+        logits = head(hidden).float()[..., :V]
+        per_pos = F.cross_entropy(logits, batch["labels"][:, 1:][ce_mask].to(logits.device), reduction="none").cpu()
         start = 0
         for n in ce_mask.sum(-1).tolist():
             ces.append(float(per_pos[start:start + n].mean()) if n else 0.0)
             start += n
-        i, lp, tail = topk_from_logits(logits, k, temperature)
+        # computed where the model runs; only the k columns come back to build the payload
+        i, lp, tail = (x.cpu() for x in topk_from_logits(logits, k, temperature))
         ids.append(i.numpy())
         lps.append(lp.numpy())
         tails.append(tail.numpy())
