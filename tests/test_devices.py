@@ -293,3 +293,19 @@ def test_where_models_run_is_not_part_of_a_runs_identity_but_how_they_load_is():
     spread = load_config(DistillConfig, None, ["teacher.name=t", "teacher.device_map=auto"])
     assert run_settings(base) == run_settings(moved) == run_settings(spread)
     assert run_settings(base) != run_settings(load_config(DistillConfig, None, ["teacher.name=t", "teacher.load_in=4bit"]))
+
+
+def test_a_student_pruned_from_a_bf16_teacher_copies_the_stored_weights_exactly(tiny_dirs):
+    """On a GPU the teacher runs in bf16 (dtype auto); the float32 student pruned from it must start
+    from the teacher's stored weights, not from their bf16 rounding."""
+    from kdflow.models import build_student, load_model
+
+    spec = TeacherSpec(name=str(tiny_dirs["teacher"]), dtype="bfloat16")
+    working = load_model(spec)
+    assert working.dtype == torch.bfloat16
+    student = build_student(StudentSpec(init="prune_teacher", keep_layers=[0, 3]), working, spec)
+    stored = load_model(ModelSpec(name=str(tiny_dirs["teacher"])))
+    assert student.dtype == torch.float32
+    torch.testing.assert_close(student.model.layers[1].mlp.up_proj.weight, stored.model.layers[3].mlp.up_proj.weight,
+                               rtol=0, atol=0)
+    torch.testing.assert_close(student.model.embed_tokens.weight, stored.model.embed_tokens.weight, rtol=0, atol=0)

@@ -196,20 +196,35 @@ def load_tokenizer(spec: ModelSpec) -> Any:
     return tok
 
 
-def load_model(spec: ModelSpec, device: Any = None, **loading: Any) -> Any:
-    """The model of `spec` in its dtype, on the CPU, or loaded straight onto `device` (no CPU copy of
-    the weights on the way). `loading` passes transformers' big-model settings (device_map,
-    quantization_config) through."""
+def load_model(spec: ModelSpec, device: Any = None, *, dtype: Any = None, **loading: Any) -> Any:
+    """The model of `spec` in its dtype (`dtype="auto"`: as stored), on the CPU, or loaded straight
+    onto `device` (no CPU copy of the weights on the way). `loading` passes transformers' big-model
+    settings (device_map, quantization_config) through."""
     from transformers import AutoModelForCausalLM
 
     location, kwargs, source = _load_location(spec)
     if device is not None and getattr(device, "type", device) != "cpu" and "device_map" not in loading:
         loading["device_map"] = {"": str(device)}
     try:
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype(spec), **kwargs, **loading)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype if dtype is not None else torch_dtype(spec),
+                                                     **kwargs, **loading)
     except Exception as err:  # safetensors, json and transformers each raise their own type for damaged files
         raise _load_error(source, err) from None
     return check_output_head(model)
+
+
+def with_adapter(model: Any, folder: str, merge: bool, setting: str = "teacher.lora_adapter") -> Any:
+    """`model` with the peft adapter saved in `folder`: merged into its weights (W + BA computed once),
+    or kept as a PeftModel."""
+    from peft import PeftModel
+
+    try:
+        model = PeftModel.from_pretrained(model, folder)
+    except Exception as e:  # peft raises whatever the adapter's files or shapes give it
+        raise ModelError(f"{setting} {folder} does not load onto {type(unwrap(model)).__name__} "
+                         f"({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}); give an adapter "
+                         "trained on this model") from None
+    return model.merge_and_unload() if merge else model
 
 
 def model_identity(spec: ModelSpec) -> str:
@@ -441,12 +456,16 @@ def build_student(spec: StudentSpec, teacher: Any | None, teacher_spec: ModelSpe
             raise ConfigError("student.name is empty: give a model, or set student.init to prune_teacher or config")
         model = load_model(spec)
     elif spec.init == "prune_teacher":
-        if teacher is None:
+        if teacher is not None and is_spread(teacher):
+            raise ConfigError(_SPREAD_PRUNE)
+        if teacher is None or teacher.dtype != dtype:
+            # Copy the weights as they are stored, not through the teacher's working precision (a bf16
+            # teacher on a GPU would round a float32 student's starting weights).
             if teacher_spec is None:
                 raise ConfigError("student.init=prune_teacher needs a teacher")
-            teacher = load_model(teacher_spec)
-        if is_spread(teacher):
-            raise ConfigError(_SPREAD_PRUNE)
+            teacher = load_model(teacher_spec, dtype="auto")
+            if getattr(teacher_spec, "lora_adapter", None):
+                teacher = with_adapter(teacher, teacher_spec.lora_adapter, merge=True)
         model = prune_layers(teacher, keep_list(spec, teacher.config.num_hidden_layers)).to(dtype)
     else:  # random weights from a config
         cfg = student_config(spec, teacher.config if teacher is not None else None, teacher_spec)

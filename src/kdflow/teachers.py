@@ -40,7 +40,7 @@ from typing import Any, Callable
 
 from kdflow.config import AdaptSpec, DataConfig, EvalConfig, TeacherSpec, TrainConfig, to_dict
 from kdflow.data import Rows, rows_fingerprint
-from kdflow.errors import ConfigError, ModelError
+from kdflow.errors import ConfigError
 from kdflow.models import cache_root, dtype_name, model_identity
 
 ADAPTED_MARKER = "kdflow_adapted.json"
@@ -165,15 +165,9 @@ def _with_adapter(model: Any, spec: TeacherSpec) -> Any:
     plain floats: the teacher then runs as fast as without an adapter and every code path sees a plain
     model. A quantised teacher keeps it as an adapter: merging into 8/4-bit weights would round the
     update away."""
-    from peft import PeftModel
+    from kdflow.models import with_adapter
 
-    try:
-        model = PeftModel.from_pretrained(model, spec.lora_adapter)
-    except Exception as e:  # peft raises whatever the adapter's files or shapes give it
-        raise ModelError(f"teacher.lora_adapter {spec.lora_adapter} does not load onto {spec.name} "
-                         f"({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}); give an adapter "
-                         "trained on this teacher") from None
-    return model if spec.load_in != "none" else model.merge_and_unload()
+    return with_adapter(model, spec.lora_adapter, merge=spec.load_in == "none")
 
 
 def load_teacher(spec: TeacherSpec) -> Any:
