@@ -53,7 +53,7 @@ bench: install
 	$(PY) bench/bench_rollout.py
 	$(PY) bench/bench_payload.py
 
-# Every verb but fedmkt-flower once on this machine's GPU (about 3 minutes on one H200): device, dtype,
+# Every verb but fedmkt-flower once on this machine's GPU (sized for under 4 minutes): device, dtype,
 # peak GPU memory and tokens/s per verb. No install needed: any Python with torch, transformers, peft and
 # accelerate runs it from the source tree (make gpu-check GPU_PYTHON=/path/to/python). A CPU check of the
 # script itself: make gpu-check GPU_CHECK_ARGS="--device cpu --tiny".

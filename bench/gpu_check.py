@@ -8,7 +8,7 @@ models have SmolLM2-135M's configuration with random weights (same shapes, so sp
 bench/gpu_assets/smollm2-135m/ holds the configuration and tokenizer, 3.4 MB); the rows are the
 bundled WordNet task. The student is the teacher pruned to 6 of its 30 layers.
 
-    PYTHONPATH=src python bench/gpu_check.py                     # on the GPU: about 2-3 minutes
+    PYTHONPATH=src python bench/gpu_check.py                     # on the GPU (sized for < 4 minutes)
     PYTHONPATH=src python bench/gpu_check.py --device cpu --tiny # the same verbs on tiny sizes (tests)
 
 Exit status 0 when every verb ran, 1 otherwise (each failure's log tail is printed).
@@ -245,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
 
     device = process_device() if args.device == "auto" else torch.device(args.device)
     on_cuda = device.type == "cuda"
+    if on_cuda and not torch.cuda.is_available():
+        print(f"[gpu-check] --device {args.device}, but torch sees no CUDA GPU here (torch {torch.__version__})")
+        return 2
     bf16 = on_cuda and torch.cuda.is_bf16_supported()
     gpu = torch.cuda.get_device_name(device) if on_cuda else "none"
     print(f"[gpu-check] torch {torch.__version__}, device {device} ({gpu}), bf16 autocast {'on' if bf16 else 'off'}, "
