@@ -232,10 +232,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     t_start = time.time()
-    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="kdflow-gpu-check-"))
-    work.mkdir(parents=True, exist_ok=True)
-    # Everything the verbs cache (vocabulary maps, teacher checks) stays inside the work folder.
-    os.environ["KDFLOW_CACHE"] = str(work / "cache")
     for k, v in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
         os.environ.setdefault(k, v)
     sys.path.insert(0, str(ROOT / "src"))
@@ -248,6 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     if on_cuda and not torch.cuda.is_available():
         print(f"[gpu-check] --device {args.device}, but torch sees no CUDA GPU here (torch {torch.__version__})")
         return 2
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="kdflow-gpu-check-"))
+    work.mkdir(parents=True, exist_ok=True)
+    # Everything the verbs cache (vocabulary maps, teacher checks) stays inside the work folder.
+    os.environ["KDFLOW_CACHE"] = str(work / "cache")
     bf16 = on_cuda and torch.cuda.is_bf16_supported()
     gpu = torch.cuda.get_device_name(device) if on_cuda else "none"
     print(f"[gpu-check] torch {torch.__version__}, device {device} ({gpu}), bf16 autocast {'on' if bf16 else 'off'}, "
