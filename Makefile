@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-fast bench fedmkt-demo clean
+.PHONY: install demo test test-fast bench gpu-check fedmkt-demo clean
 
 install: $(STAMP)
 
@@ -52,6 +52,14 @@ bench: install
 	$(PY) bench/bench_align.py
 	$(PY) bench/bench_rollout.py
 	$(PY) bench/bench_payload.py
+
+# Every verb but fedmkt-flower once on this machine's GPU (sized for under 4 minutes): device, dtype,
+# peak GPU memory and tokens/s per verb. No install needed: any Python with torch, transformers, peft and
+# accelerate runs it from the source tree (make gpu-check GPU_PYTHON=/path/to/python). A CPU check of the
+# script itself: make gpu-check GPU_CHECK_ARGS="--device cpu --tiny".
+GPU_PYTHON ?= $(shell test -x $(PY) && echo $(PY) || echo $(PYTHON))
+gpu-check:
+	PYTHONPATH=src $(GPU_PYTHON) bench/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

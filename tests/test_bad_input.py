@@ -35,11 +35,13 @@ def one_line_error(capsys) -> str:
 def no_model_loads(monkeypatch):
     """Fail the test if a model's weights load: settings and data must be checked before."""
     import kdflow.methods.kd as kd
+    import kdflow.models as models
 
-    def refuse(spec):
+    def refuse(spec, *a, **k):
         raise AssertionError(f"loaded {spec.name} before the bad input was found")
 
     monkeypatch.setattr(kd, "load_model", refuse)
+    monkeypatch.setattr(models, "load_model", refuse)  # the teacher: kdflow.teachers.load_teacher
     monkeypatch.setattr(kd, "build_student", lambda *a, **k: refuse(a[0]))
 
 

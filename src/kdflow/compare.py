@@ -180,13 +180,14 @@ def run_compare(cfg: CompareConfig) -> dict[str, Any]:
     from kdflow.evaluate import evaluate_cached
     from kdflow.methods.kd import run_cache_teacher, run_distill
     from kdflow.methods.minillm import run_minillm
-    from kdflow.models import freeze, load_model, load_tokenizer
     from kdflow.report import write_atomic
-    from kdflow.teachers import check_teacher, prepare_teacher
+    from kdflow.teachers import check_teacher, check_teacher_settings, get_teacher
 
     plans = plan(cfg)
     if cfg.data.train is None or cfg.data.test is None:
         raise ConfigError("compare needs data.train and data.test (choose recipes on data.validation, report on test)")
+    if cfg.teacher.name:
+        check_teacher_settings(cfg.teacher)
     train_rows = read_rows(cfg.data.train, "data.train").head(cfg.data.max_train_rows)
     val_rows = read_rows(cfg.data.validation, "data.validation").head(cfg.data.max_eval_rows) if cfg.data.validation else None
     test_rows = read_rows(cfg.data.test, "data.test").head(cfg.data.max_eval_rows)
@@ -200,24 +201,20 @@ def run_compare(cfg: CompareConfig) -> dict[str, Any]:
     transformers.set_seed(cfg.seed)
     t0 = time.time()
 
-    teacher_spec = prepare_teacher(cfg.teacher, cfg.data, train_rows) if cfg.teacher.name else None
-    loaded: dict[str, Any] = {}
+    ready = get_teacher(cfg.teacher, cfg.data, train_rows) if cfg.teacher.name else None
 
     def teacher_model() -> tuple[Any, Any]:
-        if "model" not in loaded:
-            loaded["model"] = freeze(load_model(teacher_spec))
-            loaded["tok"] = load_tokenizer(teacher_spec)
-        return loaded["model"], loaded["tok"]
+        return ready.model(), ready.tokenizer
 
     teacher_check = teacher_scores = None
-    if teacher_spec is not None:
-        _share_teacher(plans, teacher_spec)
-        teacher_check = check_teacher(teacher_spec, teacher_model, val_rows, cfg.data, cfg.eval)
-        key = {"teacher": teacher_spec.name, "data": to_dict(cfg.data)}
+    if ready is not None:
+        _share_teacher(plans, ready.spec)
+        teacher_check = check_teacher(ready.spec, teacher_model, val_rows, cfg.data, cfg.eval)
+        key = {"teacher": ready.identity, "data": to_dict(cfg.data)}
         res = evaluate_cached(out / "shared" / "teacher_test.json", key, teacher_model, None, test_rows, cfg.data,
                               cfg.eval, "teacher")
         teacher_scores = {"metrics": res.metrics, "per_row": res.per_row}
-    loaded.clear()
+        ready.release()  # each run loads what it needs
     gc.collect()
     _share_caches(cfg, plans, run_cache_teacher)
 
@@ -385,11 +382,11 @@ def leaderboard_markdown(board: dict[str, Any], cfg: CompareConfig) -> str:
 def plot_leaderboard(path: Path, board: dict[str, Any], cfg: CompareConfig) -> None:
     """Bars of the first two leaderboard metrics with 95% intervals; the baseline hatched, the
     teacher as a dashed line."""
-    import matplotlib
+    from kdflow.report import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
+    if plt is None:
+        return
     metrics = [m for m in cfg.metrics[:2]]
     names = list(board["variants"])
     if not names:

@@ -110,13 +110,25 @@ def _did_you_mean(value: str, names: list[str]) -> str:
 # Sections shared by every method
 
 
+def _device_name(value: str, key: str) -> None:
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
+        raise ConfigError(f"setting '{key}': {value!r} is not a device; give auto (the process's device), cpu, cuda, "
+                          "cuda:N or mps")
+
+
 @dataclass
 class ModelSpec:
     name: str | None = opt(None, "Hub id, local folder, path to a .gguf file, or 'bundled:smollm2-135m-instruct'")
     revision: str | None = opt(None, "Hub revision (branch, tag or commit) when `name` is a Hub id")
     gguf_file: str | None = opt(None, "GGUF file name inside the folder or Hub repo given by `name`")
-    dtype: Literal["float32", "bfloat16", "float16"] = opt("float32", "weights dtype; losses are always computed in float32")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
+        "float32", "weights dtype (auto: bfloat16 on a CUDA GPU that supports it, else float32); losses are always "
+                   "computed in float32")
     trust_remote_code: bool = opt(False, "allow model code shipped with a Hub repo")
+    device: str = opt("auto", "where the model runs: auto (the process's device: the GPU a launcher gives this "
+                              "process, else the GPU, else MPS, else the CPU), cpu, cuda, cuda:N or mps. A trained model "
+                              "takes auto or cpu (choose GPUs with CUDA_VISIBLE_DEVICES or a launcher)",
+                      check=_device_name)
 
 
 @dataclass
@@ -173,6 +185,16 @@ class TeacherCheckSpec:
 
 @dataclass
 class TeacherSpec(ModelSpec):
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
+        "auto", "weights dtype: auto is bfloat16 on a CUDA GPU that supports it (a frozen teacher loses nothing that "
+                "matters), else float32; losses are always computed in float32")
+    device_map: Literal["auto", "balanced", "balanced_low_0", "sequential"] | None = opt(
+        None, "spread a teacher larger than one device over the GPUs (and CPU memory), as transformers' big-model "
+              "loading does; replaces `device`")
+    load_in: Literal["none", "8bit", "4bit"] = opt(
+        "none", "load the teacher quantised to 8 or 4 bits (bitsandbytes, CUDA only; 4bit is NF4 computing in bf16)")
+    lora_adapter: str | None = opt(None, "folder of a peft LoRA adapter trained on this teacher: merged into its weights, "
+                                         "or kept as an adapter on a quantised teacher")
     adapt: AdaptSpec = opt(factory=AdaptSpec, help="fine-tune the teacher on the task first (methods.md: every paper "
                                                     "adapts the teacher before distilling)")
     check: TeacherCheckSpec = opt(factory=TeacherCheckSpec, help="score the teacher on validation rows before training")

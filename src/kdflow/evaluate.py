@@ -28,9 +28,11 @@ def answer_nll(model: Any, examples: list[dict[str, Any]], pad_id: int, batch_si
     """Mean negative log-likelihood of the reference answers (nats/token), and per example."""
     from tqdm.auto import tqdm
 
+    from kdflow.models import input_device
+
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    device = input_device(model)
     total, count, per_example = 0.0, 0, []
     confidence: list[list[float]] = []  # per row and answer token: the model's top probability, and
     correct: list[list[float]] = []     # whether its top token is the reference token (calibration)
@@ -38,7 +40,7 @@ def answer_nll(model: Any, examples: list[dict[str, Any]], pad_id: int, batch_si
     for start in tqdm(batches, desc="answer NLL", disable=not progress, leave=False):
         batch = collate(examples[start:start + batch_size], pad_id)
         logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-        labels = batch["labels"][:, 1:].to(device)
+        labels = batch["labels"][:, 1:].to(logits.device)
         logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
         mask = labels != -100
         tok_nll = -logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
@@ -92,7 +94,9 @@ def _generate(model: Any, tok: Any, prompts: list[list[int]], max_new_tokens: in
               temperature: float, top_p: float, seed: int, progress: bool, desc: str) -> list[list[int]]:
     from tqdm.auto import tqdm
 
-    device = next(model.parameters()).device
+    from kdflow.models import input_device
+
+    device = input_device(model)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     eos_id = tok.eos_token_id
     out: list[list[int]] = []
@@ -130,13 +134,33 @@ def exact_match(predictions: list[str], references: list[str]) -> float:
 _SCORER = None
 
 
+def rouge_available() -> bool:
+    """Whether rouge-score is installed. Without it (a minimal GPU image, say) Rouge-L is reported as
+    NaN, said once on stdout, rather than as a number computed some other way: a Rouge-L that is not
+    rouge-score's (its tokenizer and stemmer) would not compare with any other run's."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("rouge_score") is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def rouge_l_scores(predictions: list[str], references: list[list[str]] | list[str]) -> list[float]:
-    """Rouge-L F-measure (rouge-score, with stemming) of each prediction against the best of its references."""
+    """Rouge-L F-measure (rouge-score, with stemming) of each prediction against the best of its
+    references; NaN for each when rouge-score is not installed (`rouge_available`)."""
     global _SCORER
     if _SCORER is None:
-        from rouge_score import rouge_scorer
+        if rouge_available():
+            from rouge_score import rouge_scorer
 
-        _SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+            _SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+        else:
+            print("[kdflow] rouge-score is not installed: Rouge-L is reported as nan (pip install rouge-score); "
+                  "answer NLL, exact match and the other metrics are unaffected")
+            _SCORER = False  # said once per process
+    if _SCORER is False:
+        return [math.nan] * len(predictions)
     out = []
     for p, refs in zip(predictions, references):
         refs = [refs] if isinstance(refs, str) else refs
@@ -255,9 +279,10 @@ def evaluate_model(model: Any, tok: Any, rows: Rows, data_cfg: DataConfig, eval_
 def _token_kl_along(sequences: list[list[int]], prompts: list[list[int]], teacher: Any, student: Any, pad_id: int,
                     batch_size: int) -> list[list[float]]:
     """KL(p‖q) of teacher p and student q at every generated position of each prompt + answer."""
+    from kdflow.models import input_device
+
     out: list[list[float]] = []
-    t_dev = next(teacher.parameters()).device
-    s_dev = next(student.parameters()).device
+    t_dev, s_dev = input_device(teacher), input_device(student)
     for start in range(0, len(sequences), batch_size):
         rows = [{"input_ids": p + a, "labels": [-100] * len(p) + a} for p, a in
                 zip(prompts[start:start + batch_size], sequences[start:start + batch_size])]
@@ -403,7 +428,7 @@ def run_eval(cfg: Any) -> dict[str, float]:
 
     from kdflow.data import read_rows
     from kdflow.errors import ConfigError, ModelError
-    from kdflow.models import load_model, load_tokenizer
+    from kdflow.models import load_model, load_tokenizer, place, run_device
     from kdflow.report import write_json
 
     if not cfg.data.test:
@@ -416,7 +441,8 @@ def run_eval(cfg: Any) -> dict[str, float]:
     transformers.set_seed(cfg.seed)
     rows = read_rows(cfg.data.test, "data.test").head(cfg.data.max_eval_rows)
     tok = load_tokenizer(cfg.model)
-    model = load_model(cfg.model)
+    device = run_device(cfg.model, "model")
+    model = load_model(cfg.model, device)
     if cfg.lora_adapter:
         from peft import PeftModel
 
@@ -425,6 +451,7 @@ def run_eval(cfg: Any) -> dict[str, float]:
         except Exception as e:  # peft raises whatever the adapter's files or shapes give it
             raise ModelError(f"lora_adapter {cfg.lora_adapter} does not load onto {cfg.model.name} "
                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); give the adapter trained on this model") from None
+    model = place(model, role="model", device=device)
     res = evaluate_model(model, tok, rows, cfg.data, cfg.eval, name=cfg.model.name or "model")
     print(format_table({cfg.model.name or "model": res.metrics}))
     for ex in res.examples:

@@ -304,8 +304,9 @@ class DenseTeacher:
     head: Callable[[torch.Tensor], torch.Tensor]  # models.output_head, or an identity over logits
 
     def logits(self, index: torch.Tensor) -> torch.Tensor:
+        # the teacher may sit on another device than the student: its rows go there and come back
         with torch.no_grad():
-            return self.head(self.hidden[index]).float()
+            return self.head(self.hidden[index.to(self.hidden.device)]).float().to(index.device)
 
     def count(self) -> int:
         return int(self.hidden.shape[0])

@@ -4,6 +4,13 @@ GGUF files are de-quantised to float32 by transformers; we convert each one once
 safetensors folder under the kdflow cache (`KDFLOW_CACHE`, default `~/.cache/kdflow`) because
 reloading from there takes a fraction of a second instead of ~20 s, and because a model loaded
 from GGUF stays flagged as quantised, which blocks `save_pretrained` and full fine-tuning.
+
+Devices: every model goes where its spec's `device` says (`run_device`): by default the process's
+device as accelerate sees it (the GPU a launcher assigns to this rank, else the one GPU, MPS or the
+CPU). `place` puts a model there unless its weights are already spread over devices (`device_map`)
+or quantised (bitsandbytes models cannot be moved); code that feeds a model moves its inputs to
+`input_device(model)` and brings results back, so a teacher may sit on another device than the
+student.
 """
 
 from __future__ import annotations
@@ -189,16 +196,35 @@ def load_tokenizer(spec: ModelSpec) -> Any:
     return tok
 
 
-def load_model(spec: ModelSpec) -> Any:
-    import torch
+def load_model(spec: ModelSpec, device: Any = None, *, dtype: Any = None, **loading: Any) -> Any:
+    """The model of `spec` in its dtype (`dtype="auto"`: as stored), on the CPU, or loaded straight
+    onto `device` (no CPU copy of the weights on the way). `loading` passes transformers' big-model
+    settings (device_map, quantization_config) through."""
     from transformers import AutoModelForCausalLM
 
     location, kwargs, source = _load_location(spec)
+    if device is not None and getattr(device, "type", device) != "cpu" and "device_map" not in loading:
+        loading["device_map"] = {"": str(device)}
     try:
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=getattr(torch, DTYPES[spec.dtype]), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype if dtype is not None else torch_dtype(spec),
+                                                     **kwargs, **loading)
     except Exception as err:  # safetensors, json and transformers each raise their own type for damaged files
         raise _load_error(source, err) from None
     return check_output_head(model)
+
+
+def with_adapter(model: Any, folder: str, merge: bool, setting: str = "teacher.lora_adapter") -> Any:
+    """`model` with the peft adapter saved in `folder`: merged into its weights (W + BA computed once),
+    or kept as a PeftModel."""
+    from peft import PeftModel
+
+    try:
+        model = PeftModel.from_pretrained(model, folder)
+    except Exception as e:  # peft raises whatever the adapter's files or shapes give it
+        raise ModelError(f"{setting} {folder} does not load onto {type(unwrap(model)).__name__} "
+                         f"({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}); give an adapter "
+                         "trained on this model") from None
+    return model.merge_and_unload() if merge else model
 
 
 def model_identity(spec: ModelSpec) -> str:
@@ -210,6 +236,128 @@ def freeze(model: Any) -> Any:
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Devices and dtypes
+
+
+def process_device() -> Any:
+    """This process's device as accelerate assigns it: under `accelerate launch` / `torchrun` the
+    rank's GPU, else the GPU, MPS or the CPU. Asking does not fix accelerate's process state: one
+    this call had to create is reset, so the training loop (Trainer, Accelerator) still sets it up
+    as it wants (e.g. on the CPU for a student with device: cpu)."""
+    from accelerate import PartialState
+
+    existed = bool(PartialState._shared_state)
+    device = PartialState().device
+    if not existed:
+        PartialState._reset_state()
+    return device
+
+
+def run_device(spec: ModelSpec | None = None, setting: str = "model") -> Any:
+    """The device a model of `spec` runs on (`spec.device`; auto: `process_device()`). A device this
+    machine does not have is a ConfigError naming `setting`."""
+    import torch
+
+    want = getattr(spec, "device", "auto") if spec is not None else "auto"
+    if want == "auto":
+        return process_device()
+    device = torch.device(want)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"{setting}.device={want}, but this machine has no CUDA GPU that torch can use; "
+                              f"set {setting}.device=auto or cpu")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"{setting}.device={want}, but this machine has {count} CUDA GPU(s) "
+                              f"(cuda:0 to cuda:{count - 1}); choose one of them")
+    if device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ConfigError(f"{setting}.device=mps, but MPS is not available here; set {setting}.device=auto or cpu")
+    return device
+
+
+def dtype_name(spec: ModelSpec, setting: str = "model") -> str:
+    """`spec.dtype` with auto resolved: bfloat16 where the model runs on a CUDA GPU that supports it,
+    else float32 (CPUs and MPS: bf16 matmuls there are slow or partial)."""
+    if spec.dtype != "auto":
+        return spec.dtype
+    import torch
+
+    if getattr(spec, "device_map", None) or getattr(spec, "load_in", "none") != "none":
+        on_cuda = torch.cuda.is_available()
+    else:
+        on_cuda = run_device(spec, setting).type == "cuda"
+    return "bfloat16" if on_cuda and torch.cuda.is_bf16_supported() else "float32"
+
+
+def torch_dtype(spec: ModelSpec) -> Any:
+    import torch
+
+    return getattr(torch, DTYPES[dtype_name(spec)])
+
+
+def is_spread(model: Any) -> bool:
+    """Whether the weights are spread over several devices (device_map) or quantised: such a model
+    stays where transformers put it (bitsandbytes weights cannot be moved, a spread model is moved
+    by its hooks) and cannot be copied into a student."""
+    m = unwrap(model)
+    placed = set(str(d) for d in (getattr(m, "hf_device_map", None) or {}).values())
+    return len(placed) > 1 or bool(getattr(m, "is_quantized", False)) or getattr(m, "hf_quantizer", None) is not None
+
+
+def input_device(model: Any) -> Any:
+    """Where a model's inputs go: its input embeddings' device (the first device of a spread model,
+    whose hooks move activations on from there)."""
+    m = unwrap(model)
+    emb = m.get_input_embeddings() if hasattr(m, "get_input_embeddings") else None
+    weight = getattr(emb, "weight", None)
+    if weight is not None and weight.device.type != "meta":
+        return weight.device
+    return next(model.parameters()).device
+
+
+PLACEMENTS: dict[str, str] = {}  # role -> "device, dtype" of the models this process placed (reports, bench/gpu_check.py)
+
+
+def describe_placement(model: Any) -> str:
+    """Where a model's weights are and in what precision, in a few words."""
+    m = unwrap(model)
+    spread = sorted({str(d) for d in (getattr(m, "hf_device_map", None) or {}).values()})
+    where = f"spread over {', '.join(spread)}" if len(spread) > 1 else str(input_device(model))
+    quant = getattr(getattr(m, "config", None), "quantization_config", None)
+    bits = None
+    if quant is not None:
+        get = quant.get if isinstance(quant, dict) else lambda k, d=None: getattr(quant, k, d)
+        bits = "4bit" if get("load_in_4bit") else "8bit" if get("load_in_8bit") else None
+    dtype = next((p.dtype for p in m.parameters() if p.dtype.is_floating_point), None)
+    return f"{where}, {str(dtype).replace('torch.', '')}{f' ({bits})' if bits else ''}"
+
+
+def place(model: Any, spec: ModelSpec | None = None, role: str = "model", device: Any = None, move: bool = True) -> Any:
+    """Put `model` on `device` (default: `run_device(spec)`), unless it is spread or quantised (see
+    `is_spread`) or `move` is false (transformers placed it by a device_map); record and print where
+    it is. Returns the model."""
+    if move and not is_spread(model):
+        model = model.to(device if device is not None else run_device(spec, role.split()[0]))
+    PLACEMENTS[role] = describe_placement(model)
+    print(f"[kdflow] {role}: {PLACEMENTS[role]}")
+    return model
+
+
+def to_device(batch: dict[str, Any], device: Any) -> dict[str, Any]:
+    """A collated batch with its tensors (and lists of tensors) on `device`."""
+    import torch
+
+    def move(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return v.to(device)
+        if isinstance(v, list) and v and isinstance(v[0], torch.Tensor):
+            return [t.to(device) for t in v]
+        return v
+
+    return {k: move(v) for k, v in batch.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -302,16 +450,22 @@ def build_student(spec: StudentSpec, teacher: Any | None, teacher_spec: ModelSpe
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    dtype = getattr(torch, DTYPES[spec.dtype])
+    dtype = torch_dtype(spec)
     if spec.init == "pretrained":
         if not spec.name:
             raise ConfigError("student.name is empty: give a model, or set student.init to prune_teacher or config")
         model = load_model(spec)
     elif spec.init == "prune_teacher":
-        if teacher is None:
+        if teacher is not None and is_spread(teacher):
+            raise ConfigError(_SPREAD_PRUNE)
+        if teacher is None or teacher.dtype != dtype:
+            # Copy the weights as they are stored, not through the teacher's working precision (a bf16
+            # teacher on a GPU would round a float32 student's starting weights).
             if teacher_spec is None:
                 raise ConfigError("student.init=prune_teacher needs a teacher")
-            teacher = load_model(teacher_spec)
+            teacher = load_model(teacher_spec, dtype="auto")
+            if getattr(teacher_spec, "lora_adapter", None):
+                teacher = with_adapter(teacher, teacher_spec.lora_adapter, merge=True)
         model = prune_layers(teacher, keep_list(spec, teacher.config.num_hidden_layers)).to(dtype)
     else:  # random weights from a config
         cfg = student_config(spec, teacher.config if teacher is not None else None, teacher_spec)
@@ -373,8 +527,19 @@ def _overrides_error(spec: StudentSpec, err: Exception, setting: str = "student"
                        "fix the values (sizes must fit together, e.g. hidden_size divisible by num_attention_heads)")
 
 
+_SPREAD_PRUNE = ("student.init=prune_teacher copies the teacher's layers, which a teacher loaded with teacher.device_map "
+                 "or teacher.load_in does not hold as plain weights on one device; prune from the unquantised teacher "
+                 "in another run (teacher.device_map=null, teacher.load_in=none) and load that student by name")
+
+
 def check_student(spec: StudentSpec, teacher_spec: ModelSpec | None, setting: str = "student") -> None:
     """What can be checked of a student's settings before any weights load."""
+    if spec.device not in ("auto", "cpu"):
+        raise ConfigError(f"{setting}.device={spec.device}: a trained model runs on the process's device (auto) or on the "
+                          "cpu; choose GPUs with CUDA_VISIBLE_DEVICES or a launcher (accelerate launch, torchrun)")
+    if spec.init == "prune_teacher" and teacher_spec is not None and (
+            getattr(teacher_spec, "device_map", None) or getattr(teacher_spec, "load_in", "none") != "none"):
+        raise ConfigError(_SPREAD_PRUNE.replace("student.", f"{setting}."))
     if spec.init == "pretrained" and not spec.name:
         raise ConfigError(f"{setting}.name is empty: give a model, or set {setting}.init to prune_teacher or config")
     if spec.init == "prune_teacher":
@@ -496,18 +661,20 @@ def _head_reproduces_logits(m: Any, head: ModelHead) -> bool:
     import torch
 
     vocab = head.projection.weight.shape[0] if hasattr(head.projection, "weight") else m.config.vocab_size
-    param = next(m.parameters())
-    ids = (torch.arange(1, 9, device=param.device) * max(vocab // 9, 1)).remainder(vocab)[None]
+    param = getattr(head.projection, "weight", None)
+    param = param if param is not None and param.dtype.is_floating_point else next(m.parameters())
+    device = input_device(m)
+    ids = (torch.arange(1, 9, device=device) * max(vocab // 9, 1)).remainder(vocab)[None]
     # Compare at the weights' own precision: no autocast region of a caller, and not the autocast
     # wrapper accelerate puts around the forward of a model it prepared for mixed precision.
     forward = m.__dict__.get("_original_forward", m)
     was_training = m.training
     m.eval()
     try:
-        with torch.no_grad(), torch.autocast(param.device.type, enabled=False):
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
             out = forward(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True)
             theirs = out.logits.float()
-            mine = head(out.hidden_states[-1]).float()
+            mine = head(out.hidden_states[-1]).float().to(theirs.device)
     finally:
         m.train(was_training)
     if mine.shape != theirs.shape:
@@ -567,8 +734,11 @@ def selected_hidden(model: Any, input_ids: Any, attention_mask: Any, positions: 
     import torch.nn as nn
 
     head = output_head(model)
+    device = input_device(model)  # a teacher may sit on another device than the batch
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     if head is None:
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
-        return logits[positions], nn.Identity()
+        return logits[positions.to(logits.device)], nn.Identity()
     out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, logits_to_keep=1)
-    return out.hidden_states[-1][:, :-1][positions], head
+    hidden = out.hidden_states[-1][:, :-1]
+    return hidden[positions.to(hidden.device)], head

@@ -117,14 +117,38 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=float) + "\n")
 
 
-def plot_curves(path: str | os.PathLike, series: dict[str, list[tuple[float, float]]], title: str,
-                xlabel: str = "optimizer step", ylabel: str = "loss") -> None:
-    """One line per named series of (x, y) points, saved as PNG."""
+_NO_PLOTS_SAID = False
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot (headless), or None when matplotlib is not installed: plots are then left
+    out, said once, and every number still goes to metrics.json and report.md."""
+    global _NO_PLOTS_SAID
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec("matplotlib") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        if not _NO_PLOTS_SAID:
+            print("[kdflow] matplotlib is not installed: no plots are drawn (pip install matplotlib)")
+            _NO_PLOTS_SAID = True
+        return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_curves(path: str | os.PathLike, series: dict[str, list[tuple[float, float]]], title: str,
+                xlabel: str = "optimizer step", ylabel: str = "loss") -> None:
+    """One line per named series of (x, y) points, saved as PNG."""
+    plt = pyplot()
+    if plt is None:
+        return
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     for name, points in series.items():
         if points:

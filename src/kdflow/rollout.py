@@ -98,10 +98,13 @@ def _cache_argument(model: Any) -> str:
 def _last_logits(model: Any, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any,
                  use_cache: bool, vocab_size: int) -> tuple[torch.Tensor, Any]:
     # logits_to_keep=1: only the last position goes through the vocabulary-sized head.
+    from kdflow.models import input_device
+
     name = _cache_argument(model)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=use_cache, logits_to_keep=1,
-                **{name: cache})
-    return out.logits[:, -1, :vocab_size].float(), (out[name] if use_cache else None)
+    device = input_device(model)  # the teacher may sit on another device than the student: feed it there
+    out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                use_cache=use_cache, logits_to_keep=1, **{name: cache})
+    return out.logits[:, -1, :vocab_size].float().to(ids.device), (out[name] if use_cache else None)
 
 
 @torch.no_grad()

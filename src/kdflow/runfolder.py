@@ -6,7 +6,8 @@ in every checkpoint it writes (`kdflow-run.json`). Resuming checks that digest a
 own: the resolved config.yaml cannot serve, since a run that fails early rewrites it before it
 writes any checkpoint. Settings that do not decide what a checkpoint holds are left out of the
 digest: where the run lives (`output_dir`, so a moved folder resumes), evaluation, and how it runs
-(`resume`, `num_threads`, `report_to`).
+(`resume`, `num_threads`, `report_to`, and the devices models run on: `device`, `device_map` — a run
+started on one GPU continues on another or on the CPU).
 
 `resume=never` moves the earlier run's checkpoints and results into `previous-<time>/` instead of
 deleting them or leaving them to be picked up later.
@@ -39,7 +40,7 @@ CHECKPOINTS = {re.compile(r"checkpoint-\d+"): ("trainer_state.json", "loop_state
 # resume=never. Caches keyed by their own settings (teacher answers of seqkd) stay.
 RUN_OUTPUTS = ("config.yaml", "metrics.json", "report.md", "log_history.json", "student", "student_adapter", "eval",
                "peers", "alone", "rounds", "baselines", "flower-clients")
-_UNSTAMPED_KEYS = ("resume", "num_threads", "report_to")
+_UNSTAMPED_KEYS = ("resume", "num_threads", "report_to", "device", "device_map")
 
 
 @dataclasses.dataclass

@@ -112,7 +112,8 @@ def same_tokenizer_targets(teacher: Any, vocab_size: int, k: int, temperature: f
         hidden, head = selected_hidden(teacher, batch["input_ids"], batch["attention_mask"], kd_mask)
         logits = torch.cat([head(hidden[s:s + 512])[..., :vocab_size].float() for s in range(0, hidden.shape[0], 512)]) \
             if hidden.shape[0] else hidden.new_zeros((0, vocab_size))
-        ids, lp, tail = topk_from_logits(logits, k, temperature)
+        # top-k where the teacher runs (its device); the k columns come back to be stored
+        ids, lp, tail = (x.cpu() for x in topk_from_logits(logits, k, temperature))
         out, start = [], 0
         for n in kd_mask.sum(-1).tolist():
             out.append({"ids": ids[start:start + n], "logp": lp[start:start + n], "tail_logp": tail[start:start + n]})

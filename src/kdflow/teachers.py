@@ -1,4 +1,21 @@
-"""The teacher before it teaches: adaptation to the task, and a check that it can answer it.
+"""The teacher section: one specification of the teacher, and the one way a verb gets it ready.
+
+What `teacher:` (config.TeacherSpec) holds, in the order a teacher is made ready:
+  which weights   name / revision / gguf_file, and `lora_adapter` (a peft adapter on top)
+  first adapted?  `adapt`: fine-tune on data.train once, into a folder keyed by teacher, rows and settings
+  how loaded      dtype (auto: bf16 on a GPU that has it), `load_in` (8/4-bit, bitsandbytes, CUDA),
+                  `device` (one device; default the process's) or `device_map` (spread over devices)
+  good enough?    `check`: scored on validation rows before training (warn or stop)
+Later issues add `server` (a teacher behind an HTTP endpoint) and a list `teachers:`; they belong here,
+beside these, so that every method keeps asking for its teacher in the same single call.
+
+A method gets its teacher from `get_teacher(spec, data, train_rows)` and from nothing else (distill,
+cache-teacher, minillm, compare; fedmkt's server is a party, not a teacher). It settles which weights
+teach — adapting the teacher first if asked — and returns a `Teacher`: the spec naming those weights
+(identities, caches and tokenizers are taken from it), the tokenizer, and `model()`, which loads the
+frozen model on first use — LoRA applied, quantised, on its device or spread over devices — so a verb
+that trains from a teacher cache never loads the weights at all. `teacher_identity(spec)` is what
+caches and manifests record: the weights and every setting that changes the teacher's numbers.
 
 Every paper kdflow follows (MiniLLM, GKD, DistiLLM) fine-tunes the teacher on the task first; a
 general chat model asked for one-word antonyms answers in sentences, and distilling that teaches
@@ -17,15 +34,159 @@ import dataclasses
 import hashlib
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from kdflow.config import AdaptSpec, DataConfig, EvalConfig, TeacherSpec, TrainConfig, to_dict
 from kdflow.data import Rows, rows_fingerprint
 from kdflow.errors import ConfigError
-from kdflow.models import cache_root, model_identity
+from kdflow.models import cache_root, dtype_name, model_identity
 
 ADAPTED_MARKER = "kdflow_adapted.json"
+
+
+# ----------------------------------------------------------------------------------------------
+# The ready teacher
+
+
+@dataclass
+class Teacher:
+    """A teacher ready to teach. `spec` names the weights that teach (the adapted folder after
+    teacher.adapt); the model loads on the first `model()` call and stays until `release()`."""
+
+    spec: TeacherSpec
+    tokenizer: Any
+    _model: Any = field(default=None, repr=False)
+
+    @property
+    def identity(self) -> str:
+        return teacher_identity(self.spec)
+
+    def model(self) -> Any:
+        if self._model is None:
+            self._model = load_teacher(self.spec)
+        return self._model
+
+    def release(self) -> None:
+        self._model = None
+
+
+def get_teacher(spec: TeacherSpec, data: DataConfig, train_rows: Rows | None) -> Teacher:
+    """The one way a verb gets its teacher: settings checked, adapted if asked (`prepare_teacher`),
+    tokenizer loaded; the weights load when `model()` is first called."""
+    from kdflow.models import load_tokenizer
+
+    check_teacher_settings(spec)
+    spec = prepare_teacher(spec, data, train_rows)
+    return Teacher(spec, load_tokenizer(spec))
+
+
+def check_teacher_settings(spec: TeacherSpec, setting: str = "teacher") -> None:
+    """Everything about loading the teacher that can be refused before any weights load: a device
+    this machine lacks, 8/4-bit without CUDA or bitsandbytes, a missing adapter, settings that
+    exclude each other."""
+    import importlib.util
+    import os
+
+    import torch
+
+    from kdflow.models import run_device
+
+    if spec.device_map is not None:
+        if spec.device != "auto":
+            raise ConfigError(f"{setting}.device={spec.device} and {setting}.device_map={spec.device_map} both say where "
+                              f"the teacher goes; set one of them")
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        if world > 1:
+            raise ConfigError(f"{setting}.device_map spreads one teacher over every GPU this process sees, and each of the "
+                              f"{world} processes of this launch would load its own: build a teacher cache in one process "
+                              f"(kdflow cache-teacher with {setting}.device_map), then train from it under the launcher")
+        on_cuda = torch.cuda.is_available()
+    else:
+        on_cuda = run_device(spec, setting).type == "cuda"
+    if spec.load_in != "none":
+        if not on_cuda:
+            where = f"{setting}.device={spec.device}" if spec.device != "auto" else "this machine has no CUDA GPU"
+            raise ConfigError(f"{setting}.load_in={spec.load_in} needs a CUDA GPU (bitsandbytes), but {where}; set "
+                              f"{setting}.load_in=none (a smaller dtype such as {setting}.dtype=bfloat16 also halves memory)")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ConfigError(f"{setting}.load_in={spec.load_in} needs the bitsandbytes package: pip install bitsandbytes, "
+                              f"or set {setting}.load_in=none")
+    if spec.lora_adapter is not None and not (Path(spec.lora_adapter) / "adapter_config.json").is_file():
+        raise ConfigError(f"{setting}.lora_adapter={spec.lora_adapter}: no adapter_config.json there; give a folder "
+                          "saved by peft (save_pretrained of a PeftModel)")
+    if spec.adapt.method != "none" and (spec.device_map is not None or spec.load_in != "none"):
+        raise ConfigError(f"{setting}.adapt trains the teacher's weights on one device, which a teacher loaded with "
+                          f"{setting}.device_map or {setting}.load_in does not allow here; adapt it unquantised on one "
+                          f"device (or elsewhere) and point {setting}.name at the adapted folder")
+
+
+def teacher_identity(spec: TeacherSpec) -> str:
+    """What caches and manifests record of a teacher: where its weights come from and every loading
+    setting that changes its numbers (dtype, quantisation, a LoRA adapter's contents). Not where it
+    runs: one teacher gives the same targets on any device, up to rounding. A float32 teacher without
+    adapter or quantisation is identified by its weights alone, as before these settings existed."""
+    parts = [model_identity(spec)]
+    dtype = dtype_name(spec, "teacher")
+    if dtype != "float32":
+        parts.append(f"dtype={dtype}")
+    if spec.load_in != "none":
+        parts.append(f"load_in={spec.load_in}")
+    if spec.lora_adapter is not None:
+        parts.append(f"lora={_adapter_digest(Path(spec.lora_adapter))}")
+    return "|".join(parts)
+
+
+def _adapter_digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(folder.iterdir()):
+        if f.is_file() and f.name.startswith("adapter_"):
+            h.update(f.name.encode())
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _bnb_config(spec: TeacherSpec) -> Any:
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if spec.load_in == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute)
+
+
+def _with_adapter(model: Any, spec: TeacherSpec) -> Any:
+    """The LoRA adapter on the teacher. Merged into the weights (W + BA computed once) when they are
+    plain floats: the teacher then runs as fast as without an adapter and every code path sees a plain
+    model. A quantised teacher keeps it as an adapter: merging into 8/4-bit weights would round the
+    update away."""
+    from kdflow.models import with_adapter
+
+    return with_adapter(model, spec.lora_adapter, merge=spec.load_in == "none")
+
+
+def load_teacher(spec: TeacherSpec) -> Any:
+    """The frozen teacher of `spec`, loaded as its settings say and placed (`models.place`)."""
+    from kdflow.models import freeze, load_model, place, run_device
+
+    check_teacher_settings(spec)
+    loading: dict[str, Any] = {}
+    device = None
+    if spec.device_map is not None:
+        loading["device_map"] = spec.device_map
+    else:
+        device = run_device(spec, "teacher")
+    if spec.load_in != "none":
+        loading["quantization_config"] = _bnb_config(spec)
+    model = load_model(spec, device, **loading)
+    if spec.lora_adapter is not None:
+        model = _with_adapter(model, spec)
+    return place(freeze(model), spec, "teacher", device, move=spec.device_map is None)
 
 
 def _data_settings(data: DataConfig) -> dict[str, Any]:
@@ -39,8 +200,14 @@ def adapted_key(spec: TeacherSpec, rows: Rows, data: DataConfig) -> dict[str, An
     adapt = {k: v for k, v in to_dict(spec.adapt).items() if k != "dir"}
     if spec.adapt.method != "lora":
         adapt.pop("lora")
-    return {"teacher": model_identity(spec), "dtype": spec.dtype, "rows": rows_fingerprint(rows),
-            "data": _data_settings(data), "adapt": adapt, "format": 1}
+    return {"teacher": teacher_identity(dataclasses.replace(spec, dtype=_adapt_dtype(spec))), "dtype": _adapt_dtype(spec),
+            "rows": rows_fingerprint(rows), "data": _data_settings(data), "adapt": adapt, "format": 1}
+
+
+def _adapt_dtype(spec: TeacherSpec) -> str:
+    # Adaptation trains the weights: in float32 unless a dtype was chosen (teacher.adapt.bf16 adds autocast);
+    # dtype auto only decides how the adapted teacher is loaded to teach.
+    return "float32" if spec.dtype == "auto" else spec.dtype
 
 
 def adapted_folder(spec: TeacherSpec, rows: Rows, data: DataConfig) -> Path:
@@ -64,7 +231,8 @@ def prepare_teacher(spec: TeacherSpec, data: DataConfig, train_rows: Rows | None
         _adapt(spec, data, train_rows, folder)
     else:
         print(f"[kdflow] adapted teacher: reusing {folder}")
-    return dataclasses.replace(spec, name=str(folder), gguf_file=None, revision=None, adapt=AdaptSpec())
+    # the adapted folder holds the teacher with its lora_adapter merged in
+    return dataclasses.replace(spec, name=str(folder), gguf_file=None, revision=None, lora_adapter=None, adapt=AdaptSpec())
 
 
 def _adapt(spec: TeacherSpec, data: DataConfig, rows: Rows, folder: Path) -> None:
@@ -74,7 +242,7 @@ def _adapt(spec: TeacherSpec, data: DataConfig, rows: Rows, folder: Path) -> Non
 
     from kdflow.data import Collator, ListDataset, encode_rows
     from kdflow.losses import HeadLossSpec, head_losses, shifted_masks
-    from kdflow.models import apply_lora, load_model, load_tokenizer, selected_hidden
+    from kdflow.models import apply_lora, load_model, load_tokenizer, run_device, selected_hidden
     from kdflow.report import atomic_folder, write_json
     from kdflow.training import make_token_normalized_trainer_class, train_or_restore, training_arguments, last_checkpoint
 
@@ -84,7 +252,9 @@ def _adapt(spec: TeacherSpec, data: DataConfig, rows: Rows, folder: Path) -> Non
           f"{len(rows)} rows; saved once to {folder}")
     transformers.set_seed(a.seed)
     tok = load_tokenizer(spec)
-    model = load_model(spec)
+    model = load_model(dataclasses.replace(spec, dtype=_adapt_dtype(spec)))  # on the CPU: the Trainer places it
+    if spec.lora_adapter is not None:
+        model = _with_adapter(model, spec)
     examples = encode_rows(rows, tok, data)
     if a.method == "lora":
         model = apply_lora(model, dataclasses.replace(a.lora, enabled=True))
@@ -107,7 +277,8 @@ def _adapt(spec: TeacherSpec, data: DataConfig, rows: Rows, folder: Path) -> Non
             hidden, head = selected_hidden(model, inputs["input_ids"], inputs["attention_mask"], ce_mask)
             return head_losses(hidden, head, inputs["labels"][:, 1:][ce_mask], ce_mask[ce_mask], None, HeadLossSpec())
 
-    trainer = AdaptTrainer(model=model, args=training_arguments(train, work, a.seed, has_eval=False),
+    trainer = AdaptTrainer(model=model, args=training_arguments(train, work, a.seed, has_eval=False,
+                                                                 device=run_device(spec, "teacher")),
                            train_dataset=ListDataset(examples), data_collator=Collator(tok.pad_token_id))
     loss, _ = train_or_restore(trainer, last_checkpoint(work))
     model = trainer.model
@@ -148,7 +319,7 @@ def check_teacher(spec: TeacherSpec, load: Callable[[], tuple[Any, Any]], val_ro
 
     ecfg = dataclasses.replace(eval_cfg, max_rows=c.max_rows, sample_seeds=[], exposure_bias=False, show_examples=3)
     rows = val_rows.head(c.max_rows)
-    key = {"teacher": model_identity(spec), "rows": rows_fingerprint(rows), "data": to_dict(data),
+    key = {"teacher": teacher_identity(spec), "rows": rows_fingerprint(rows), "data": to_dict(data),
            "eval": to_dict(ecfg)}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     path = cache_root() / "teacher_checks" / f"{digest}.json"

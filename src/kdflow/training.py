@@ -77,7 +77,10 @@ def resolve_resume(train: TrainConfig, output_dir: str | os.PathLike) -> str | N
     return str(path)
 
 
-def training_arguments(train: TrainConfig, output_dir: str | os.PathLike, seed: int, has_eval: bool) -> Any:
+def training_arguments(train: TrainConfig, output_dir: str | os.PathLike, seed: int, has_eval: bool,
+                       device: Any = None) -> Any:
+    """TrainingArguments for `train`; `device` (models.run_device of the trained model) cpu keeps the
+    Trainer on the CPU even where a GPU is present."""
     from transformers import TrainingArguments
 
     report_to = [r for r in train.report_to if r != "none"] or "none"
@@ -108,9 +111,12 @@ def training_arguments(train: TrainConfig, output_dir: str | os.PathLike, seed: 
         remove_unused_columns=False,
         seed=seed,
         dataloader_num_workers=0,
-        use_cpu=not _has_accelerator(),
+        use_cpu=not _has_accelerator() or (device is not None and getattr(device, "type", device) == "cpu"),
         disable_tqdm=False,
     )
+    # One process drives one device; several GPUs are used through a launcher (DDP), never through
+    # the Trainer's single-process DataParallel, which would also take the GPU a teacher sits on.
+    args._n_gpu = min(args._n_gpu, 1)
     # TrainingArguments has no ratio any more: its `warmup_steps` reads a float below 1 as a ratio but
     # 1.0 as one step. The ratio rides along and TokenNormalizedTrainer turns it into steps.
     args.kdflow_warmup_ratio = train.warmup_ratio

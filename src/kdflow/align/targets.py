@@ -171,7 +171,7 @@ class CrossTokenizer:
     @torch.no_grad()
     def targets(self, teacher: Any, batch: dict[str, Any], k: int, temperature: float) -> TopKTargets:
         """Projected teacher top-k at the student's KD rows of a collated batch (row-major order)."""
-        from kdflow.models import selected_hidden
+        from kdflow.models import input_device, selected_hidden
         from kdflow.teacher_cache import topk_from_logits
 
         # built on the CPU (the batch may already sit on an accelerator), returned where the labels are
@@ -190,7 +190,7 @@ class CrossTokenizer:
         if bool(paired.any()):
             seqs = batch["teacher_input_ids"]
             W = max(len(x) for x in seqs)
-            device = next(teacher.parameters()).device
+            device = input_device(teacher)
             ids = torch.full((len(seqs), W), self.pad_id, dtype=torch.long)
             attn = torch.zeros((len(seqs), W), dtype=torch.long)
             for b, x in enumerate(seqs):

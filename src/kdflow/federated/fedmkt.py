@@ -34,7 +34,8 @@ from kdflow.errors import ConfigError
 from kdflow.federated import payload as wire
 from kdflow.federated.selection import OWN, SELECTIONS, SKIP, weighted
 from kdflow.losses import HeadLossSpec, get_divergence, head_losses, shifted_masks
-from kdflow.models import apply_lora, build_student, freeze, load_model, load_tokenizer, selected_hidden, tokenizer_fingerprint
+from kdflow.models import (apply_lora, build_student, freeze, input_device, load_model, load_tokenizer, place, run_device,
+                           selected_hidden, to_device, tokenizer_fingerprint)
 from kdflow.teacher_cache import batch_targets, topk_from_logits
 from kdflow.training import train_examples
 
@@ -106,6 +107,10 @@ def check_config(cfg: FedMKTConfig, baselines: bool = True) -> None:
     def spec(c: PartyConfig) -> dict[str, Any]:
         return {"model": to_dict(c.model), "prune_from": c.prune_from}
 
+    for key, party in [("server", cfg.server)] + [(f"clients[{i}]", c) for i, c in enumerate(cfg.clients)]:
+        if party.model.device not in ("auto", "cpu"):
+            raise ConfigError(f"{key}.model.device={party.model.device}: a party's model trains on the process's device "
+                              "(auto) or on the cpu; choose GPUs with CUDA_VISIBLE_DEVICES")
     first = cfg.clients[0] if cfg.clients else None
     for c in cfg.clients[1:]:
         diff = _first_difference(spec(first), spec(c), "")
@@ -124,11 +129,14 @@ def load_base(spec: PartyConfig, cache: dict[str, Any], seed: int = 0) -> tuple[
     """(frozen base model, tokenizer) for a party; models to prune from are loaded once and shared.
 
     Random weights (model.init=config) are drawn from `seed`, so a party builds the same base
-    whether it is built alone (a Flower client) or beside the others (the in-process runner).
+    whether it is built alone (a Flower client) or beside the others (the in-process runner). The
+    base goes to the party's device (model.device), where its adapter is added and trained.
     """
     m = spec.model
+    role = f"party {spec.name}"
     if m.init == "pretrained":
-        return freeze(load_model(m)), load_tokenizer(m)
+        device = run_device(m, f"{role} model")
+        return place(freeze(load_model(m, device)), role=role, device=device), load_tokenizer(m)
     if not spec.prune_from:
         raise ConfigError(f"party '{spec.name}': model.init={m.init} needs prune_from (the model to take layers/config from)")
     src = ModelSpec(name=spec.prune_from, dtype=m.dtype)
@@ -136,7 +144,7 @@ def load_base(spec: PartyConfig, cache: dict[str, Any], seed: int = 0) -> tuple[
         cache[spec.prune_from] = (load_model(src), load_tokenizer(src))
     base, tok = cache[spec.prune_from]
     torch.manual_seed(seed)
-    return freeze(build_student(m, base, src)), tok
+    return place(freeze(build_student(m, base, src)), m, role), tok
 
 
 def make_party(spec: PartyConfig, base: Any, tok: Any, seed: int) -> Party:
@@ -176,12 +184,13 @@ def public_outputs(party: Party, k: int, temperature: float, batch_size: int = 1
         ce_mask, _ = shifted_masks(batch["labels"], batch["attention_mask"])
         hidden, head = selected_hidden(party.model, batch["input_ids"], batch["attention_mask"], ce_mask)
         logits = head(hidden).float()[..., :V]
-        per_pos = F.cross_entropy(logits, batch["labels"][:, 1:][ce_mask], reduction="none")
+        per_pos = F.cross_entropy(logits, batch["labels"][:, 1:][ce_mask].to(logits.device), reduction="none").cpu()
         start = 0
         for n in ce_mask.sum(-1).tolist():
             ces.append(float(per_pos[start:start + n].mean()) if n else 0.0)
             start += n
-        i, lp, tail = topk_from_logits(logits, k, temperature)
+        # computed where the model runs; only the k columns come back to build the payload
+        i, lp, tail = (x.cpu() for x in topk_from_logits(logits, k, temperature))
         ids.append(i.numpy())
         lps.append(lp.numpy())
         tails.append(tail.numpy())
@@ -384,6 +393,7 @@ def train_phase(party: Party, examples: list[dict[str, Any]], cfg: FedMKTConfig,
         return counts
 
     def loss_sums(model: Any, batch: dict[str, Any]) -> dict[str, tuple[torch.Tensor, int]]:
+        batch = to_device(batch, input_device(model))  # the party's model may sit on a GPU (load_base)
         ce_mask, _ = shifted_masks(batch["labels"], batch["attention_mask"])
         hidden, head = selected_hidden(model, batch["input_ids"], batch["attention_mask"], ce_mask)
         targets = batch["labels"][:, 1:][ce_mask]

@@ -34,7 +34,7 @@ from kdflow.evaluate import EvalResult, answer_nll, evaluate_cached, format_tabl
 from kdflow.losses import (DenseTeacher, HeadLossSpec, TopKTargets, get_divergence, head_losses,
                            shifted_masks)
 from kdflow.models import (apply_lora, build_student, check_student, count_parameters, load_model, load_tokenizer,
-                           model_identity, save_model, selected_hidden, tokenizer_fingerprint)
+                           model_identity, place, run_device, save_model, selected_hidden, tokenizer_fingerprint)
 from kdflow.report import examples_markdown, plot_curves, write_atomic, write_json
 from kdflow.training import (common_loop_checkpoint, load_loop_checkpoint, prune_loop_checkpoints,
                              save_loop_checkpoint, setup_run, step_normalized, step_rows)
@@ -393,7 +393,7 @@ def build_peer(cfg: CoDistillConfig, k: int, tok: Any, examples: list[dict[str, 
         if key not in bases:
             bases[key] = load_model(_base_of(cfg, spec)).eval()
         base = bases[key]
-    model = build_student(m, base, _base_of(cfg, spec)).to(device)
+    model = place(build_student(m, base, _base_of(cfg, spec)), role=f"peer {spec.name}", device=device)
     lr = spec.learning_rate if spec.learning_rate is not None else cfg.train.learning_rate
     return Peer(spec, seed, tok, model, examples, group, lr)
 
@@ -457,6 +457,15 @@ def _check(cfg: CoDistillConfig) -> None:
         raise ConfigError(f"train.report_to: codistill logs to tensorboard or none, not {', '.join(bad)}")
 
 
+def _peers_device(cfg: CoDistillConfig) -> torch.device:
+    """The one device every peer trains on (each peer's model.device: auto or cpu, all alike)."""
+    wanted = {p.model.device for p in cfg.peers}
+    if len(wanted) > 1:
+        raise ConfigError(f"peers[].model.device differ ({', '.join(sorted(wanted))}): peers train together on one "
+                          "device; give them all the same device")
+    return run_device(cfg.peers[0].model, "peers[0].model")
+
+
 def run_codistill(cfg: CoDistillConfig) -> dict[str, Any]:
     _check(cfg)
     t_start = time.time()
@@ -466,6 +475,7 @@ def run_codistill(cfg: CoDistillConfig) -> dict[str, Any]:
     test_rows = read_rows(cfg.data.test, "data.test").head(cfg.data.max_eval_rows) if cfg.data.test else None
     for i, spec in enumerate(cfg.peers):
         check_student(spec.model, _base_of(cfg, spec), f"peers[{i}].model")
+    _peers_device(cfg)
     out = setup_run(cfg.output_dir, cfg, cfg.seed, cfg.train.num_threads, ignore=("baseline_alone",))
     toks = [_peer_tokenizer(cfg, s) for s in cfg.peers]
     encoded: list[list[dict[str, Any]]] = []
@@ -477,7 +487,7 @@ def run_codistill(cfg: CoDistillConfig) -> dict[str, Any]:
         same = [g for g, other in enumerate(encoded) if other == ex]
         groups.append(groups[same[0]] if same else len(encoded))
         encoded.append(ex)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = _peers_device(cfg)
     bases: dict[str, Any] = {}
     peers = [build_peer(cfg, k, toks[k], encoded[k], groups[k], bases, device) for k in range(len(cfg.peers))]
     if len(set(groups)) > 1:  # some peers tokenize the data differently: align them once, before training
@@ -494,9 +504,11 @@ def run_codistill(cfg: CoDistillConfig) -> dict[str, Any]:
         total, trainable = count_parameters(p.model)
         print(f"[kdflow] peer {p.name}: {total / 1e6:.3f}M parameters, {trainable / 1e6:.2f}M trained, lr {p.lr:g}, "
               f"tokenizer {tokenizer_fingerprint(p.tok)}")
-    from torch.utils.tensorboard import SummaryWriter
+    writer = None
+    if "tensorboard" in cfg.train.report_to:
+        from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package: only when asked for
 
-    writer = SummaryWriter(str(out / "runs")) if "tensorboard" in cfg.train.report_to else None
+        writer = SummaryWriter(str(out / "runs"))
     train_info = {"codistill": train_peers(peers, cfg, out / "peers", cfg.kd.kd_weight, val_rows, "codistill", writer)}
     run_key = {**_train_key(cfg), "kd": to_dict(cfg.kd), "peers": [to_dict(s) for s in cfg.peers],
                "base": to_dict(cfg.base)}

@@ -28,10 +28,9 @@ from kdflow.data import Collator, ListDataset, Rows, encode_rows, prompts_of, re
 from kdflow.errors import ConfigError, DataError
 from kdflow.evaluate import EvalResult, differences_markdown, evaluate_cached, format_table, generate, scoring_rule
 from kdflow.losses import DenseTeacher, HeadLossSpec, get_divergence, head_losses, shifted_masks
-from kdflow.models import (apply_lora, build_student, check_student, count_parameters, freeze, load_model,
-                           load_tokenizer, model_identity, require_same_tokenizer, save_model, selected_hidden,
-                           tokenizer_fingerprint)
-from kdflow.teachers import check_teacher, prepare_teacher
+from kdflow.models import (apply_lora, build_student, check_student, count_parameters, load_model, load_tokenizer,
+                           place, require_same_tokenizer, run_device, save_model, selected_hidden, tokenizer_fingerprint)
+from kdflow.teachers import check_teacher, check_teacher_settings, get_teacher, teacher_identity
 from kdflow.teacher_cache import TeacherCache, batch_targets, build_cache, manifest_key, same_tokenizer_targets
 from kdflow.report import examples_markdown, loss_series, plot_curves, write_atomic, write_json
 from kdflow.runfolder import run_settings
@@ -62,8 +61,8 @@ def make_distill_trainer_class() -> type:
                 divergence=get_divergence(cfg.kd.divergence, cfg.kd.jsd_beta, cfg.kd.skew_alpha),
                 temperature=cfg.kd.temperature, sparse_mode=cfg.kd.sparse_mode, vocab_size=vocab_size,
                 chunk_tokens=cfg.kd.chunk_tokens)
-            if teacher is not None:
-                teacher.to(self.args.device)
+            # The teacher stays where teachers.load_teacher placed it (its own device, or spread over
+            # several): selected_hidden feeds it there and DenseTeacher brings its logits back.
 
         def count_tokens(self, batch: dict[str, Any]) -> dict[str, int]:
             ce_mask, kd_mask = shifted_masks(batch["labels"], batch["attention_mask"], self.cfg.kd.token_scope)
@@ -123,7 +122,7 @@ def seqkd_rows(cfg: DistillConfig, rows: Rows, teacher: Any, teacher_tok: Any, o
     path = Path(s.cache_file) if s.cache_file else out / "seqkd_generations.jsonl"
     manifest = {
         "format": SEQKD_FORMAT,
-        "teacher": model_identity(cfg.teacher),
+        "teacher": teacher_identity(cfg.teacher),
         "tokenizer": tokenizer_fingerprint(teacher_tok),
         "data": rows_fingerprint(rows),
         "generation": {"do_sample": s.do_sample, "temperature": s.temperature, "top_p": s.top_p,
@@ -225,7 +224,7 @@ def _read_splits(cfg: DistillConfig) -> tuple[Rows, Rows | None, Rows | None]:
 
 def _cache_key(cfg: DistillConfig, train_rows: Rows, teacher_tok: Any, tok: Any, cross: Any = None) -> dict[str, Any]:
     c = cfg.teacher_cache
-    return manifest_key(teacher=model_identity(cfg.teacher), teacher_tokenizer=tokenizer_fingerprint(teacher_tok),
+    return manifest_key(teacher=teacher_identity(cfg.teacher), teacher_tokenizer=tokenizer_fingerprint(teacher_tok),
                         student_tokenizer=tokenizer_fingerprint(tok), data=rows_fingerprint(train_rows),
                         data_settings=_data_settings(cfg), k=c.k,
                         temperature=_target_temperature(cfg) if cross is not None else cfg.kd.temperature,
@@ -272,12 +271,13 @@ def run_cache_teacher(cfg: DistillConfig) -> dict[str, Any]:
 
     transformers.set_seed(cfg.seed)
     train_rows, val_rows, _ = _read_splits(cfg)
-    cfg = dataclasses.replace(cfg, teacher=prepare_teacher(cfg.teacher, cfg.data, train_rows))
-    teacher_tok = load_tokenizer(cfg.teacher)
+    ready = get_teacher(cfg.teacher, cfg.data, train_rows)
+    cfg = dataclasses.replace(cfg, teacher=ready.spec)
+    teacher_tok = ready.tokenizer
     tok = _student_tokenizer(cfg, teacher_tok)
     cross = _cross_tokenizer(cfg, teacher_tok, tok)
     examples = encode_rows(train_rows, tok, cfg.data)
-    teacher = freeze(load_model(cfg.teacher))
+    teacher = ready.model()
     check_teacher(cfg.teacher, lambda: (teacher, teacher_tok), val_rows, cfg.data, cfg.eval)
     c = cfg.teacher_cache
     if cross is not None:  # targets in the student's vocabulary, at the student's positions
@@ -300,11 +300,15 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
     if cfg.method != "sft" and not cfg.teacher.name:
         raise ConfigError(f"method {cfg.method} needs teacher.name")
     check_student(cfg.student, cfg.teacher if cfg.teacher.name else None)
+    if cfg.teacher.name:
+        check_teacher_settings(cfg.teacher)
     # The folder is touched only now: a run refused above leaves an earlier run's folder as it was.
     out = setup_run(cfg.output_dir, cfg, cfg.seed, cfg.train.num_threads)
+    ready = None
     if cfg.teacher.name:  # every use of the teacher (targets, pruning the student, its scores) sees the adapted one
-        cfg = dataclasses.replace(cfg, teacher=prepare_teacher(cfg.teacher, cfg.data, train_rows))
-    teacher_tok = load_tokenizer(cfg.teacher) if cfg.teacher.name else None
+        ready = get_teacher(cfg.teacher, cfg.data, train_rows)
+        cfg = dataclasses.replace(cfg, teacher=ready.spec)
+    teacher_tok = ready.tokenizer if ready is not None else None
     tok = _student_tokenizer(cfg, teacher_tok)
     cross = _cross_tokenizer(cfg, teacher_tok, tok) if cfg.method in ("kd", "hard_token") else None
     vocab_size = len(tok)
@@ -316,11 +320,12 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
     needs_teacher = ((cfg.method in ("kd", "hard_token") and not use_cache) or cfg.method == "seqkd"
                      or cfg.student.init == "prune_teacher"
                      or ((cfg.evaluate_teacher or cfg.eval.exposure_bias) and test_rows is not None))
-    teacher = freeze(load_model(cfg.teacher)) if (needs_teacher and cfg.teacher.name) else None
+    teacher = ready.model() if (needs_teacher and ready is not None) else None
     teacher_check = None
     if cfg.method != "sft":
-        teacher_check = check_teacher(cfg.teacher, lambda: (teacher or freeze(load_model(cfg.teacher)), teacher_tok),
-                                      val_rows, cfg.data, cfg.eval)
+        teacher_check = check_teacher(cfg.teacher, lambda: (ready.model(), teacher_tok), val_rows, cfg.data, cfg.eval)
+        if teacher is None:
+            ready.release()  # loaded for the check only (training reads the teacher cache)
     student = build_student(cfg.student, teacher, cfg.teacher if cfg.teacher.name else None)
 
     # Encode (validates every row: missing fields, empty text, prompts over the limit).
@@ -365,7 +370,8 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
     Trainer = make_distill_trainer_class()
     trainer = Trainer(
         model=student,
-        args=training_arguments(cfg.train, out, cfg.seed, val_examples is not None),
+        args=training_arguments(cfg.train, out, cfg.seed, val_examples is not None,
+                                device=run_device(cfg.student, "student")),
         train_dataset=ListDataset(train_examples),
         eval_dataset=ListDataset(val_examples) if val_examples else None,
         data_collator=Collator(tok.pad_token_id),
@@ -374,6 +380,7 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
         vocab_size=vocab_size,
         cross=cross if not use_cache else None,
     )
+    place(trainer.model, role="student", move=False)  # the Trainer placed it (records where)
     if resume:
         print(f"[kdflow] resuming from {resume}")
     t_train = time.time()
@@ -388,7 +395,7 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
         # under train.bf16 its forward stays wrapped in autocast, and a LoRA adapter is not yet merged.
         saved = ModelSpec(name=str(out / "student"), dtype=cfg.student.dtype,
                           trust_remote_code=cfg.student.trust_remote_code)
-        model_after = load_model(saved).to(trainer.args.device)
+        model_after = load_model(saved, trainer.args.device).to(trainer.args.device)
         same_tok = teacher is not None and cross is None and tokenizer_fingerprint(teacher_tok) == tokenizer_fingerprint(tok)
         results["student (after)"] = _eval_cached(out, "student_after", model_after, tok, test_rows, cfg,
                                                   teacher=teacher if same_tok else None)

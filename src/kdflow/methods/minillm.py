@@ -33,10 +33,10 @@ from kdflow.data import Encoder, Rows, collate, left_pad, prompts_of, read_rows
 from kdflow.errors import ConfigError, DataError, KDFlowError
 from kdflow.evaluate import EvalResult, differences_markdown, evaluate_cached, format_table
 from kdflow.losses import ce_sum, reverse_kl
-from kdflow.models import (apply_lora, build_student, check_student, count_parameters, freeze, load_model,
-                           load_tokenizer, require_same_tokenizer, save_model, selected_logits)
+from kdflow.models import (apply_lora, build_student, check_student, count_parameters, load_tokenizer, place,
+                           require_same_tokenizer, save_model, selected_logits)
 from kdflow.report import examples_markdown, plot_curves, write_atomic, write_json
-from kdflow.teachers import check_teacher, prepare_teacher
+from kdflow.teachers import check_teacher, check_teacher_settings, get_teacher
 from kdflow.rollout import Rollout, length_normalized_returns, mixed_sample, pack_right
 from kdflow.runfolder import run_settings
 from kdflow.training import (common_loop_checkpoint, load_loop_checkpoint, prune_loop_checkpoints,
@@ -309,11 +309,13 @@ def run_minillm(cfg: MiniLLMConfig) -> dict[str, Any]:
     if not cfg.teacher.name:
         raise ConfigError("teacher.name is not set: MiniLLM needs the teacher at every sampled token")
     check_student(cfg.student, cfg.teacher)
+    check_teacher_settings(cfg.teacher)
     out = setup_run(cfg.output_dir, cfg, cfg.seed, cfg.minillm.num_threads, resume=cfg.minillm.resume,
                     resume_key="minillm.resume")
 
-    cfg = dataclasses.replace(cfg, teacher=prepare_teacher(cfg.teacher, cfg.data, train_rows))
-    teacher_tok = load_tokenizer(cfg.teacher)
+    ready = get_teacher(cfg.teacher, cfg.data, train_rows)
+    cfg = dataclasses.replace(cfg, teacher=ready.spec)
+    teacher_tok = ready.tokenizer
     uses_own_tok = cfg.student.init == "pretrained" or (cfg.student.init == "config" and cfg.student.name)
     tok = load_tokenizer(cfg.student) if uses_own_tok else teacher_tok
     require_same_tokenizer(teacher_tok, tok, cfg.teacher.name, cfg.student.name or cfg.student.init)
@@ -325,10 +327,9 @@ def run_minillm(cfg: MiniLLMConfig) -> dict[str, Any]:
                         f"data.max_length - data.min_response_tokens = {limit}; raise data.max_length or shorten it")
     lm_examples = lm_examples_of(lm_rows, tok, cfg) if lm_rows is not None else None
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    teacher = freeze(load_model(cfg.teacher)).to(device)
+    teacher = ready.model()
     teacher_check = check_teacher(cfg.teacher, lambda: (teacher, teacher_tok), val_rows, cfg.data, cfg.eval)
-    student = build_student(cfg.student, teacher, cfg.teacher).to(device)
+    student = place(build_student(cfg.student, teacher, cfg.teacher), cfg.student, "student")
     total, _ = count_parameters(student)
     print(f"[kdflow] minillm: student {total / 1e6:.1f}M params, teacher {count_parameters(teacher)[0] / 1e6:.1f}M, "
           f"{len(prompts)} prompts, mix_alpha={cfg.minillm.mix_alpha}")
