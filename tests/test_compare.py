@@ -13,7 +13,7 @@ from kdflow.errors import ConfigError
 
 
 def compare_args(tiny_dirs, tiny_data, out, adapt_dir):
-    return [f"teacher.name={tiny_dirs['teacher']}", "student.init=prune_teacher", "student.keep_layers=[0,3]",
+    return [f"teacher.name={tiny_dirs['teacher']}", "student.init=prune_teacher", "student.num_layers=2",
             f"data.train={tiny_data['train']}", f"data.validation={tiny_data['validation']}",
             f"data.test={tiny_data['test']}", f"output_dir={out}", "train.batch_size=4", "train.max_steps=2",
             "train.report_to=[none]", "train.save_steps=0", "eval.max_new_tokens=4", "eval.batch_size=8",
@@ -92,6 +92,7 @@ def test_compare_two_variants_two_seeds_resumes(tmp_path, tiny_dirs, tiny_data, 
             assert (run / "metrics.json").is_file() and (run / "student" / "config.json").is_file()
     kd_run = json.loads((out / "kd" / "seed-0" / "metrics.json").read_text())
     assert kd_run["teacher"] == str(adapted[0]) and kd_run["teacher_check"]["rows"] == 4
+    assert kd_run["student_layers"] == [0, 3] and len(kd_run["layer_importance"]) == 4  # chosen by importance
     # a third call has nothing left to run
     calls.clear()
     assert main(["compare", *args]) == 0 and calls == []

@@ -166,3 +166,55 @@ def test_different_tokenizers_are_refused_with_a_pointer_to_cross_tokenizer(bpe_
     require_same_tokenizer(bpe_tok, train_tokenizer("bpe"), "t", "s")  # same training -> same ids
     with pytest.raises(ModelError, match="different tokenizers.*only methods kd and hard_token support"):
         require_same_tokenizer(bpe_tok, other, "t", "s")
+
+
+def test_block_importance_against_a_direct_computation(bpe_tok, tiny_data):
+    """1 − cos of each block's input and output, averaged over real tokens (padding left out),
+    compared with a loop over rows; the chosen layers keep the first, the last and the highest."""
+    import torch
+    import torch.nn.functional as F
+
+    from conftest import tiny_llama
+    from kdflow.compress.prune import block_importance, evenly_spaced, most_important
+    from kdflow.config import DataConfig
+    from kdflow.data import encode_rows, read_rows
+
+    model = tiny_llama(bpe_tok, layers=5, hidden=32, seed=3).eval()
+    examples = encode_rows(read_rows(str(tiny_data["train"])).head(6), bpe_tok, DataConfig())
+    scores = block_importance(model, examples, bpe_tok.pad_token_id, batch_size=4)
+    per_layer, tokens = [0.0] * 5, 0
+    with torch.no_grad():
+        for e in examples:  # one row at a time: no padding at all
+            hs = model(input_ids=torch.tensor([e["input_ids"]]), output_hidden_states=True).hidden_states
+            for layer in range(5):
+                per_layer[layer] += float((1 - F.cosine_similarity(hs[layer][0], hs[layer + 1][0], dim=-1)).sum())
+            tokens += len(e["input_ids"])
+    assert scores == pytest.approx([x / tokens for x in per_layer], rel=1e-4)
+    assert most_important([0.9, 0.1, 0.5, 0.3, 0.2, 0.8], 4) == [0, 2, 3, 5]
+    assert most_important([0.0, 0.2, 0.2, 0.0], 3) == [0, 1, 3]  # ties: the earlier block
+    assert evenly_spaced(30, 10) == [0, 3, 6, 10, 13, 16, 19, 23, 26, 29]
+    with pytest.raises(ValueError):
+        most_important([0.1, 0.2], 3)
+
+
+def test_student_pruned_by_importance_records_its_choice(tiny_dirs, tiny_data):
+    from kdflow.config import DataConfig, ModelSpec, StudentSpec
+    from kdflow.data import encode_rows, read_rows
+    from kdflow.errors import ConfigError
+    from kdflow.models import build_student, check_student, load_model, load_tokenizer
+
+    tspec = ModelSpec(name=str(tiny_dirs["teacher"]))
+    tok, teacher = load_tokenizer(tspec), load_model(tspec)
+    calib = (encode_rows(read_rows(str(tiny_data["train"])).head(8), tok, DataConfig()), tok.pad_token_id)
+    spec = StudentSpec(init="prune_teacher", num_layers=3)
+    student = build_student(spec, teacher, tspec, calib)
+    keep = student.config.kdflow_pruned_from_layers
+    assert len(keep) == 3 and keep[0] == 0 and keep[-1] == 3 and len(student.config.kdflow_layer_importance) == 4
+    uniform = build_student(StudentSpec(init="prune_teacher", num_layers=3, layer_selection="uniform"), teacher, tspec)
+    assert uniform.config.kdflow_pruned_from_layers == [0, 2, 3]
+    with pytest.raises(ConfigError, match="only 4 layers"):
+        build_student(StudentSpec(init="prune_teacher", num_layers=5), teacher, tspec, calib)
+    with pytest.raises(ConfigError, match="not several"):
+        check_student(StudentSpec(init="prune_teacher", num_layers=3, keep_every=2), tspec)
+    with pytest.raises(ConfigError, match="needs calibration rows"):
+        build_student(spec, teacher, tspec)

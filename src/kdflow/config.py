@@ -150,6 +150,14 @@ class StudentSpec(ModelSpec):
                                         range=">= 0")
     keep_every: int | None = opt(None, "prune_teacher: keep every n-th layer (0, n, 2n, ...) and always the last one",
                                  range=">= 1")
+    num_layers: int | None = opt(None, "prune_teacher: keep this many layers, chosen by `layer_selection` (instead of "
+                                       "keep_layers / keep_every)", range=">= 2")
+    layer_selection: Literal["importance", "uniform"] = opt(
+        "importance", "num_layers: importance keeps the blocks that change the hidden state most (1 - cosine between a "
+                      "block's input and output on calibration rows of data.train; the first and last always), uniform "
+                      "spreads them evenly")
+    calibration_rows: int = opt(128, "num_layers with importance: rows of data.train the importance is measured on",
+                                range=">= 1")
     config_overrides: dict[str, Any] = opt(factory=dict, help="init=config: model config fields to change, e.g. {num_hidden_layers: 4}")
     lora: LoraSpec = opt(factory=LoraSpec, help="optional LoRA adapter on the student")
 

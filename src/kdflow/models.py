@@ -435,18 +435,39 @@ def _is_tied(model: Any, key: str) -> bool:
     return key in keys or (key.endswith("lm_head.weight") and model.config.tie_word_embeddings)
 
 
-def keep_list(spec: StudentSpec, n_layers: int) -> list[int]:
+def keep_list(spec: StudentSpec, n_layers: int, teacher: Any = None, calibration: Any = None,
+              setting: str = "student") -> tuple[list[int], list[float] | None]:
+    """The teacher layers a pruned student keeps, and the importance scores when they chose them.
+    `calibration`: (examples, pad id) of data.train rows, needed for layer_selection=importance."""
+    from kdflow.compress.prune import block_importance, evenly_spaced, most_important
+
     if spec.keep_layers:
-        return list(spec.keep_layers)
+        return list(spec.keep_layers), None
     if spec.keep_every:
         keep = list(range(0, n_layers, spec.keep_every))
         if keep[-1] != n_layers - 1:
             keep.append(n_layers - 1)  # the last block shapes the final hidden state the head reads
-        return keep
-    raise ConfigError("student.init=prune_teacher needs student.keep_layers or student.keep_every")
+        return keep, None
+    if spec.num_layers:
+        if spec.num_layers > n_layers:
+            raise ConfigError(f"{setting}.num_layers={spec.num_layers}: the model has only {n_layers} layers")
+        if spec.layer_selection == "uniform":
+            return evenly_spaced(n_layers, spec.num_layers), None
+        if calibration is None:
+            raise ConfigError(f"{setting}.layer_selection=importance needs calibration rows, which this verb does not "
+                              f"give; use {setting}.layer_selection=uniform or {setting}.keep_layers")
+        examples, pad_id = calibration
+        scores = block_importance(teacher, examples[: spec.calibration_rows], pad_id)
+        keep = most_important(scores, spec.num_layers)
+        print(f"[kdflow] {setting}: keeping layers {keep} of {n_layers}, chosen by block importance on "
+              f"{min(len(examples), spec.calibration_rows)} rows of data.train")
+        return keep, scores
+    raise ConfigError(f"{setting}.init=prune_teacher needs {setting}.num_layers, {setting}.keep_layers or "
+                      f"{setting}.keep_every")
 
 
-def build_student(spec: StudentSpec, teacher: Any | None, teacher_spec: ModelSpec | None) -> Any:
+def build_student(spec: StudentSpec, teacher: Any | None, teacher_spec: ModelSpec | None,
+                  calibration: Any = None) -> Any:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -466,7 +487,10 @@ def build_student(spec: StudentSpec, teacher: Any | None, teacher_spec: ModelSpe
             teacher = load_model(teacher_spec, dtype="auto")
             if getattr(teacher_spec, "lora_adapter", None):
                 teacher = with_adapter(teacher, teacher_spec.lora_adapter, merge=True)
-        model = prune_layers(teacher, keep_list(spec, teacher.config.num_hidden_layers)).to(dtype)
+        keep, scores = keep_list(spec, teacher.config.num_hidden_layers, teacher, calibration)
+        model = prune_layers(teacher, keep).to(dtype)
+        if scores is not None:  # recorded in the student's config.json, beside the kept layers
+            model.config.kdflow_layer_importance = [round(x, 6) for x in scores]
     else:  # random weights from a config
         cfg = student_config(spec, teacher.config if teacher is not None else None, teacher_spec)
         try:
@@ -545,8 +569,12 @@ def check_student(spec: StudentSpec, teacher_spec: ModelSpec | None, setting: st
     if spec.init == "prune_teacher":
         if teacher_spec is None or not teacher_spec.name:
             raise ConfigError(f"{setting}.init=prune_teacher needs a model to prune (its teacher or base)")
-        if not spec.keep_layers and not spec.keep_every:
-            raise ConfigError(f"{setting}.init=prune_teacher needs {setting}.keep_layers or {setting}.keep_every")
+        given = [k for k in ("keep_layers", "keep_every", "num_layers") if getattr(spec, k)]
+        if not given:
+            raise ConfigError(f"{setting}.init=prune_teacher needs {setting}.num_layers (how many layers to keep), "
+                              f"{setting}.keep_layers or {setting}.keep_every")
+        if len(given) > 1:
+            raise ConfigError(f"{setting}: give one of {', '.join(setting + '.' + k for k in given)}, not several")
         if spec.keep_layers and len(set(spec.keep_layers)) != len(spec.keep_layers):
             raise ConfigError(f"{setting}.keep_layers {spec.keep_layers} must be distinct")
     if spec.init == "config":

@@ -326,7 +326,10 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
         teacher_check = check_teacher(cfg.teacher, lambda: (ready.model(), teacher_tok), val_rows, cfg.data, cfg.eval)
         if teacher is None:
             ready.release()  # loaded for the check only (training reads the teacher cache)
-    student = build_student(cfg.student, teacher, cfg.teacher if cfg.teacher.name else None)
+    calibration = None
+    if cfg.student.init == "prune_teacher" and cfg.student.num_layers and cfg.student.layer_selection == "importance":
+        calibration = (encode_rows(train_rows.head(cfg.student.calibration_rows), tok, cfg.data), tok.pad_token_id)
+    student = build_student(cfg.student, teacher, cfg.teacher if cfg.teacher.name else None, calibration)
 
     # Encode (validates every row: missing fields, empty text, prompts over the limit).
     seqkd_stats = None
@@ -421,6 +424,8 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
             "alignment": None if align_stats is None else dataclasses.asdict(align_stats)},
         "eval": {k: v.metrics for k, v in results.items()},
         "student_parameters": total,
+        "student_layers": getattr(student.config, "kdflow_pruned_from_layers", None),
+        "layer_importance": getattr(student.config, "kdflow_layer_importance", None),
         "seconds_total": time.time() - t_start,
     }
     write_json(out / "metrics.json", metrics)
@@ -446,10 +451,13 @@ def _report(cfg: DistillConfig, metrics: dict[str, Any], results: dict[str, Eval
     lines = [f"# kdflow distill — {cfg.method}", ""]
     lines.append(f"- teacher: `{cfg.teacher.name}`")
     lines.append(f"- student: init `{cfg.student.init}` {('from `' + cfg.student.name + '`') if cfg.student.name else ''}"
-                 f"{(' keeping layers ' + str(cfg.student.keep_layers)) if cfg.student.keep_layers else ''}"
-                 f"{(' keeping every ' + str(cfg.student.keep_every)) if cfg.student.keep_every else ''}"
+                 f"{(' keeping layers ' + str(metrics['student_layers'])) if metrics.get('student_layers') else ''}"
+                 f"{(' (by block importance)') if metrics.get('layer_importance') else ''}"
                  f" — {metrics['student_parameters'] / 1e6:.1f}M parameters"
                  f"{' + LoRA' if cfg.student.lora.enabled else ''}")
+    if metrics.get("layer_importance"):
+        imp = ", ".join(f"{i}: {x:.3f}" for i, x in enumerate(metrics["layer_importance"]))
+        lines.append(f"- block importance (1 − cos of each layer's input and output; the highest are kept): {imp}")
     if cfg.method == "kd":
         lines.append(f"- loss: {cfg.kd.kd_weight} · τ² · {cfg.kd.divergence}(p_τ‖q_τ) + {1 - cfg.kd.kd_weight:g} · CE, "
                      f"τ = {cfg.kd.temperature}, KD tokens: {cfg.kd.token_scope}")

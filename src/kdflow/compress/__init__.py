@@ -1,0 +1,1 @@
+"""Compression: which parts of a model to keep (pruning by importance)."""
