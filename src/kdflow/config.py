@@ -187,7 +187,7 @@ class TeacherCheckSpec:
         "warn", "before training, score the teacher on data.validation with the run's scorer; warn (or stop) when it is "
                 "below the thresholds: a teacher that cannot answer the task teaches the wrong thing")
     max_rows: int = opt(150, "validation rows scored", range=">= 1")
-    max_answer_nll: float = opt(2.5, "threshold on the teacher's answer NLL (nats/token)", range="> 0")
+    max_answer_nll: float = opt(3.0, "threshold on the teacher's answer NLL (nats/token)", range="> 0")
     min_exact_match: float = opt(0.0, "threshold on the teacher's exact match (0 disables; set it for short-answer tasks)", range="[0, 1]")
 
 
