@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: install
-	$(VENV)/bin/kdflow distill --config configs/demo.yaml
+	$(VENV)/bin/kdflow compare --config configs/demo.yaml
 
 # FedMKT on this machine: builds the two client bases once (about 10 minutes), then runs the rounds
 # and baselines (about 18 minutes).

@@ -41,7 +41,7 @@ def test_distill_cli_on_the_real_model(tmp_path, real_model, monkeypatch):
 
     monkeypatch.chdir(ROOT)  # the shipped config names data relative to the repository
     out = tmp_path / "real"
-    rc = main(["distill", "--config", "configs/demo.yaml", f"output_dir={out}", "student.keep_layers=[0, 29]",
+    rc = main(["distill", "--config", "configs/distill_define.yaml", f"output_dir={out}", "student.keep_layers=[0, 29]",
                "train.max_steps=2", "train.batch_size=2", "eval.max_rows=4", "eval.max_new_tokens=8",
                "train.report_to=[none]", "data.max_train_rows=8"])
     assert rc == 0
