@@ -44,6 +44,8 @@ VERBS: dict[str, Verb] = {
                     "leaderboard with paired intervals against plain SFT; resumable"),
     "eval": Verb("kdflow.config:EvalRunConfig", "kdflow.evaluate:run_eval",
                  "evaluate one model on a test split: answer NLL, perplexity, Rouge-L, exact match, sampled metrics"),
+    "export": Verb("kdflow.config:ExportConfig", "kdflow.compress.quantize:run_export",
+                   "write a weight-only int8 or int4 copy of a model (torchao), which from_pretrained and every verb load"),
 }
 
 

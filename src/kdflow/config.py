@@ -141,23 +141,48 @@ class LoraSpec:
 
 
 @dataclass
+class WidthSpec:
+    """Width pruning (methods.md §12, after Minitron): every layer keeps the same sizes, so the pruned model is a
+    plain model of its architecture whose config states them."""
+
+    hidden_size: int | None = opt(None, "embedding channels kept (the residual stream, embeddings and head), ranked by "
+                                        "the mean |output| of every RMSNorm over calibration tokens", range=">= 1")
+    intermediate_size: int | None = opt(None, "MLP channels kept per layer, ranked by the mean |act(gate) * up| feeding "
+                                              "the down projection", range=">= 1")
+    num_key_value_heads: int | None = opt(None, "attention KV groups kept per layer, each whole (its key/value head and "
+                                                "all its query heads), ranked by the summed norm of their heads' outputs",
+                                          range=">= 1")
+    num_attention_heads: int | None = opt(None, "query heads kept per layer, in whole GQA groups: a multiple of the "
+                                                "KV groups kept, each group keeping its strongest heads", range=">= 1")
+
+    def any(self) -> bool:
+        return any(v is not None for v in (self.hidden_size, self.intermediate_size, self.num_key_value_heads,
+                                           self.num_attention_heads))
+
+
+@dataclass
 class StudentSpec(ModelSpec):
     init: Literal["pretrained", "config", "prune_teacher"] = opt(
         "pretrained",
         "pretrained: load `name`; config: random weights from the teacher's (or `name`'s) config with "
-        "`config_overrides`; prune_teacher: copy the teacher keeping only some transformer layers")
+        "`config_overrides`; prune_teacher: copy the teacher keeping only some transformer layers (num_layers, "
+        "keep_layers, keep_every) and/or narrower widths (`width`)")
     keep_layers: list[int] | None = opt(None, "prune_teacher: indices of the teacher layers to keep, in order",
                                         range=">= 0")
     keep_every: int | None = opt(None, "prune_teacher: keep every n-th layer (0, n, 2n, ...) and always the last one",
                                  range=">= 1")
     num_layers: int | None = opt(None, "prune_teacher: keep this many layers, chosen by `layer_selection` (instead of "
                                        "keep_layers / keep_every)", range=">= 2")
-    layer_selection: Literal["importance", "uniform"] = opt(
+    layer_selection: Literal["importance", "loss", "uniform"] = opt(
         "importance", "num_layers: importance keeps the blocks that change the hidden state most (1 - cosine between a "
-                      "block's input and output on calibration rows of data.train; the first and last always), uniform "
-                      "spreads them evenly")
-    calibration_rows: int = opt(128, "num_layers with importance: rows of data.train the importance is measured on",
-                                range=">= 1")
+                      "block's input and output on calibration rows of data.train; the first and last always); loss "
+                      "keeps those whose removal alone raises the answer loss of the calibration rows most (one forward "
+                      "per layer); uniform spreads them evenly")
+    width: WidthSpec = opt(factory=lambda: WidthSpec(), help="prune_teacher: narrower sizes, the channels and heads kept "
+                                                             "chosen by activation magnitude on calibration rows (after "
+                                                             "any layer pruning)")
+    calibration_rows: int = opt(128, "num_layers with importance or loss, and width pruning: rows of data.train the "
+                                     "importance is measured on", range=">= 1")
     config_overrides: dict[str, Any] = opt(factory=dict, help="init=config: model config fields to change, e.g. {num_hidden_layers: 4}")
     lora: LoraSpec = opt(factory=LoraSpec, help="optional LoRA adapter on the student")
 
@@ -346,6 +371,28 @@ class SeqKDConfig:
 
 
 @dataclass
+class QuantSpec:
+    """Weight-only quantization through torchao (methods.md §12): the scheme of `kdflow export` and of
+    quantization-aware training. What stays unquantized (norms) is bfloat16, as are the activations."""
+
+    scheme: Literal["none", "int8", "int4"] = opt(
+        "none", "int8: every linear layer of the blocks int8 per output row; int4: int4 in groups of `group_size` input "
+                "channels (symmetric); none: keep the weights as they are")
+    group_size: int = opt(32, "int4: input channels sharing one scale (must divide every linear layer's input width)",
+                          range="32 or 64 or 128 or 256")
+    embeddings: Literal["int8", "keep"] = opt(
+        "int8", "the input embeddings and the output head (tied or not): int8 per row (a vocabulary row shares one "
+                "scale), or kept in the model's precision")
+
+
+@dataclass
+class TrainQuantSpec(QuantSpec):
+    qat: bool = opt(False, "quantization-aware training: the student's block linear layers see their weights "
+                           "fake-quantized with `scheme` in every forward (straight-through gradients), so training "
+                           "adapts them to the quantization; the run then saves the quantized student")
+
+
+@dataclass
 class DistillConfig:
     method: Literal["sft", "kd", "hard_token", "seqkd"] = opt(
         "kd", "sft: cross-entropy only; kd: soft-label KD; hard_token: CE on the teacher's argmax; seqkd: train on the teacher's generated answers")
@@ -363,6 +410,9 @@ class DistillConfig:
     eval: EvalConfig = opt(factory=EvalConfig, help="final evaluation on the test split")
     evaluate_teacher: bool = opt(True, "evaluate the teacher at the end too")
     evaluate_before: bool = opt(True, "evaluate the student before training")
+    quantize: TrainQuantSpec = opt(factory=TrainQuantSpec, help="scheme != none: also save the trained student "
+                                   "quantized (student_<scheme>/, as `kdflow export` writes it) and score that one as the "
+                                   "student after training; qat: train it quantization-aware")
 
 
 @dataclass
@@ -498,6 +548,14 @@ class EvalRunConfig:
     eval: EvalConfig = opt(factory=EvalConfig, help="what to measure")
     output: str | None = opt(None, "write metrics JSON here (default: print only)")
     seed: int = opt(0, "random seed", range="[0, 4294967295]")
+
+
+@dataclass
+class ExportConfig:
+    model: ModelSpec = opt(factory=ModelSpec, help="the model to quantize (a run's student folder, a local folder or Hub id)")
+    output: str = opt("", "folder to write: a model folder that AutoModelForCausalLM.from_pretrained loads (torchao "
+                          "installed), with its tokenizer and kdflow_export.json (scheme, sizes)")
+    quantize: QuantSpec = opt(factory=lambda: QuantSpec(scheme="int8"), help="the quantization scheme")
 
 
 @dataclass

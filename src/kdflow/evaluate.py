@@ -401,6 +401,23 @@ def differences_markdown(results: dict[str, EvalResult], pairs: list[tuple[str, 
     return lines
 
 
+def metric_intervals(res: EvalResult, eval_cfg: EvalConfig) -> dict[str, dict[str, float]]:
+    """95% row-bootstrap intervals of one model's scores on its rows (answer NLL token-weighted, as reported)."""
+    from kdflow.scoring import bootstrap_stat, row_mean, token_weighted_mean
+
+    out = {}
+    for m in ("exact_match", "answer_nll", "rougeL"):
+        values = res.per_row.get(m)
+        if not values:
+            continue
+        if m == "answer_nll" and "token_confidence" in res.per_row:
+            stat = token_weighted_mean([values], [[len(t) for t in res.per_row["token_confidence"]]])
+        else:
+            stat = row_mean(values)
+        out[m] = bootstrap_stat(len(values), stat, eval_cfg.bootstrap_resamples, eval_cfg.bootstrap_seed).as_dict()
+    return out
+
+
 def format_table(results: dict[str, dict[str, float]], keys: list[str] | None = None) -> str:
     """A markdown table, one row per model."""
     if not results:
@@ -453,10 +470,16 @@ def run_eval(cfg: Any) -> dict[str, float]:
                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); give the adapter trained on this model") from None
     model = place(model, role="model", device=device)
     res = evaluate_model(model, tok, rows, cfg.data, cfg.eval, name=cfg.model.name or "model")
+    intervals = metric_intervals(res, cfg.eval)
     print(format_table({cfg.model.name or "model": res.metrics}))
+    for m, iv in intervals.items():
+        print(f"  {m}: {iv['estimate']:.4f}, 95% row-bootstrap interval [{iv['low']:.4f}, {iv['high']:.4f}]")
     for ex in res.examples:
         print(f"- {ex['prompt']}\n    reference: {ex['reference']}\n    generated: {ex['prediction']}")
     if cfg.output:
-        write_json(cfg.output, {"model": cfg.model.name, "metrics": res.metrics, "examples": res.examples})
+        # per-row scores let a later table pair this model with others scored on the same rows
+        write_json(cfg.output, {"model": cfg.model.name, "metrics": res.metrics, "intervals": intervals,
+                                "scoring": scoring_rule(cfg.data, cfg.eval), "examples": res.examples,
+                                "per_row": res.per_row})
         print(f"[kdflow] metrics written to {cfg.output}")
     return res.metrics

@@ -205,12 +205,41 @@ def load_model(spec: ModelSpec, device: Any = None, *, dtype: Any = None, **load
     location, kwargs, source = _load_location(spec)
     if device is not None and getattr(device, "type", device) != "cpu" and "device_map" not in loading:
         loading["device_map"] = {"": str(device)}
+    exported = _export_record(location)
+    if exported is not None and dtype is None:
+        dtype = "auto"  # a quantized export runs in the precision it was written in (bfloat16)
     try:
         model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype if dtype is not None else torch_dtype(spec),
                                                      **kwargs, **loading)
     except Exception as err:  # safetensors, json and transformers each raise their own type for damaged files
+        if exported is not None and importlib.util.find_spec("torchao") is None:
+            raise ModelError(f"model folder {location} holds a {exported.get('scheme')} model quantized with torchao: "
+                             "pip install 'kdflow[compress]' (or torchao) to load it") from None
         raise _load_error(source, err) from None
+    if "quantization_config" not in loading and input_device(model).type == "cpu":
+        from kdflow.compress.quantize import is_torchao_quantized, use_cpu_kernels
+
+        if is_torchao_quantized(model):
+            counts = use_cpu_kernels(model)
+            print(f"[kdflow] {location}: torchao weight-only model; on the CPU it runs PyTorch's int8/int4 kernels ("
+                  + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items() if v) + ")")
     return check_output_head(model)
+
+
+def _export_record(location: str) -> dict[str, Any] | None:
+    """What kdflow_export.json (or config.json's torchao quantization_config) says of a local quantized folder."""
+    folder = Path(location)
+    if (folder / "kdflow_export.json").is_file():
+        try:
+            return json.loads((folder / "kdflow_export.json").read_text())
+        except (OSError, ValueError):
+            return {}
+    try:
+        cfg = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    except (OSError, ValueError):
+        return None
+    quant = cfg.get("quantization_config") if isinstance(cfg, dict) else None
+    return {} if isinstance(quant, dict) and quant.get("quant_method") == "torchao" else None
 
 
 def with_adapter(model: Any, folder: str, merge: bool, setting: str = "teacher.lora_adapter") -> Any:
@@ -438,8 +467,8 @@ def _is_tied(model: Any, key: str) -> bool:
 def keep_list(spec: StudentSpec, n_layers: int, teacher: Any = None, calibration: Any = None,
               setting: str = "student") -> tuple[list[int], list[float] | None]:
     """The teacher layers a pruned student keeps, and the importance scores when they chose them.
-    `calibration`: (examples, pad id) of data.train rows, needed for layer_selection=importance."""
-    from kdflow.compress.prune import block_importance, evenly_spaced, most_important
+    `calibration`: (examples, pad id) of data.train rows, needed for layer_selection importance and loss."""
+    from kdflow.compress.prune import block_importance, evenly_spaced, loss_importance, most_important
 
     if spec.keep_layers:
         return list(spec.keep_layers), None
@@ -454,20 +483,76 @@ def keep_list(spec: StudentSpec, n_layers: int, teacher: Any = None, calibration
         if spec.layer_selection == "uniform":
             return evenly_spaced(n_layers, spec.num_layers), None
         if calibration is None:
-            raise ConfigError(f"{setting}.layer_selection=importance needs calibration rows, which this verb does not "
-                              f"give; use {setting}.layer_selection=uniform or {setting}.keep_layers")
+            raise ConfigError(_NO_CALIBRATION.format(setting=setting, what=f"layer_selection={spec.layer_selection}"))
         examples, pad_id = calibration
-        scores = block_importance(teacher, examples[: spec.calibration_rows], pad_id)
+        measure = block_importance if spec.layer_selection == "importance" else loss_importance
+        scores = measure(teacher, examples[: spec.calibration_rows], pad_id)
         keep = most_important(scores, spec.num_layers)
-        print(f"[kdflow] {setting}: keeping layers {keep} of {n_layers}, chosen by block importance on "
+        how = "block importance" if spec.layer_selection == "importance" else "the answer loss without each layer"
+        print(f"[kdflow] {setting}: keeping layers {keep} of {n_layers}, chosen by {how} on "
               f"{min(len(examples), spec.calibration_rows)} rows of data.train")
         return keep, scores
-    raise ConfigError(f"{setting}.init=prune_teacher needs {setting}.num_layers, {setting}.keep_layers or "
-                      f"{setting}.keep_every")
+    if spec.width.any():
+        return list(range(n_layers)), None
+    raise ConfigError(f"{setting}.init=prune_teacher needs {setting}.num_layers, {setting}.keep_layers, "
+                      f"{setting}.keep_every or {setting}.width")
+
+
+_NO_CALIBRATION = ("{setting}.{what} needs calibration rows of data.train, which only kdflow distill (and compare) "
+                   "give; use {setting}.layer_selection=uniform or {setting}.keep_layers, without width pruning, or "
+                   "prune in a kdflow distill run and load that student by name")
+
+
+def _prune_width(model: Any, spec: StudentSpec, teacher: Any, keep: list[int], calibration: Any,
+                 record: dict[str, Any] | None, setting: str) -> Any:
+    """`model` (the teacher's layers `keep`) cut to `spec.width`, ranked by activation magnitudes measured
+    on the teacher, whose layers `keep` are the ones this model holds."""
+    from kdflow.compress.prune import width_importance
+    from kdflow.compress.width import original_sizes, plan_from_scores, prune_width
+
+    if calibration is None:
+        raise ConfigError(_NO_CALIBRATION.format(setting=setting, what="width"))
+    examples, pad_id = calibration
+    scores = width_importance(teacher, examples[: spec.calibration_rows], pad_id)
+    scores.mlp = [scores.mlp[i] for i in keep]
+    scores.heads = [scores.heads[i] for i in keep]
+    plan = plan_from_scores(spec.width, model, scores, f"{setting}.width")
+    before = original_sizes(model.config)
+    model = prune_width(model, plan)
+    after = original_sizes(model.config)
+    changed = {k: [before[k], after[k]] for k in before if before[k] != after[k]}
+    model.config.kdflow_width_pruned = changed
+    print(f"[kdflow] {setting}: width pruned by activation magnitude on {min(len(examples), spec.calibration_rows)} "
+          "rows of data.train: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()))
+    if record is not None:
+        record["width"] = {"sizes": changed, "kept": {"hidden": plan.hidden, "mlp": plan.mlp,
+                                                      "kv_groups": plan.kv_groups, "heads": plan.heads},
+                           "importance": {"hidden": _rounded(scores.hidden), "mlp": [_rounded(x) for x in scores.mlp],
+                                          "heads": [_rounded(x) for x in scores.heads]},
+                           "importance_kept": _importance_kept(scores, plan)}
+    return model
+
+
+def _rounded(values: list[float]) -> list[float]:
+    return [float(f"{v:.5g}") for v in values]
+
+
+def _importance_kept(scores: Any, plan: Any) -> dict[str, float]:
+    """Share of each kind's summed importance that the kept channels or heads carry (1.0: nothing dropped)."""
+    def share(per_layer: list[list[float]], kept: list[list[int]] | None) -> float:
+        total = sum(sum(s) for s in per_layer)
+        if kept is None or total == 0:
+            return 1.0
+        return sum(sum(s[i] for i in k) for s, k in zip(per_layer, kept)) / total
+
+    return {"hidden": share([scores.hidden], None if plan.hidden is None else [plan.hidden]),
+            "mlp": share(scores.mlp, plan.mlp), "heads": share(scores.heads, plan.heads)}
 
 
 def build_student(spec: StudentSpec, teacher: Any | None, teacher_spec: ModelSpec | None,
-                  calibration: Any = None) -> Any:
+                  calibration: Any = None, record: dict[str, Any] | None = None) -> Any:
+    """The student `spec` describes. With init=prune_teacher, `calibration` ((examples, pad id) of data.train rows)
+    serves importance-based choices, and `record` (when given) receives what width pruning kept and its scores."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -476,6 +561,11 @@ def build_student(spec: StudentSpec, teacher: Any | None, teacher_spec: ModelSpe
         if not spec.name:
             raise ConfigError("student.name is empty: give a model, or set student.init to prune_teacher or config")
         model = load_model(spec)
+        from kdflow.compress.quantize import is_torchao_quantized
+
+        if is_torchao_quantized(model):
+            raise ConfigError(f"student.name {spec.name} is a quantized export, which does not train; train its "
+                              "float student (quantize.qat=true trains it quantization-aware) and export after")
     elif spec.init == "prune_teacher":
         if teacher is not None and is_spread(teacher):
             raise ConfigError(_SPREAD_PRUNE)
@@ -488,7 +578,10 @@ def build_student(spec: StudentSpec, teacher: Any | None, teacher_spec: ModelSpe
             if getattr(teacher_spec, "lora_adapter", None):
                 teacher = with_adapter(teacher, teacher_spec.lora_adapter, merge=True)
         keep, scores = keep_list(spec, teacher.config.num_hidden_layers, teacher, calibration)
-        model = prune_layers(teacher, keep).to(dtype)
+        model = prune_layers(teacher, keep)
+        if spec.width.any():
+            model = _prune_width(model, spec, teacher, keep, calibration, record, "student")
+        model = model.to(dtype)
         if scores is not None:  # recorded in the student's config.json, beside the kept layers
             model.config.kdflow_layer_importance = [round(x, 6) for x in scores]
     else:  # random weights from a config
@@ -537,6 +630,28 @@ def student_config(spec: StudentSpec, base_config: Any = None, teacher_spec: Mod
     return cfg
 
 
+def planned_config(spec: StudentSpec, teacher_spec: ModelSpec | None, setting: str = "student") -> Any:
+    """The config the student of `spec` will have (its layer count aside), read without loading weights."""
+    from transformers import AutoConfig
+
+    if spec.init == "config":
+        return student_config(spec, None, teacher_spec, setting)
+    origin = spec if spec.init == "pretrained" else teacher_spec
+    if origin is None or not origin.name:
+        raise ConfigError(f"{setting}: no model to read the config of (set {setting}.name or a teacher)")
+    location, kwargs, source = _load_location(origin)
+    try:
+        cfg = AutoConfig.from_pretrained(location, **kwargs)
+    except Exception as err:
+        raise _load_error(source, err, "config of model") from None
+    if spec.init == "prune_teacher" and spec.width.any():
+        from kdflow.compress.width import target_sizes
+
+        for key, value in target_sizes(spec.width, cfg, f"{setting}.width").items():
+            setattr(cfg, key, value)
+    return cfg
+
+
 def _same_kind(old: Any, new: Any) -> bool:
     if isinstance(old, bool) or isinstance(new, bool):
         return isinstance(old, bool) and isinstance(new, bool)
@@ -556,8 +671,10 @@ _SPREAD_PRUNE = ("student.init=prune_teacher copies the teacher's layers, which 
                  "in another run (teacher.device_map=null, teacher.load_in=none) and load that student by name")
 
 
-def check_student(spec: StudentSpec, teacher_spec: ModelSpec | None, setting: str = "student") -> None:
-    """What can be checked of a student's settings before any weights load."""
+def check_student(spec: StudentSpec, teacher_spec: ModelSpec | None, setting: str = "student",
+                  calibrated: bool = False) -> None:
+    """What can be checked of a student's settings before any weights load. `calibrated`: the verb gives
+    calibration rows (importance- and loss-based layer choices, width pruning need them)."""
     if spec.device not in ("auto", "cpu"):
         raise ConfigError(f"{setting}.device={spec.device}: a trained model runs on the process's device (auto) or on the "
                           "cpu; choose GPUs with CUDA_VISIBLE_DEVICES or a launcher (accelerate launch, torchrun)")
@@ -570,13 +687,19 @@ def check_student(spec: StudentSpec, teacher_spec: ModelSpec | None, setting: st
         if teacher_spec is None or not teacher_spec.name:
             raise ConfigError(f"{setting}.init=prune_teacher needs a model to prune (its teacher or base)")
         given = [k for k in ("keep_layers", "keep_every", "num_layers") if getattr(spec, k)]
-        if not given:
+        if not given and not spec.width.any():
             raise ConfigError(f"{setting}.init=prune_teacher needs {setting}.num_layers (how many layers to keep), "
-                              f"{setting}.keep_layers or {setting}.keep_every")
+                              f"{setting}.keep_layers, {setting}.keep_every or {setting}.width (narrower sizes)")
         if len(given) > 1:
             raise ConfigError(f"{setting}: give one of {', '.join(setting + '.' + k for k in given)}, not several")
         if spec.keep_layers and len(set(spec.keep_layers)) != len(spec.keep_layers):
             raise ConfigError(f"{setting}.keep_layers {spec.keep_layers} must be distinct")
+        if not calibrated and spec.num_layers and spec.layer_selection != "uniform":
+            raise ConfigError(_NO_CALIBRATION.format(setting=setting, what=f"layer_selection={spec.layer_selection}"))
+        if spec.width.any():
+            if not calibrated:
+                raise ConfigError(_NO_CALIBRATION.format(setting=setting, what="width"))
+            planned_config(spec, teacher_spec, setting)  # checks the sizes against the model's
     if spec.init == "config":
         import torch
         from transformers import AutoModelForCausalLM

@@ -261,6 +261,30 @@ def _cross_tokenizer(cfg: DistillConfig, teacher_tok: Any, tok: Any) -> Any:
     return cross
 
 
+_SELECTION = {"importance": "block importance", "loss": "loss importance", "uniform": "uniform spacing"}
+
+
+def _scheme_text(q: Any) -> str:
+    linear = "int8 per output row" if q.scheme == "int8" else f"int4 in groups of {q.group_size}"
+    emb = "int8 per row" if q.embeddings == "int8" else "bfloat16"
+    return f"block linear layers {linear}, embeddings and head {emb}"
+
+
+def _check_quantize(cfg: DistillConfig) -> None:
+    """quantize settings that cannot work, refused before anything loads."""
+    q = cfg.quantize
+    if q.qat and q.scheme == "none":
+        raise ConfigError("quantize.qat=true needs quantize.scheme=int8 or int4 (the scheme the training simulates)")
+    if q.qat and cfg.student.lora.enabled:
+        raise ConfigError("quantize.qat trains the student's own weights under fake quantization; it does not combine "
+                          "with student.lora.enabled=true")
+    if q.scheme != "none":
+        from kdflow.compress.quantize import check_scheme
+        from kdflow.models import planned_config
+
+        check_scheme(planned_config(cfg.student, cfg.teacher if cfg.teacher.name else None), q)
+
+
 def run_cache_teacher(cfg: DistillConfig) -> dict[str, Any]:
     """`kdflow cache-teacher`: run the teacher once over data.train, store its top-k per KD position."""
     if not cfg.teacher_cache.dir:
@@ -299,7 +323,8 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
 
     if cfg.method != "sft" and not cfg.teacher.name:
         raise ConfigError(f"method {cfg.method} needs teacher.name")
-    check_student(cfg.student, cfg.teacher if cfg.teacher.name else None)
+    check_student(cfg.student, cfg.teacher if cfg.teacher.name else None, calibrated=True)
+    _check_quantize(cfg)
     if cfg.teacher.name:
         check_teacher_settings(cfg.teacher)
     # The folder is touched only now: a run refused above leaves an earlier run's folder as it was.
@@ -327,9 +352,17 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
         if teacher is None:
             ready.release()  # loaded for the check only (training reads the teacher cache)
     calibration = None
-    if cfg.student.init == "prune_teacher" and cfg.student.num_layers and cfg.student.layer_selection == "importance":
-        calibration = (encode_rows(train_rows.head(cfg.student.calibration_rows), tok, cfg.data), tok.pad_token_id)
-    student = build_student(cfg.student, teacher, cfg.teacher if cfg.teacher.name else None, calibration)
+    st = cfg.student
+    if st.init == "prune_teacher" and ((st.num_layers and st.layer_selection != "uniform") or st.width.any()):
+        calibration = (encode_rows(train_rows.head(st.calibration_rows), tok, cfg.data), tok.pad_token_id)
+    pruning: dict[str, Any] = {}
+    student = build_student(cfg.student, teacher, cfg.teacher if cfg.teacher.name else None, calibration, pruning)
+    if cfg.quantize.qat:
+        from kdflow.compress.quantize import prepare_qat
+
+        n = prepare_qat(student, cfg.quantize)
+        print(f"[kdflow] quantization-aware training: {n} linear layers see their weights fake-quantized "
+              f"({_scheme_text(cfg.quantize)}) in every forward")
 
     # Encode (validates every row: missing fields, empty text, prompts over the limit).
     seqkd_stats = None
@@ -389,15 +422,27 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
     t_train = time.time()
     train_loss, trained_now = train_or_restore(trainer, resume)
     train_seconds = time.time() - t_train
+    if cfg.quantize.qat:
+        from kdflow.compress.quantize import finish_qat
+
+        finish_qat(trainer.model)
     save_model(trainer.model, tok, out / "student")
     if cfg.student.lora.enabled:
         trainer.model.save_pretrained(out / "student_adapter")
+    saved = ModelSpec(name=str(out / "student"), dtype=cfg.student.dtype, trust_remote_code=cfg.student.trust_remote_code)
+    export = None
+    if cfg.quantize.scheme != "none":
+        from kdflow.compress.quantize import export_quantized
+
+        # What ships, and what is scored as the student after training: the quantized copy.
+        export = export_quantized(saved, cfg.quantize, out / f"student_{cfg.quantize.scheme}", tokenizer=tok)
+        saved = dataclasses.replace(saved, name=str(out / f"student_{cfg.quantize.scheme}"))
+        print(f"[kdflow] quantized student ({_scheme_text(cfg.quantize)}) written to {saved.name}: "
+              f"{export['bytes'] / 2**20:.1f} MiB of weights")
 
     if test_rows is not None:
         # Score the saved student exactly as `kdflow eval` scores it. The Trainer's model is not that:
         # under train.bf16 its forward stays wrapped in autocast, and a LoRA adapter is not yet merged.
-        saved = ModelSpec(name=str(out / "student"), dtype=cfg.student.dtype,
-                          trust_remote_code=cfg.student.trust_remote_code)
         model_after = load_model(saved, trainer.args.device).to(trainer.args.device)
         same_tok = teacher is not None and cross is None and tokenizer_fingerprint(teacher_tok) == tokenizer_fingerprint(tok)
         results["student (after)"] = _eval_cached(out, "student_after", model_after, tok, test_rows, cfg,
@@ -426,8 +471,14 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
         "student_parameters": total,
         "student_layers": getattr(student.config, "kdflow_pruned_from_layers", None),
         "layer_importance": getattr(student.config, "kdflow_layer_importance", None),
+        "layer_selection": cfg.student.layer_selection if cfg.student.num_layers else None,
+        "width_pruned": getattr(student.config, "kdflow_width_pruned", None),
+        "width_importance_kept": pruning.get("width", {}).get("importance_kept"),
+        "quantized": export,
         "seconds_total": time.time() - t_start,
     }
+    if pruning.get("width"):
+        write_json(out / "pruning.json", pruning["width"])  # every channel's and head's score, and what was kept
     write_json(out / "metrics.json", metrics)
     write_json(out / "log_history.json", history)
     series = loss_series(history)
@@ -452,12 +503,25 @@ def _report(cfg: DistillConfig, metrics: dict[str, Any], results: dict[str, Eval
     lines.append(f"- teacher: `{cfg.teacher.name}`")
     lines.append(f"- student: init `{cfg.student.init}` {('from `' + cfg.student.name + '`') if cfg.student.name else ''}"
                  f"{(' keeping layers ' + str(metrics['student_layers'])) if metrics.get('student_layers') else ''}"
-                 f"{(' (by block importance)') if metrics.get('layer_importance') else ''}"
+                 f"{(' (by ' + _SELECTION[metrics['layer_selection']] + ')') if metrics.get('layer_importance') else ''}"
                  f" — {metrics['student_parameters'] / 1e6:.1f}M parameters"
                  f"{' + LoRA' if cfg.student.lora.enabled else ''}")
     if metrics.get("layer_importance"):
         imp = ", ".join(f"{i}: {x:.3f}" for i, x in enumerate(metrics["layer_importance"]))
-        lines.append(f"- block importance (1 − cos of each layer's input and output; the highest are kept): {imp}")
+        what = {"importance": "1 − cos of each layer's input and output",
+                "loss": "answer-loss increase of the calibration rows when the layer alone is skipped"}
+        lines.append(f"- layer importance ({what[metrics['layer_selection']]}; the highest are kept): {imp}")
+    if metrics.get("width_pruned"):
+        sizes = ", ".join(f"{k} {a} → {b}" for k, (a, b) in metrics["width_pruned"].items())
+        kept = metrics.get("width_importance_kept") or {}
+        share = ", ".join(f"{k} {v:.1%}" for k, v in kept.items() if v < 1)
+        lines.append(f"- width pruned by activation magnitude on calibration rows: {sizes}"
+                     + (f"; share of the importance kept: {share}" if share else "") + " (every score: pruning.json)")
+    q = metrics.get("quantized")
+    if q:
+        lines.append(f"- quantized {'by quantization-aware training' if cfg.quantize.qat else 'after training'}: "
+                     f"{_scheme_text(cfg.quantize)}; student_{q['scheme']}/ holds {q['bytes'] / 2**20:.1f} MiB of "
+                     "weights and is the student scored after training")
     if cfg.method == "kd":
         lines.append(f"- loss: {cfg.kd.kd_weight} · τ² · {cfg.kd.divergence}(p_τ‖q_τ) + {1 - cfg.kd.kd_weight:g} · CE, "
                      f"τ = {cfg.kd.temperature}, KD tokens: {cfg.kd.token_scope}")
