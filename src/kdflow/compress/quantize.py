@@ -157,7 +157,7 @@ def export_quantized(spec: Any, q: Any, out: str | Path, tokenizer: Any = None) 
     from kdflow.models import count_parameters, load_model, load_tokenizer, resolve_source, _load_location
     from kdflow.report import atomic_folder
 
-    require_torchao("quantize")
+    require_torchao(f"quantize.scheme={q.scheme}")
     if q.scheme == "none":
         raise ConfigError("quantize.scheme=none: choose int8 or int4")
     from transformers import AutoConfig
