@@ -192,7 +192,11 @@ def test_bad_width_settings_give_one_clear_line(tiny_dirs):
              (WidthSpec(num_key_value_heads=3), r"num_key_value_heads=3: the model has only 2"),
              (WidthSpec(num_attention_heads=3), r"num_attention_heads=3: query heads are kept in whole GQA groups, 2 KV "
                                                 r"group\(s\) of 2 head\(s\) here, so give a multiple of 2 up to 4"),
-             (WidthSpec(num_key_value_heads=1, num_attention_heads=4), r"multiple of 1 up to 2")]
+             (WidthSpec(num_key_value_heads=1, num_attention_heads=4), r"multiple of 1 up to 2"),
+             # LlamaConfig wants hidden_size % num_attention_heads == 0 even with head_dim given; transformers checks
+             # it only when the config is saved, i.e. at the first checkpoint, minutes into training
+             (WidthSpec(hidden_size=42), r"student.width: the pruned sizes hidden_size=42, .* break a rule of LlamaConfig "
+                                         r"\(The hidden size \(42\) is not a multiple of the number of attention heads \(4\)")]
     for width, message in cases:
         with pytest.raises(ConfigError, match=message):
             check_student(StudentSpec(init="prune_teacher", width=width), tspec, calibrated=True)

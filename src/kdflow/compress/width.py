@@ -71,7 +71,26 @@ def target_sizes(spec: Any, cfg: Any, setting: str = "student.width") -> dict[st
                 f"{new['num_key_value_heads']} KV group(s) of {per_group} head(s) here, so give a multiple of "
                 f"{new['num_key_value_heads']} up to {most}")
         new["num_attention_heads"] = spec.num_attention_heads
+    _check_config(cfg, new, setting)
     return new
+
+
+def _check_config(cfg: Any, sizes: dict[str, int], setting: str) -> None:
+    """The architecture's own rules for its config (Llama's: hidden_size a multiple of num_attention_heads,
+    even with head_dim given), checked now: transformers applies them only when the config is saved."""
+    trial = copy.deepcopy(cfg)
+    for key, value in sizes.items():
+        setattr(trial, key, value)
+    validate = getattr(trial, "validate", None)
+    if validate is None:
+        return
+    try:
+        validate()
+    except Exception as err:  # huggingface_hub's strict dataclasses raise their own error types
+        cause = getattr(err, "__cause__", None) or err
+        detail = (str(cause).strip().splitlines() or [""])[-1].strip()
+        raise ConfigError(f"{setting}: the pruned sizes {', '.join(f'{k}={sizes[k]}' for k in sizes if k != 'head_dim')} "
+                          f"break a rule of {type(cfg).__name__} ({detail}); choose sizes that keep it") from None
 
 
 def norm_modules(model: Any) -> list[Any]:
