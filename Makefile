@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-fast bench gpu-check fedmkt-demo clean
+.PHONY: install demo test test-fast bench gpu-check fedmkt-demo compress-table clean
 
 install: $(STAMP)
 
@@ -35,6 +35,28 @@ fedmkt-demo: install
 	test -f runs/small_lm/pretrain/student/config.json || $(PY) scripts/make_small_lm.py --out runs/small_lm --steps 500
 	test -f runs/smol10/student/config.json || $(VENV)/bin/kdflow distill --config configs/client_smol10.yaml
 	$(VENV)/bin/kdflow fedmkt --config configs/fedmkt.yaml
+
+# The compression table of docs/compression.md: the pruned students healed by KD and the int4 QAT-KD student
+# (kdflow compare, resumable), layer-kd's student exported int8 and int4 (kdflow export) and scored (kdflow
+# eval), then sizes and CPU speeds measured side by side (bench/bench_compress.py). About 2 hours here.
+CT := runs/compress_antonym
+CT_EVAL := data.test=data/wordnet_antonym/test.jsonl data.references_field=alternatives data.max_length=128 \
+	eval.batch_size=50 eval.max_new_tokens=16
+compress-table: install
+	$(VENV)/bin/kdflow compare --config configs/compress_antonym.yaml
+	for q in int8 int4; do \
+	  test -f $(CT)/ptq-$$q/kdflow_export.json || $(VENV)/bin/kdflow export \
+	    model.name=$(CT)/layer-kd/seed-0/student output=$(CT)/ptq-$$q quantize.scheme=$$q || exit 1; \
+	  test -f $(CT)/ptq-$$q.json || $(VENV)/bin/kdflow eval model.name=$(CT)/ptq-$$q $(CT_EVAL) \
+	    output=$(CT)/ptq-$$q.json || exit 1; \
+	done
+	$(PY) bench/bench_compress.py --prompts data/wordnet_antonym/test.jsonl --eager --out $(CT)/table \
+	  teacher=@$(CT)/shared/teacher_test.json \
+	  layer-kd=$(CT)/layer-kd/seed-0/student@$(CT)/layer-kd/seed-0/eval/student_after.json \
+	  width-kd=$(CT)/width-kd/seed-0/student@$(CT)/width-kd/seed-0/eval/student_after.json \
+	  depth-width-kd=$(CT)/depth-width-kd/seed-0/student@$(CT)/depth-width-kd/seed-0/eval/student_after.json \
+	  int8-ptq=$(CT)/ptq-int8@$(CT)/ptq-int8.json int4-ptq=$(CT)/ptq-int4@$(CT)/ptq-int4.json \
+	  int4-qat-kd=$(CT)/int4-qat-kd/seed-0/student_int4@$(CT)/int4-qat-kd/seed-0/eval/student_after.json
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider tests

@@ -3,9 +3,10 @@ its compressed students, measured side by side in one run.
 
 Each model is `LABEL=FOLDER` or `LABEL=FOLDER@SCORES.json`, where SCORES.json is what kdflow wrote when it
 scored the model on the test rows (`kdflow eval ... output=`, a run's eval/student_after.json, or a
-comparison's shared/teacher_test.json): the quality columns come from there, with 95% row-bootstrap
-intervals recomputed from its per-row scores, and the fraction of the teacher's exact match kept with a
-paired interval on the same rows. The first model is the teacher.
+comparison's shared/teacher_test.json, whose teacher folder may be left out: `teacher=@.../teacher_test.json`):
+the quality columns come from there, with 95% row-bootstrap intervals recomputed from its per-row scores,
+and the fraction of the teacher's exact match kept with a paired interval on the same rows. The first
+model is the teacher.
 
 Measured here: parameters; bytes of the weight files as shipped (a float model is counted as it saves
 in bfloat16, the precision it runs in; a quantized export as its folder holds it); greedy generation
@@ -37,6 +38,8 @@ def parse_model(text: str) -> dict:
         sys.exit(f"bench_compress: {text!r} is not LABEL=FOLDER[@SCORES.json]")
     label, rest = text.split("=", 1)
     folder, _, scores = rest.partition("@")
+    if not folder and scores and Path(scores).is_file():  # a comparison's teacher_test.json names its teacher
+        folder = json.loads(Path(scores).read_text()).get("key", {}).get("teacher", "")
     if not Path(folder).is_dir():
         sys.exit(f"bench_compress: model folder {folder} not found")
     if scores and not Path(scores).is_file():
