@@ -316,7 +316,7 @@ def test_two_step_minillm_run_from_a_pruned_teacher_writes_its_outputs(tmp_path,
 
     assert main(["eval", f"model.name={out / 'student'}", f"data.test={tiny_data['test']}", "eval.max_rows=2",
                  "eval.max_new_tokens=3"]) == 0
-    assert load_file(str(out / "checkpoint-2" / "trainable.safetensors"))
+    assert load_file(str(out / "checkpoint-2" / "model.safetensors"))  # the checkpoint holds the trained weights
 
 
 def test_resume_gives_the_same_student_as_an_uninterrupted_run(tmp_path, tiny_dirs, tiny_data, capsys):

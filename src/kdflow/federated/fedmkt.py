@@ -36,7 +36,7 @@ from kdflow.federated.selection import OWN, SELECTIONS, SKIP, weighted
 from kdflow.losses import HeadLossSpec, get_divergence, head_losses, shifted_masks
 from kdflow.models import apply_lora, build_student, freeze, load_model, load_tokenizer, selected_hidden, tokenizer_fingerprint
 from kdflow.teacher_cache import batch_targets, topk_from_logits
-from kdflow.training import train_examples
+from kdflow.loop import train_examples
 
 
 # ----------------------------------------------------------------------------------------------
