@@ -78,8 +78,12 @@ def answer_nll(model: Any, examples: list[dict[str, Any]], pad_id: int, batch_si
 @torch.no_grad()
 def generate(model: Any, tok: Any, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 16,
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
-             progress: bool = False, desc: str = "generating") -> list[list[int]]:
+             progress: bool = False, desc: str = "generating", shared: bool = True) -> list[list[int]]:
     """Generate an answer for each prompt (token ids, EOS and padding removed).
+
+    Under several processes the batches are shared out between them and every process gets every
+    answer; `shared=False`: this process answers all of `prompts` itself (for callers that split
+    the work their own way).
 
     Only the settings given here decide the generation: a checkpoint's own generation_config
     (repetition_penalty, no_repeat_ngram_size, min_new_tokens, suppressed tokens, ...) would otherwise
@@ -97,14 +101,14 @@ def generate(model: Any, tok: Any, prompts: list[list[int]], max_new_tokens: int
     base.generation_config = GenerationConfig()
     try:
         return _generate(model, tok, prompts, max_new_tokens, batch_size, do_sample, temperature, top_p, seed,
-                         progress, desc)
+                         progress, desc, shared)
     finally:
         base.generation_config = saved_config
         model.train(was_training)
 
 
 def _generate(model: Any, tok: Any, prompts: list[list[int]], max_new_tokens: int, batch_size: int, do_sample: bool,
-              temperature: float, top_p: float, seed: int, progress: bool, desc: str) -> list[list[int]]:
+              temperature: float, top_p: float, seed: int, progress: bool, desc: str, shared: bool) -> list[list[int]]:
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
@@ -117,8 +121,8 @@ def _generate(model: Any, tok: Any, prompts: list[list[int]], max_new_tokens: in
     starts = range(0, len(prompts), batch_size)
     batch_seeds = {s: int(torch.randint(0, 2**31 - 1, (1,), generator=gen)) for s in starts} if do_sample else {}
     mine: list[list[list[int]]] = []
-    for start in tqdm(processes.my_batches(len(prompts), batch_size), desc=desc,
-                      disable=not (progress and processes.is_main()), leave=False):
+    todo = processes.my_batches(len(prompts), batch_size) if shared else list(starts)
+    for start in tqdm(todo, desc=desc, disable=not (progress and processes.is_main()), leave=False):
         chunk = prompts[start:start + batch_size]
         ids, mask = left_pad(chunk, pad_id)
         kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": pad_id, "eos_token_id": eos_id}
@@ -134,7 +138,7 @@ def _generate(model: Any, tok: Any, prompts: list[list[int]], max_new_tokens: in
                 row = row[: row.index(eos_id)]
             rows.append(row)
         mine.append(rows)
-    return [row for rows in processes.gather_batches(mine) for row in rows]
+    return [row for rows in (processes.gather_batches(mine) if shared else mine) for row in rows]
 
 
 # ----------------------------------------------------------------------------------------------
