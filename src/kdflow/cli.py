@@ -120,6 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     # Under torchrun / accelerate launch every process runs this command; the main one alone prints
     # (tables, progress, notes). The others print only their own errors, marked with their index.
     quiet = contextlib.redirect_stdout(open(os.devnull, "w")) if not processes.is_main() else contextlib.nullcontext()
+    if not processes.is_main():
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()  # "Loading weights" once, from the main process
     who = "" if processes.is_main() else f"(process {processes.rank()} of {processes.world()}) "
     try:
         with quiet:

@@ -117,6 +117,9 @@ def training_arguments(train: TrainConfig, output_dir: str | os.PathLike, seed: 
         remove_unused_columns=False,
         seed=seed,
         dataloader_num_workers=0,
+        # every parameter takes part in every forward (the head runs on the last position at least):
+        # DDP need not search the graph for unused ones each step
+        ddp_find_unused_parameters=False,
         use_cpu=not _has_accelerator(),
         disable_tqdm=False,
     )

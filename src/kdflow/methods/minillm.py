@@ -387,7 +387,7 @@ def run_minillm(cfg: MiniLLMConfig) -> dict[str, Any]:
     history = state["log_history"]
     metrics = {
         "method": "minillm",
-        "train": {"steps": state["global_step"], "seconds_this_session": train_seconds,
+        "train": {"steps": state["global_step"], "seconds_this_session": train_seconds, "processes": processes.world(),
                   "rollout_seconds": state["rollout_seconds"], "update_seconds": state["update_seconds"],
                   "sampled_tokens": state["sampled_tokens"],
                   "sampled_tokens_per_second": state["sampled_tokens"] / max(state["rollout_seconds"], 1e-9)},
