@@ -53,6 +53,16 @@ class Loop:
         AcceleratorState._reset_state()
         self.accelerator = Accelerator(cpu=processes.use_cpu(), mixed_precision="bf16" if bf16 else "no",
                                        step_scheduler_with_optimizer=False)
+        from accelerate.utils import DistributedType
+
+        if self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            # Sampling and evaluation here run each process's own rows through its own whole model;
+            # a sharded model would need every process in every forward.
+            raise ConfigError(f"accelerate is configured for {self.accelerator.distributed_type.value}, which shards each "
+                              "model across the processes; codistill, minillm and fedmkt train with data parallelism "
+                              "(every process holds whole models): launch them with a DDP config such as "
+                              "configs/accelerate/ddp.yaml (FSDP: kdflow distill)")
+        self.accelerator.gradient_state._set_sync_gradients(True)  # a Trainer run before may have left it off
         self.accelerator.register_save_state_pre_hook(_save_trainable_only)
         self.accelerator.register_load_state_pre_hook(_load_trainable_only)
         self.models: list[Any] = []

@@ -393,18 +393,24 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
         vocab_size=vocab_size,
         cross=cross if not use_cache else None,
     )
+    if getattr(trainer, "is_fsdp_enabled", False) and cfg.student.lora.enabled:
+        raise ConfigError("student.lora with FSDP: a LoRA student is small enough for data parallelism; launch with a "
+                          "DDP config such as configs/accelerate/ddp.yaml, or train all weights under FSDP")
     if resume:
         print(f"[kdflow] resuming from {resume}")
     t_train = time.time()
     train_loss, trained_now = train_or_restore(trainer, resume)
     train_seconds = time.time() - t_train
 
-    def save_student() -> None:
-        save_model(trainer.model, tok, out / "student")
-        if cfg.student.lora.enabled:
-            trainer.model.save_pretrained(out / "student_adapter")
+    if getattr(trainer, "is_fsdp_enabled", False):
+        _save_sharded_student(trainer, tok, out / "student")
+    else:
+        def save_student() -> None:
+            save_model(trainer.model, tok, out / "student")
+            if cfg.student.lora.enabled:
+                trainer.model.save_pretrained(out / "student_adapter")
 
-    processes.on_main(save_student)
+        processes.on_main(save_student)
 
     if test_rows is not None:
         # Score the saved student exactly as `kdflow eval` scores it. The Trainer's model is not that:
@@ -453,6 +459,22 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
     print(format_table({k: v.metrics for k, v in results.items()}))
     print(f"\n[kdflow] run folder: {out}  (report.md, metrics.json, loss_curve.png, student/)")
     return metrics
+
+
+def _save_sharded_student(trainer: Any, tok: Any, folder: Path) -> None:
+    """Save a student that FSDP sharded across the processes: every process takes part in gathering
+    the full weights (accelerate's recipe), the main process writes them as a plain model folder."""
+    from kdflow.report import atomic_folder
+
+    acc = trainer.accelerator
+    state = acc.get_state_dict(trainer.model)
+
+    def save() -> None:
+        with atomic_folder(folder) as tmp:
+            acc.unwrap_model(trainer.model).save_pretrained(tmp, state_dict=state)
+            tok.save_pretrained(tmp)
+
+    processes.on_main(save)
 
 
 def _tokens_per_second(examples: list[dict[str, Any]], steps: int, cfg: DistillConfig, seconds: float) -> float:
