@@ -52,6 +52,7 @@ bench: install
 	$(PY) bench/bench_align.py
 	$(PY) bench/bench_rollout.py
 	$(PY) bench/bench_payload.py
+	$(PY) bench/bench_processes.py
 
 clean:
 	rm -rf runs .pytest_cache
