@@ -43,7 +43,8 @@ def run(verb: str, world: int, steps: int, work: Path) -> dict[str, float]:
             f"train.batch_size={8 // world}", *QUIET, *extra]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world)]
     cmd = (launcher + ["-m", "kdflow"] if world > 1 else [sys.executable, "-m", "kdflow"]) + args
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -55,7 +56,8 @@ def run(verb: str, world: int, steps: int, work: Path) -> dict[str, float]:
     train = metrics["train"]["codistill"] if verb == "codistill" else metrics["train"]
     assert train["processes"] == world, train
     cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
-    return {"tokens_per_second": train["tokens_per_second"], "train_seconds": train["seconds"], "wall": wall, "cpu": cpu}
+    return {"tokens_per_second": train["tokens_per_second"], "train_seconds": train["seconds"], "wall": wall,
+            "cpu": cpu}
 
 
 def main() -> None:

@@ -50,13 +50,14 @@ def answer_nll(model: Any, examples: list[dict[str, Any]], pad_id: int, batch_si
         mask = labels != -100
         tok_nll = -logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
         top_logp, top_id = logp.max(-1)
+        keep = mask.tolist()
         mine.append({
             "total": float(tok_nll.sum()), "count": int(mask.sum()),
             "per_example": [n / max(c, 1) for n, c in zip(tok_nll.sum(-1).tolist(), mask.sum(-1).tolist())],
             # per row and answer token: the model's top probability, and whether its top token is the
             # reference token (calibration)
-            "confidence": [[c for c, keep in zip(row, m) if keep] for row, m in zip(top_logp.exp().tolist(), mask.tolist())],
-            "correct": [[float(o) for o, keep in zip(row, m) if keep] for row, m in zip((top_id == labels).tolist(), mask.tolist())],
+            "confidence": [[c for c, k in zip(row, m) if k] for row, m in zip(top_logp.exp().tolist(), keep)],
+            "correct": [[float(o) for o, k in zip(row, m) if k] for row, m in zip((top_id == labels).tolist(), keep)],
         })
     model.train(was_training)
     total, count, per_example, confidence, correct = 0.0, 0, [], [], []

@@ -58,9 +58,9 @@ class Loop:
         if self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
             # Sampling and evaluation here run each process's own rows through its own whole model;
             # a sharded model would need every process in every forward.
-            raise ConfigError(f"accelerate is configured for {self.accelerator.distributed_type.value}, which shards each "
-                              "model across the processes; codistill, minillm and fedmkt train with data parallelism "
-                              "(every process holds whole models): launch them with a DDP config such as "
+            raise ConfigError(f"accelerate is configured for {self.accelerator.distributed_type.value}, which shards "
+                              "each model across the processes; codistill, minillm and fedmkt train with data "
+                              "parallelism (every process holds whole models): launch them with a DDP config such as "
                               "configs/accelerate/ddp.yaml (FSDP: kdflow distill)")
         self.accelerator.gradient_state._set_sync_gradients(True)  # a Trainer run before may have left it off
         self.accelerator.register_save_state_pre_hook(_save_trainable_only)
@@ -193,8 +193,9 @@ class Loop:
         except (ConfigError, DataError):
             raise
         except Exception as e:  # torch, safetensors and json each have their own errors for a damaged file
-            raise DataError(f"checkpoint {folder} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                            f"delete it to resume from an earlier checkpoint, or set {resume_key}=never to start over") from None
+            detail = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+            raise DataError(f"checkpoint {folder} cannot be read ({detail}); delete it to resume from an earlier "
+                            f"checkpoint, or set {resume_key}=never to start over") from None
         saved_world = int(state.get("processes", 1))
         if saved_world != self.world:
             if self.is_main:
@@ -349,7 +350,8 @@ def train_examples(model: Any, optimizer: Any, examples: list[dict[str, Any]], *
                     if padding:
                         loss = loss * 0.0
                     if not torch.isfinite(loss.detach()):
-                        raise KDFlowError(f"the training loss became {float(loss.detach())}; lower the learning rate or check the data")
+                        raise KDFlowError(f"the training loss became {float(loss.detach())}; lower the learning rate "
+                                          "or check the data")
                     loop.backward(loss)
                     loss_value += float(loss.detach())
             loop.clip_grad_norm(wrapped, max_grad_norm)

@@ -11,9 +11,10 @@ peer exactly the gradient of its own L_i; each term is normalised by its token c
 whole optimizer step. Peers with different tokenizers exchange top-k distributions carried
 across by `kdflow.align` (methods.md §6). Trainer holds one model, so this file has its own loop:
 every peer has its own optimizer, scheduler, learning rate, and full or LoRA training, all on one
-`kdflow.loop.Loop` (one accelerate.Accelerator: several processes, DDP or FSDP as launched), with one
-checkpoint for all peers (`output_dir/peers/checkpoint-N`); the same command resumes them from it. Every peer is evaluated before and after training, optionally beside the same
-peer trained alone (`baseline_alone`).
+`kdflow.loop.Loop` (one accelerate.Accelerator; several processes with data parallelism), with one
+checkpoint for all peers (`output_dir/peers/checkpoint-N`); the same command resumes them from it.
+Every peer is evaluated before and after training, optionally beside the same peer trained alone
+(`baseline_alone`).
 """
 
 from __future__ import annotations
@@ -27,17 +28,17 @@ from typing import Any
 
 import torch
 
+from kdflow import processes
 from kdflow.config import CoDistillConfig, PeerSpec, to_dict
 from kdflow.data import Rows, collate, encode_rows, read_rows, row_turns
 from kdflow.errors import ConfigError, KDFlowError
 from kdflow.evaluate import EvalResult, answer_nll, evaluate_cached, format_table
+from kdflow.loop import Loop, prune, resume_step
 from kdflow.losses import (DenseTeacher, HeadLossSpec, TopKTargets, get_divergence, head_losses,
                            shifted_masks)
 from kdflow.models import (apply_lora, build_student, check_student, count_parameters, load_model, load_tokenizer,
                            model_identity, save_model, selected_hidden, tokenizer_fingerprint)
 from kdflow.report import examples_markdown, plot_curves, write_atomic, write_json
-from kdflow import processes
-from kdflow.loop import Loop, prune, resume_step
 from kdflow.training import setup_run, step_normalized, step_rows
 
 # ----------------------------------------------------------------------------------------------
@@ -260,7 +261,10 @@ def accumulate_step(peers: list[Peer], micro_batches: list[list[int]], cfg: CoDi
                 raise KDFlowError(f"the training loss of peer(s) {', '.join(bad)} became non-finite; lower their "
                                   "learning_rate, check the data, or disable train.bf16")
             # peers share no parameters and targets are detached: each gets dL_i/dθ_i
-            loop.backward(total) if loop is not None else total.backward()
+            if loop is not None:
+                loop.backward(total)
+            else:
+                total.backward()
     return logs
 
 

@@ -28,10 +28,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from kdflow import processes
 from kdflow.config import MiniLLMConfig, MiniLLMSettings
 from kdflow.data import Encoder, Rows, collate, left_pad, prompts_of, read_rows
 from kdflow.errors import ConfigError, DataError, KDFlowError
 from kdflow.evaluate import EvalResult, evaluate_cached, format_table
+from kdflow.loop import Loop, prune, resume_step
 from kdflow.losses import ce_sum, reverse_kl
 from kdflow.models import (apply_lora, build_student, check_student, count_parameters, freeze, load_model,
                            load_tokenizer, require_same_tokenizer, save_model, selected_logits)
@@ -39,8 +41,6 @@ from kdflow.report import examples_markdown, plot_curves, write_atomic, write_js
 from kdflow.teachers import check_teacher, prepare_teacher
 from kdflow.rollout import Rollout, length_normalized_returns, mixed_sample, pack_right
 from kdflow.runfolder import run_settings
-from kdflow import processes
-from kdflow.loop import Loop, prune, resume_step
 from kdflow.training import setup_run
 
 TERMS = ("single_step", "pg", "lm")
@@ -134,7 +134,10 @@ def step_gradients(student: Any, rollout: Rollout, returns: torch.Tensor, lm_exa
                 loss = s.lm_coef * ce / n_lm
                 _check_finite(loss, "language-modelling")
                 logs["lm"] += float(ce.detach()) / n_lm
-            loop.backward(loss) if loop is not None else loss.backward()
+            if loop is not None:
+                loop.backward(loss)
+            else:
+                loss.backward()
     logs["loss"] = s.single_step_weight * logs["single_step"] + s.pg_weight * logs["pg"] + s.lm_coef * logs.get("lm", 0.0)
     logs["clip_fraction"] = logs.pop("clipped")
     return logs
@@ -263,7 +266,8 @@ def train(cfg: MiniLLMConfig, student: Any, teacher: Any, tok: Any, prompts: lis
         rows = _cycled(len(prompts), first, R * P, cfg.seed)
         ids, mask = left_pad([prompts[i] for i in rows[rank * R:(rank + 1) * R]], pad_id,
                              width=max(len(prompts[i]) for i in rows))
-        gens = [torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + first + rank * R + i) for i in range(R)]
+        gens = [torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + first + rank * R + i)
+                for i in range(R)]
         rollout = mixed_sample(student, teacher, ids.to(device), mask.to(device), max_new_tokens=s.max_new_tokens,
                                mix_alpha=s.mix_alpha, eos_id=eos_id, pad_id=pad_id, vocab_size=vocab,
                                temperature=s.sample_temperature, generator=gens, keep_teacher_logprobs=True, bf16=s.bf16)
