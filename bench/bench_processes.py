@@ -3,7 +3,7 @@
 The real commands on the bundled SmolLM2-135M-Instruct (configs/demo.yaml: online soft KD into the
 10-layer pruned student; configs/codistill.yaml: the 10- and 6-layer pruned peers), each process
 with one torch thread, for the same global batch: 1 process with batch_size 8, or 2 processes
-(`torchrun --nproc_per_node 2`, gloo) with batch_size 4, both with grad_accum 2 (16 rows per
+(`torchrun --nproc_per_node 2`, gloo) with batch_size 4, both with grad_accum 4 (32 rows per
 optimizer step). No evaluation, no validation, one checkpoint at the end. Each run reports the
 training tokens/s kdflow measures (metrics.json: training loop only), and the wall and CPU time of
 the whole command (CPU summed over its processes). The variants alternate, so load from other jobs
@@ -28,7 +28,7 @@ from pathlib import Path
 from common import ROOT, median
 
 QUIET = ["data.validation=", "data.test=", "evaluate_before=false", "train.logging_steps=1000", "train.save_steps=0",
-         "train.eval_steps=0", "train.num_threads=1", "train.grad_accum=2", "train.report_to=[none]"]
+         "train.eval_steps=0", "train.num_threads=1", "train.grad_accum=4", "train.report_to=[none]"]
 VERBS = {
     "distill": ("configs/demo.yaml", ["evaluate_teacher=false"]),  # no validation rows: no teacher check
     "codistill": ("configs/codistill.yaml", ["baseline_alone=false"]),
@@ -62,12 +62,12 @@ def run(verb: str, world: int, steps: int, work: Path) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=12, help="optimizer steps per run (16 rows each)")
+    ap.add_argument("--steps", type=int, default=12, help="optimizer steps per run (32 rows each)")
     ap.add_argument("--repeats", type=int, default=1, help="runs of each variant")
     ap.add_argument("--verbs", nargs="+", default=list(VERBS), choices=list(VERBS))
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="kdflow-bench-processes-"))
-    print(f"{os.cpu_count()} CPU cores; each process 1 torch thread; global batch 16 rows per step, {args.steps} steps")
+    print(f"{os.cpu_count()} CPU cores; each process 1 torch thread; global batch 32 rows per step, {args.steps} steps")
     try:
         for verb in args.verbs:
             results: dict[int, list[dict[str, float]]] = {1: [], 2: []}
