@@ -204,7 +204,8 @@ class TrainConfig:
     learning_rate: float = opt(5e-5, "peak learning rate", range="> 0")
     num_epochs: float = opt(1.0, "passes over the training data (ignored when max_steps > 0)", range="> 0")
     max_steps: int = opt(-1, "optimizer steps; -1 uses num_epochs", range="-1 or >= 1")
-    batch_size: int = opt(8, "sequences per micro-batch and process (an optimizer step takes batch_size x grad_accum x processes)", range=">= 1")
+    batch_size: int = opt(8, "sequences per micro-batch and process (an optimizer step takes batch_size x "
+                             "grad_accum x processes)", range=">= 1")
     grad_accum: int = opt(1, "micro-batches per optimizer step", range=">= 1")
     warmup_ratio: float = opt(0.0, "fraction of steps with linear warm-up", range="[0, 1]")
     weight_decay: float = opt(0.0, "AdamW weight decay", range=">= 0")
