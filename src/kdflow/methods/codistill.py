@@ -325,7 +325,7 @@ def train_peers(peers: list[Peer], cfg: CoDistillConfig, folder: Path, kd_weight
     loop.seed(cfg.seed)  # dropout and data see the same RNG in the co-trained and alone runs
     start, seconds_before = _start_step(loop, peers, folder, cfg)
     per_step = t.batch_size * t.grad_accum * loop.world
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
     tokens = 0
     pending: list[list[dict[str, float]]] = []
     for step in range(start, steps):
@@ -372,11 +372,13 @@ def train_peers(peers: list[Peer], cfg: CoDistillConfig, folder: Path, kd_weight
                 "log_history": {p.name: p.history for p in peers}, "seconds": seconds_before + time.time() - t0})
             prune(folder, t.save_total_limit, protect={done})
     seconds = time.time() - t0
+    cpu = loop.sum_logs({"cpu": time.process_time() - cpu0})["cpu"]  # of every process, this session
     for p in peers:
         p.model = loop.release(p.wrapped)
         p.model.eval()
         p.wrapped = None
     return {"steps": steps, "start_step": start, "seconds": seconds_before + seconds, "processes": loop.world,
+            "cpu_seconds_this_session": cpu,
             "tokens_per_second": tokens / seconds if seconds > 0 and tokens else None}
 
 

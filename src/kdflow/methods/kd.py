@@ -398,9 +398,10 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
                           "DDP config such as configs/accelerate/ddp.yaml, or train all weights under FSDP")
     if resume:
         print(f"[kdflow] resuming from {resume}")
-    t_train = time.time()
+    t_train, cpu_train = time.time(), time.process_time()
     train_loss, trained_now = train_or_restore(trainer, resume)
     train_seconds = time.time() - t_train
+    cpu_seconds = processes.sum_over_processes({"cpu": time.process_time() - cpu_train})["cpu"]
 
     if getattr(trainer, "is_fsdp_enabled", False):
         _save_sharded_student(trainer, tok, out / "student")
@@ -430,6 +431,7 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
     metrics = {
         "method": cfg.method,
         "train": {"steps": trainer.state.global_step, "seconds": train_seconds, "processes": processes.world(),
+                  "cpu_seconds": cpu_seconds,  # of every process together
                   "train_loss": train_loss,
                   "tokens_per_second": (_tokens_per_second(train_examples, trainer.state.global_step, cfg, train_seconds)
                                         if trained_now and not resume else None)},
