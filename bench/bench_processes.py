@@ -2,9 +2,11 @@
 
 The real commands on the bundled SmolLM2-135M-Instruct (configs/demo.yaml: online soft KD into the
 10-layer pruned student; configs/codistill.yaml: the 10- and 6-layer pruned peers), each process
-with one torch thread, for the same global batch: 1 process with batch_size 8, or 2 processes
-(`torchrun --nproc_per_node 2`, gloo) with batch_size 4, both with grad_accum 4 (32 rows per
-optimizer step). No evaluation, no validation, one checkpoint at the end. Each run reports the
+with one torch thread, for the same global batch of 32 rows per optimizer step: 1 process with
+batch_size 8 and grad_accum 4, or 2 processes (`torchrun --nproc_per_node 2`, gloo) with batch_size 8
+and grad_accum 2 — the micro-batch stays the size one process runs efficiently, the processes share
+the accumulation (halving batch_size instead costs a single process itself about a third more CPU
+per token here: small matmuls). No evaluation, no validation, one checkpoint at the end. Each run reports the
 training tokens/s kdflow measures (metrics.json: training loop only) with the training loop's CPU
 time summed over the processes (what parallelism costs on top of the work, whatever else the
 machine runs), and the wall and CPU time of the whole command. The variants alternate, so load from
@@ -30,7 +32,7 @@ from pathlib import Path
 from common import ROOT, median
 
 QUIET = ["data.validation=", "data.test=", "evaluate_before=false", "train.logging_steps=1000", "train.save_steps=0",
-         "train.eval_steps=0", "train.num_threads=1", "train.grad_accum=4", "train.report_to=[none]"]
+         "train.eval_steps=0", "train.num_threads=1", "train.batch_size=8", "train.report_to=[none]"]
 VERBS = {
     "distill": ("configs/demo.yaml", ["evaluate_teacher=false"]),  # no validation rows: no teacher check
     "codistill": ("configs/codistill.yaml", ["baseline_alone=false"]),
@@ -42,7 +44,7 @@ def run(verb: str, world: int, steps: int, work: Path) -> dict[str, float]:
     out = work / f"{verb}-p{world}"
     shutil.rmtree(out, ignore_errors=True)
     args = [verb, "--config", str(ROOT / config), f"output_dir={out}", f"train.max_steps={steps}",
-            f"train.batch_size={8 // world}", *QUIET, *extra]
+            f"train.grad_accum={4 // world}", *QUIET, *extra]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world)]
     cmd = (launcher + ["-m", "kdflow"] if world > 1 else [sys.executable, "-m", "kdflow"]) + args
     env = dict(os.environ, OMP_NUM_THREADS="1",
