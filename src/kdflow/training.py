@@ -100,6 +100,7 @@ def training_arguments(train: TrainConfig, output_dir: str | os.PathLike, seed: 
         max_steps=train.max_steps,
         warmup_steps=0,  # set from train.warmup_ratio once the step count is known (create_scheduler)
         weight_decay=train.weight_decay,
+        optim="adamw_torch_fused",  # one pass per tensor: several times faster on CPU than the per-tensor loop
         adam_beta1=train.adam_beta1,
         adam_beta2=train.adam_beta2,
         lr_scheduler_type=train.lr_scheduler,

@@ -33,7 +33,7 @@ from kdflow.config import CoDistillConfig, PeerSpec, to_dict
 from kdflow.data import Rows, collate, encode_rows, read_rows, row_turns
 from kdflow.errors import ConfigError, KDFlowError
 from kdflow.evaluate import EvalResult, answer_nll, evaluate_cached, format_table
-from kdflow.loop import Loop, prune, resume_step
+from kdflow.loop import Loop, adamw, prune, resume_step
 from kdflow.losses import (DenseTeacher, HeadLossSpec, TopKTargets, get_divergence, head_losses,
                            shifted_masks)
 from kdflow.models import (apply_lora, build_student, check_student, count_parameters, load_model, load_tokenizer,
@@ -288,7 +288,7 @@ def _make_optimizer(p: Peer, cfg: CoDistillConfig, steps: int) -> None:
     params = p.trainable()
     groups = [{"params": [q for q in params if q.ndim >= 2], "weight_decay": wd},  # no decay on norms and biases
               {"params": [q for q in params if q.ndim < 2], "weight_decay": 0.0}]
-    p.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=p.lr, betas=(t.adam_beta1, t.adam_beta2))
+    p.optimizer = adamw([g for g in groups if g["params"]], lr=p.lr, betas=(t.adam_beta1, t.adam_beta2))
     p.scheduler = get_scheduler(t.lr_scheduler, p.optimizer, num_warmup_steps=math.ceil(t.warmup_ratio * steps),
                                 num_training_steps=steps)
 

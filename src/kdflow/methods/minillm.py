@@ -33,7 +33,7 @@ from kdflow.config import MiniLLMConfig, MiniLLMSettings
 from kdflow.data import Encoder, Rows, collate, left_pad, prompts_of, read_rows
 from kdflow.errors import ConfigError, DataError, KDFlowError
 from kdflow.evaluate import EvalResult, evaluate_cached, format_table
-from kdflow.loop import Loop, prune, resume_step
+from kdflow.loop import Loop, adamw, prune, resume_step
 from kdflow.losses import ce_sum, reverse_kl
 from kdflow.models import (apply_lora, build_student, check_student, count_parameters, freeze, load_model,
                            load_tokenizer, require_same_tokenizer, save_model, selected_logits)
@@ -240,8 +240,7 @@ def train(cfg: MiniLLMConfig, student: Any, teacher: Any, tok: Any, prompts: lis
     pad_id, eos_id, vocab = tok.pad_token_id, tok.eos_token_id, len(tok)
     updates_per_rollout = s.inner_epochs * (R // s.batch_size)
     params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=s.learning_rate, betas=(s.adam_beta1, s.adam_beta2),
-                                  weight_decay=s.weight_decay)
+    optimizer = adamw(params, lr=s.learning_rate, betas=(s.adam_beta1, s.adam_beta2), weight_decay=s.weight_decay)
     scheduler = get_scheduler(s.lr_scheduler, optimizer, num_warmup_steps=math.ceil(s.warmup_ratio * s.max_steps),
                               num_training_steps=s.max_steps)
     (wrapped,), (optimizer,), (scheduler,) = loop.prepare([student], [optimizer], [scheduler])
