@@ -121,6 +121,7 @@ def training_arguments(train: TrainConfig, output_dir: str | os.PathLike, seed: 
         # every parameter takes part in every forward (the head runs on the last position at least):
         # DDP need not search the graph for unused ones each step
         ddp_find_unused_parameters=False,
+        ddp_broadcast_buffers=False,  # constant buffers (rotary frequencies): no sync before each forward
         use_cpu=not _has_accelerator(),
         disable_tqdm=False,
     )
