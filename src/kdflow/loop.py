@@ -166,22 +166,28 @@ class Loop:
 
         folder = Path(folder)
         tmp = folder.with_name(folder.name + PARTIAL)
-        if self.is_main:
-            if tmp.exists():
-                shutil.rmtree(tmp)  # left by an interrupted save
-            tmp.mkdir(parents=True)
-        processes.barrier()
-        with writing(folder):
-            self.accelerator.save_state(str(tmp))
-        processes.barrier()
-        if self.is_main:
+
+        def start() -> None:
+            with writing(folder):
+                if tmp.exists():
+                    shutil.rmtree(tmp)  # left by an interrupted save
+                tmp.mkdir(parents=True)
+
+        def finish() -> None:
             with writing(folder):
                 stamp(tmp)
                 (tmp / LOOP_STATE).write_text(json.dumps({**state, "processes": self.world}))
                 if folder.exists():
                     shutil.rmtree(folder)
                 os.replace(tmp, folder)
+
+        # The main process prepares and completes the folder while the others wait (and share its
+        # error, if any); every process writes its part in between.
+        processes.on_main(start)
+        with writing(folder):
+            self.accelerator.save_state(str(tmp))
         processes.barrier()
+        processes.on_main(finish)
         return folder
 
     def load(self, folder: str | os.PathLike, resume_key: str, reseed: int = 0) -> dict[str, Any]:
