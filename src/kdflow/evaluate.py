@@ -361,9 +361,9 @@ def evaluate_cached(path: Any, key: dict[str, Any], model: Any, tok: Any, rows: 
     rows = eval_rows(rows, eval_cfg)
     print(f"[kdflow] evaluating {name} on {len(rows)} rows of {rows.source}")
     res = evaluate_model(model, tok, rows, data_cfg, eval_cfg, name=name, teacher=teacher)
-    saved = {"key": _cache_key(key, rows, data_cfg, eval_cfg), "metrics": res.metrics, "examples": res.examples,
-             "per_row": res.per_row}
-    processes.on_main(lambda: write_json(path, saved))
+    record = {"key": _cache_key(key, rows, data_cfg, eval_cfg), "metrics": res.metrics, "examples": res.examples,
+              "per_row": res.per_row}
+    processes.on_main(lambda: write_json(path, record))
     return res
 
 
