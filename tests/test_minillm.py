@@ -347,6 +347,10 @@ def test_resume_gives_the_same_student_as_an_uninterrupted_run(tmp_path, tiny_di
     # other settings in the same folder: refused instead of mixed
     assert main(run_args(tiny_dirs, tiny_data, resumed, *common[1:], "minillm.max_steps=12")) == 2
     assert "other settings (minillm.max_steps differ)" in capsys.readouterr().err
+    # a checkpoint without its RNG state would resume, but not exactly: refused in one line
+    (resumed / "checkpoint-8" / "random_states_0.pkl").unlink()
+    assert main(run_args(tiny_dirs, tiny_data, resumed, *common)) == 2
+    assert "lacks random_states_0.pkl, the RNG state of process 0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("extra,message", [

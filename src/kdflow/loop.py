@@ -198,10 +198,15 @@ class Loop:
 
         from kdflow.runfolder import check_files
 
+        from accelerate.utils import load as accelerate_load
+
         folder = Path(folder)
         check_files(folder, resume_key)
+        rng = folder / f"random_states_{self.rank}.pkl"
         try:
             state = json.loads((folder / LOOP_STATE).read_text())
+            if rng.is_file():
+                accelerate_load(rng)  # load_state skips RNG states it cannot read without a word: read them first
             self.accelerator.load_state(str(folder))
         except (ConfigError, DataError):
             raise
@@ -210,11 +215,14 @@ class Loop:
             raise DataError(f"checkpoint {folder} cannot be read ({detail}); delete it to resume from an earlier "
                             f"checkpoint, or set {resume_key}=never to start over") from None
         saved_world = int(state.get("processes", 1))
+        if saved_world == self.world and not rng.is_file():
+            raise DataError(f"checkpoint {folder} lacks {rng.name}, the RNG state of process {self.rank}; delete the "
+                            f"folder to resume from an earlier checkpoint, or set {resume_key}=never to start over")
         if saved_world != self.world:
             if self.is_main:
                 print(f"[kdflow] {folder.name} was written by {saved_world} process(es), this run has {self.world}: "
                       "training continues with the same batches, but not bit for bit")
-            if not (folder / f"random_states_{self.rank}.pkl").is_file():
+            if not rng.is_file():
                 set_seed(reseed + self.rank, device_specific=False)
         return state
 
