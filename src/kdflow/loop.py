@@ -310,8 +310,13 @@ def resume_step(folder: str | os.PathLike, resume: str, setting: str = "train.re
 
 
 def prune(folder: str | os.PathLike, keep: int, protect: set[int] = frozenset()) -> None:
-    """Delete all but the newest `keep` checkpoints (never those in `protect`); the main process does it."""
-    if keep <= 0 or not processes.is_main():
+    """Delete all but the newest `keep` checkpoints (never those in `protect`), and what interrupted
+    saves left; the main process does it, between saves."""
+    if not processes.is_main() or not Path(folder).is_dir():
+        return
+    for partial in Path(folder).glob(f"checkpoint-*{PARTIAL}"):
+        shutil.rmtree(partial, ignore_errors=True)
+    if keep <= 0:
         return
     found = checkpoints(folder)
     for step in sorted(found)[:-keep]:
