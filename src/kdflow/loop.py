@@ -1,11 +1,12 @@
 """The training loop every custom method shares (co-distillation, MiniLLM, FedMKT parties), on accelerate.
 
 `Loop` holds one `accelerate.Accelerator`: `prepare` puts the models (one or several, each with its
-own optimizer and scheduler) on the process's device and behind DDP / FSDP / DeepSpeed as `accelerate
-launch` configures it; `micro_batch` runs a forward/backward under the mixed-precision autocast and
-lets the processes exchange gradients on the last micro-batch of an optimizer step only;
-`clip_grad_norm` and `save` / `load` (`save_state` / `load_state`: weights, optimizers, schedulers
-and every process's RNG states) are accelerate's.
+own optimizer and scheduler) on the process's device, behind DDP when `torchrun` / `accelerate
+launch` started several processes (data parallelism; a sharded FSDP or DeepSpeed setup is refused:
+sampling and evaluation run each process's own rows through its whole model); `micro_batch` runs
+a forward/backward under the mixed-precision autocast and lets the processes exchange gradients on
+the last micro-batch of an optimizer step only; `clip_grad_norm` and `save` / `load` (`save_state` /
+`load_state`: weights, optimizers, schedulers and every process's RNG states) are accelerate's.
 
 What kdflow adds on top, and keeps whatever the number of processes:
 - step-level token normalisation (methods.md §0): a method counts each loss term's tokens over its
@@ -46,13 +47,12 @@ class Loop:
     def __init__(self, bf16: bool = False):
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState
+        from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 
         # Mixed precision is fixed when accelerate's shared state is first built; a run that trains
         # several loops in one process (baselines, FedMKT phases, `kdflow compare`) sets it per loop,
         # the way transformers' TrainingArguments resets it for each Trainer.
         AcceleratorState._reset_state()
-        from accelerate.utils import DistributedDataParallelKwargs
-
         # Gradients as views into DDP's communication buckets: no copy of every gradient in and out
         # of the buckets at each step. No broadcast of buffers before every forward: a language
         # model's buffers (rotary frequencies, masks) are constants every process builds alike, and
@@ -60,8 +60,6 @@ class Loop:
         ddp = DistributedDataParallelKwargs(gradient_as_bucket_view=True, broadcast_buffers=False)
         self.accelerator = Accelerator(cpu=processes.use_cpu(), mixed_precision="bf16" if bf16 else "no",
                                        step_scheduler_with_optimizer=False, kwargs_handlers=[ddp])
-        from accelerate.utils import DistributedType
-
         if self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
             # Sampling and evaluation here run each process's own rows through its own whole model;
             # a sharded model would need every process in every forward.
@@ -99,8 +97,8 @@ class Loop:
 
     # -- setting up
     def prepare(self, models: list[Any], optimizers: list[Any], schedulers: list[Any]) -> tuple[list, list, list]:
-        """Models on this process's device behind DDP/FSDP (as launched), optimizers and schedulers
-        wrapped; in the order given. Checkpoints hold them in this order too."""
+        """Models on this process's device (behind DDP under several processes), optimizers and
+        schedulers wrapped; in the order given. Checkpoints hold them in this order too."""
         out = self.accelerator.prepare(*models, *optimizers, *schedulers)
         out = list(out) if isinstance(out, (list, tuple)) else [out]
         n, m = len(models), len(optimizers)
