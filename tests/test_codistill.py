@@ -165,18 +165,21 @@ def test_three_peers_through_the_real_cli(tmp_path, tiny_dirs, tiny_data):
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("config.yaml", "metrics.json", "report.md", "loss_curve.png", "log_history.json", "runs"):
         assert (out / name).exists(), name
+    assert (out / "peers" / "checkpoint-2" / "loop_state.json").is_file()  # one checkpoint holds every peer
     for peer in ("full", "lora", "pruned"):
         assert (out / f"loss_{peer}.png").is_file()
         assert (out / "peers" / peer / "model" / "config.json").is_file()
-        assert (out / "peers" / peer / "checkpoint-2" / "loop_state.json").is_file()
+        assert (out / "alone" / peer / "checkpoint-2" / "loop_state.json").is_file()
         assert (out / "alone" / peer / "model" / "config.json").is_file()
         for row in ("before", "alone", "co-trained"):
             assert f"| {peer} ({row}) |" in proc.stdout
     assert (out / "peers" / "lora" / "adapter" / "adapter_config.json").is_file()
-    # the LoRA peer's checkpoint holds the adapter only
+    # the LoRA peer's weights in the checkpoint (peers in order: full, lora, pruned) are its adapter only
     from safetensors.torch import load_file
 
-    assert all("lora_" in k for k in load_file(str(out / "peers" / "lora" / "checkpoint-2" / "trainable.safetensors")))
+    lora = load_file(str(out / "peers" / "checkpoint-2" / "model_1.safetensors"))
+    assert lora and all("lora_" in k for k in lora)
+    assert not any("lora_" in k for k in load_file(str(out / "peers" / "checkpoint-2" / "model.safetensors")))
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["train"]["codistill"]["steps"] == 2 and len(metrics["eval"]) == 9
     for m in metrics["eval"].values():
@@ -201,9 +204,10 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, tiny_dirs, tin
     assert main(["codistill", *peer_args(tiny_dirs, tiny_data, ref), *common]) == 0
     out = tmp_path / "interrupted"
     assert main(["codistill", *peer_args(tiny_dirs, tiny_data, out), *common]) == 0
-    assert sorted(p.name for p in (out / "peers" / "full").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
-    # an interruption while the peers were being saved: one peer misses the newest checkpoint
-    shutil.rmtree(out / "peers" / "lora" / "checkpoint-3")
+    assert sorted(p.name for p in (out / "peers").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    # an interruption while the newest checkpoint was being written leaves it unfinished
+    os.replace(out / "peers" / "checkpoint-3", out / "peers" / "checkpoint-3.partial")
+    (out / "peers" / "checkpoint-3.partial" / "loop_state.json").unlink()
     for peer in ("full", "lora", "pruned"):
         shutil.rmtree(out / "peers" / peer / "model")
     capsys.readouterr()

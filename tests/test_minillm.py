@@ -316,7 +316,7 @@ def test_two_step_minillm_run_from_a_pruned_teacher_writes_its_outputs(tmp_path,
 
     assert main(["eval", f"model.name={out / 'student'}", f"data.test={tiny_data['test']}", "eval.max_rows=2",
                  "eval.max_new_tokens=3"]) == 0
-    assert load_file(str(out / "checkpoint-2" / "trainable.safetensors"))
+    assert load_file(str(out / "checkpoint-2" / "model.safetensors"))  # the checkpoint holds the trained weights
 
 
 def test_resume_gives_the_same_student_as_an_uninterrupted_run(tmp_path, tiny_dirs, tiny_data, capsys):
@@ -347,6 +347,10 @@ def test_resume_gives_the_same_student_as_an_uninterrupted_run(tmp_path, tiny_di
     # other settings in the same folder: refused instead of mixed
     assert main(run_args(tiny_dirs, tiny_data, resumed, *common[1:], "minillm.max_steps=12")) == 2
     assert "other settings (minillm.max_steps differ)" in capsys.readouterr().err
+    # a checkpoint without its RNG state would resume, but not exactly: refused in one line
+    (resumed / "checkpoint-8" / "random_states_0.pkl").unlink()
+    assert main(run_args(tiny_dirs, tiny_data, resumed, *common)) == 2
+    assert "lacks random_states_0.pkl, the RNG state of process 0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("extra,message", [

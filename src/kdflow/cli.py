@@ -6,6 +6,7 @@ imported only once a verb runs, so `kdflow --help` is instant.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import importlib
 import os
@@ -115,22 +116,34 @@ def main(argv: list[str] | None = None) -> int:
         else:
             overrides.append(arg)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from kdflow import runfolder
+    from kdflow import processes, runfolder
 
     held_before = runfolder.holding()
+    # Under torchrun / accelerate launch every process runs this command; the main one alone prints
+    # (tables, progress, notes). The others print only their own errors, marked with their index.
+    quiet = contextlib.redirect_stdout(open(os.devnull, "w")) if not processes.is_main() else contextlib.nullcontext()
+    if not processes.is_main():
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()  # "Loading weights" once, from the main process
+    who = "" if processes.is_main() else f"(process {processes.rank()} of {processes.world()}) "
     try:
-        cfg = load_config(_load(verb.config), config_path, overrides)
-        if print_only:
-            print(dump_yaml(cfg), end="")
-            return 0
-        _load(verb.runner)(cfg)
+        with quiet:
+            cfg = load_config(_load(verb.config), config_path, overrides)
+            if print_only:
+                print(dump_yaml(cfg), end="")
+                return 0
+            _load(verb.runner)(cfg)
+    except processes.MainProcessError:
+        return 2  # the main process prints it
     except KDFlowError as e:
         _close_progress_bars()
-        print(f"kdflow: error: {e}", file=sys.stderr)
+        print(f"kdflow: error: {who}{e}", file=sys.stderr)
         return 2
     except OSError as e:  # a file the run reads or writes: a full disk, a read-only folder, ...
         _close_progress_bars()
-        print(f"kdflow: error: {os_error_line(e)}", file=sys.stderr)
+        print(f"kdflow: error: {who}{os_error_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\nkdflow: interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)

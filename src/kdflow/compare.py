@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from kdflow import processes
 from kdflow.config import (CompareConfig, DistillConfig, MiniLLMConfig, VariantSpec, _set_path, dump_yaml, from_dict,
                            parse_override, to_dict, validate)
 from kdflow.errors import ConfigError
@@ -192,8 +193,12 @@ def run_compare(cfg: CompareConfig) -> dict[str, Any]:
     val_rows = read_rows(cfg.data.validation, "data.validation").head(cfg.data.max_eval_rows) if cfg.data.validation else None
     test_rows = read_rows(cfg.data.test, "data.test").head(cfg.data.max_eval_rows)
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "config.yaml", dump_yaml(cfg))
+
+    def start() -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(out / "config.yaml", dump_yaml(cfg))
+
+    processes.on_main(start)
     if cfg.train.num_threads > 0:
         import torch
 
@@ -230,10 +235,14 @@ def run_compare(cfg: CompareConfig) -> dict[str, Any]:
     board["seconds_this_session"] = time.time() - t0
     from kdflow.report import write_json
 
-    write_json(out / "leaderboard.json", board)
-    plot_leaderboard(out / "leaderboard.png", board, cfg)
     text = leaderboard_markdown(board, cfg)
-    write_atomic(out / "leaderboard.md", text)
+
+    def write_outputs() -> None:
+        write_json(out / "leaderboard.json", board)
+        plot_leaderboard(out / "leaderboard.png", board, cfg)
+        write_atomic(out / "leaderboard.md", text)
+
+    processes.on_main(write_outputs)
     print("\n" + text)
     print(f"[kdflow] comparison folder: {out} (leaderboard.md, leaderboard.json, leaderboard.png)")
     return board

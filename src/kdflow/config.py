@@ -259,7 +259,8 @@ class TrainConfig:
     learning_rate: float = opt(5e-5, "peak learning rate", range="> 0")
     num_epochs: float = opt(1.0, "passes over the training data (ignored when max_steps > 0)", range="> 0")
     max_steps: int = opt(-1, "optimizer steps; -1 uses num_epochs", range="-1 or >= 1")
-    batch_size: int = opt(8, "sequences per micro-batch per device", range=">= 1")
+    batch_size: int = opt(8, "sequences per micro-batch and process (an optimizer step takes batch_size x "
+                             "grad_accum x processes)", range=">= 1")
     grad_accum: int = opt(1, "micro-batches per optimizer step", range=">= 1")
     warmup_ratio: float = opt(0.0, "fraction of steps with linear warm-up", range="[0, 1]")
     weight_decay: float = opt(0.0, "AdamW weight decay", range=">= 0")
@@ -424,9 +425,10 @@ class MiniLLMSettings:
     sample_temperature: float = opt(1.0, "temperature of the rollout sampling only (not of any loss); the importance "
                                          "weights correct towards the untempered student", range="> 0")
     max_new_tokens: int = opt(48, "longest sampled response (tokens, EOS included)", range=">= 1")
-    rollout_batch_size: int = opt(16, "prompts sampled per rollout; each rollout is trained on for inner_epochs passes",
-                                  range=">= 1")
-    batch_size: int = opt(8, "rollout sequences per optimizer step (must divide rollout_batch_size)", range=">= 1")
+    rollout_batch_size: int = opt(16, "prompts sampled per rollout by each process; each rollout is trained on for "
+                                      "inner_epochs passes", range=">= 1")
+    batch_size: int = opt(8, "rollout sequences per optimizer step and process (must divide rollout_batch_size)",
+                          range=">= 1")
     micro_batch_size: int = opt(0, "sequences per forward/backward inside one optimizer step (0: batch_size); "
                                    "losses are normalised by the whole step's token count", range=">= 0")
     inner_epochs: int = opt(2, "passes over each rollout batch (PPO-style inner epochs)", range=">= 1")
@@ -442,7 +444,7 @@ class MiniLLMSettings:
     lm_data: str | None = opt(None, "rows for the language-modelling loss: a `text` field (plain text, every token) "
                                     "or prompt/response rows (answer tokens); same file forms as data.train")
     lm_text_field: str = opt("text", "field of lm_data rows holding plain text")
-    lm_batch_size: int = opt(8, "lm_data rows per optimizer step", range=">= 1")
+    lm_batch_size: int = opt(8, "lm_data rows per optimizer step and process", range=">= 1")
     learning_rate: float = opt(5e-6, "peak learning rate (AdamW)", range="> 0")
     max_steps: int = opt(100, "optimizer steps; a rollout is drawn whenever the previous one is used up", range=">= 1")
     warmup_ratio: float = opt(0.0, "fraction of steps with linear warm-up", range="[0, 1]")

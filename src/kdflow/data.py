@@ -424,11 +424,11 @@ class Collator:
         return collate(examples, self.pad_id)
 
 
-def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Any, Any]:
-    """Left-pad prompts for batched generation: (input_ids, attention_mask)."""
+def left_pad(prompts: list[list[int]], pad_id: int, width: int = 0) -> tuple[Any, Any]:
+    """Left-pad prompts for batched generation (to `width` columns at least): (input_ids, attention_mask)."""
     import torch
 
-    width = max(len(p) for p in prompts)
+    width = max(width, max(len(p) for p in prompts))
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for i, p in enumerate(prompts):

@@ -1,4 +1,9 @@
-"""Evaluation: answer NLL / perplexity, greedy and sampled generation, Rouge-L, exact match, distinct-n."""
+"""Evaluation: answer NLL / perplexity, greedy and sampled generation, Rouge-L, exact match, distinct-n.
+
+Under several processes (`torchrun`, `accelerate launch`) scoring and generation are split by batch,
+the batches one process would make, and gathered in order: every process gets the result one
+process computes, and only the main process writes it.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from kdflow import processes
 from kdflow.config import DataConfig, EvalConfig
 from kdflow.data import Rows, accepted_answers, collate, encode_rows, left_pad, prompts_of, row_turns
 from kdflow.scoring import (compile_pattern, distinct_n, expected_calibration_error, extract_answer, match_answer,
@@ -25,7 +31,10 @@ MAX_DEFAULT_ROWS = 1000  # eval.max_rows=null evaluates the whole split up to th
 @torch.no_grad()
 def answer_nll(model: Any, examples: list[dict[str, Any]], pad_id: int, batch_size: int = 16,
                progress: bool = False) -> dict[str, Any]:
-    """Mean negative log-likelihood of the reference answers (nats/token), and per example."""
+    """Mean negative log-likelihood of the reference answers (nats/token), and per example.
+
+    Under several processes each scores its share of the batches (`kdflow.processes`) and every
+    process gets the whole result, the same as one process computes."""
     from tqdm.auto import tqdm
 
     from kdflow.models import input_device
@@ -33,26 +42,33 @@ def answer_nll(model: Any, examples: list[dict[str, Any]], pad_id: int, batch_si
     was_training = model.training
     model.eval()
     device = input_device(model)
-    total, count, per_example = 0.0, 0, []
-    confidence: list[list[float]] = []  # per row and answer token: the model's top probability, and
-    correct: list[list[float]] = []     # whether its top token is the reference token (calibration)
-    batches = range(0, len(examples), batch_size)
-    for start in tqdm(batches, desc="answer NLL", disable=not progress, leave=False):
+    mine = []
+    for start in tqdm(processes.my_batches(len(examples), batch_size), desc="answer NLL",
+                      disable=not (progress and processes.is_main()), leave=False):
         batch = collate(examples[start:start + batch_size], pad_id)
         logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
         labels = batch["labels"][:, 1:].to(logits.device)
         logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
         mask = labels != -100
         tok_nll = -logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
-        for row_nll, row_mask in zip(tok_nll.sum(-1).tolist(), mask.sum(-1).tolist()):
-            per_example.append(row_nll / max(row_mask, 1))
         top_logp, top_id = logp.max(-1)
-        for conf_row, ok_row, m in zip(top_logp.exp().tolist(), (top_id == labels).tolist(), mask.tolist()):
-            confidence.append([c for c, keep in zip(conf_row, m) if keep])
-            correct.append([float(o) for o, keep in zip(ok_row, m) if keep])
-        total += float(tok_nll.sum())
-        count += int(mask.sum())
+        keep = mask.tolist()
+        mine.append({
+            "total": float(tok_nll.sum()), "count": int(mask.sum()),
+            "per_example": [n / max(c, 1) for n, c in zip(tok_nll.sum(-1).tolist(), mask.sum(-1).tolist())],
+            # per row and answer token: the model's top probability, and whether its top token is the
+            # reference token (calibration)
+            "confidence": [[c for c, k in zip(row, m) if k] for row, m in zip(top_logp.exp().tolist(), keep)],
+            "correct": [[float(o) for o, k in zip(row, m) if k] for row, m in zip((top_id == labels).tolist(), keep)],
+        })
     model.train(was_training)
+    total, count, per_example, confidence, correct = 0.0, 0, [], [], []
+    for b in processes.gather_batches(mine):
+        total += b["total"]
+        count += b["count"]
+        per_example += b["per_example"]
+        confidence += b["confidence"]
+        correct += b["correct"]
     nll = total / max(count, 1)
     return {"nll": nll, "perplexity": math.exp(min(nll, 50.0)), "tokens": count, "per_example_nll": per_example,
             "confidence": confidence, "correct": correct}
@@ -65,8 +81,12 @@ def answer_nll(model: Any, examples: list[dict[str, Any]], pad_id: int, batch_si
 @torch.no_grad()
 def generate(model: Any, tok: Any, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 16,
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
-             progress: bool = False, desc: str = "generating") -> list[list[int]]:
+             progress: bool = False, desc: str = "generating", shared: bool = True) -> list[list[int]]:
     """Generate an answer for each prompt (token ids, EOS and padding removed).
+
+    Under several processes the batches are shared out between them and every process gets every
+    answer; `shared=False`: this process answers all of `prompts` itself (for callers that split
+    the work their own way).
 
     Only the settings given here decide the generation: a checkpoint's own generation_config
     (repetition_penalty, no_repeat_ngram_size, min_new_tokens, suppressed tokens, ...) would otherwise
@@ -84,14 +104,14 @@ def generate(model: Any, tok: Any, prompts: list[list[int]], max_new_tokens: int
     base.generation_config = GenerationConfig()
     try:
         return _generate(model, tok, prompts, max_new_tokens, batch_size, do_sample, temperature, top_p, seed,
-                         progress, desc)
+                         progress, desc, shared)
     finally:
         base.generation_config = saved_config
         model.train(was_training)
 
 
 def _generate(model: Any, tok: Any, prompts: list[list[int]], max_new_tokens: int, batch_size: int, do_sample: bool,
-              temperature: float, top_p: float, seed: int, progress: bool, desc: str) -> list[list[int]]:
+              temperature: float, top_p: float, seed: int, progress: bool, desc: str, shared: bool) -> list[list[int]]:
     from tqdm.auto import tqdm
 
     from kdflow.models import input_device
@@ -99,25 +119,31 @@ def _generate(model: Any, tok: Any, prompts: list[list[int]], max_new_tokens: in
     device = input_device(model)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     eos_id = tok.eos_token_id
-    out: list[list[int]] = []
+    # transformers samples from torch's global generator: it is seeded per batch from our own
+    # generator so results depend on (seed, batch) only, not on what ran before or on which process
+    # generates the batch.
     gen = torch.Generator().manual_seed(seed)
-    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress, leave=False):
+    starts = range(0, len(prompts), batch_size)
+    batch_seeds = {s: int(torch.randint(0, 2**31 - 1, (1,), generator=gen)) for s in starts} if do_sample else {}
+    mine: list[list[list[int]]] = []
+    todo = processes.my_batches(len(prompts), batch_size) if shared else list(starts)
+    for start in tqdm(todo, desc=desc, disable=not (progress and processes.is_main()), leave=False):
         chunk = prompts[start:start + batch_size]
         ids, mask = left_pad(chunk, pad_id)
         kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": pad_id, "eos_token_id": eos_id}
         if do_sample:
-            # transformers samples from torch's global generator: seed it per batch from our own
-            # generator so results depend on (seed, batch) only, not on what ran before.
-            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+            torch.manual_seed(batch_seeds[start])
             kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         seqs = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+        rows = []
         for row in seqs[:, ids.shape[1]:].tolist():
             if eos_id in row:
                 row = row[: row.index(eos_id)]
-            out.append(row)
-    return out
+            rows.append(row)
+        mine.append(rows)
+    return [row for rows in (processes.gather_batches(mine) if shared else mine) for row in rows]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,9 +307,9 @@ def _token_kl_along(sequences: list[list[int]], prompts: list[list[int]], teache
     """KL(p‖q) of teacher p and student q at every generated position of each prompt + answer."""
     from kdflow.models import input_device
 
-    out: list[list[float]] = []
+    mine: list[list[list[float]]] = []
     t_dev, s_dev = input_device(teacher), input_device(student)
-    for start in range(0, len(sequences), batch_size):
+    for start in processes.my_batches(len(sequences), batch_size):
         rows = [{"input_ids": p + a, "labels": [-100] * len(p) + a} for p, a in
                 zip(prompts[start:start + batch_size], sequences[start:start + batch_size])]
         batch = collate(rows, pad_id)
@@ -295,9 +321,8 @@ def _token_kl_along(sequences: list[list[int]], prompts: list[list[int]], teache
         v = min(t_logp.shape[-1], s_logp.shape[-1])
         t_logp, s_logp = t_logp[..., :v].cpu(), s_logp[..., :v].cpu()
         kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)
-        for i in range(len(rows)):
-            out.append(kl[i][mask[i]].tolist())
-    return out
+        mine.append([kl[i][mask[i]].tolist() for i in range(len(rows))])
+    return [row for rows in processes.gather_batches(mine) for row in rows]
 
 
 def exposure_bias(model: Any, teacher: Any, tok: Any, prompts: list[list[int]], eval_cfg: EvalConfig) -> dict[str, float]:
@@ -361,8 +386,9 @@ def evaluate_cached(path: Any, key: dict[str, Any], model: Any, tok: Any, rows: 
     rows = eval_rows(rows, eval_cfg)
     print(f"[kdflow] evaluating {name} on {len(rows)} rows of {rows.source}")
     res = evaluate_model(model, tok, rows, data_cfg, eval_cfg, name=name, teacher=teacher)
-    write_json(path, {"key": _cache_key(key, rows, data_cfg, eval_cfg), "metrics": res.metrics,
-                      "examples": res.examples, "per_row": res.per_row})
+    record = {"key": _cache_key(key, rows, data_cfg, eval_cfg), "metrics": res.metrics, "examples": res.examples,
+              "per_row": res.per_row}
+    processes.on_main(lambda: write_json(path, record))
     return res
 
 
@@ -476,7 +502,7 @@ def run_eval(cfg: Any) -> dict[str, float]:
         print(f"  {m}: {iv['estimate']:.4f}, 95% row-bootstrap interval [{iv['low']:.4f}, {iv['high']:.4f}]")
     for ex in res.examples:
         print(f"- {ex['prompt']}\n    reference: {ex['reference']}\n    generated: {ex['prediction']}")
-    if cfg.output:
+    if cfg.output and processes.is_main():
         # per-row scores let a later table pair this model with others scored on the same rows
         write_json(cfg.output, {"model": cfg.model.name, "metrics": res.metrics, "intervals": intervals,
                                 "scoring": scoring_rule(cfg.data, cfg.eval), "examples": res.examples,

@@ -110,7 +110,8 @@ def _last_logits(model: Any, ids: torch.Tensor, mask: torch.Tensor, positions: t
 @torch.no_grad()
 def mixed_sample(student: Any, teacher: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *,
                  max_new_tokens: int, mix_alpha: float, eos_id: int, pad_id: int, vocab_size: int,
-                 temperature: float = 1.0, generator: torch.Generator | None = None, use_cache: bool = True,
+                 temperature: float = 1.0, generator: torch.Generator | list[torch.Generator] | None = None,
+                 use_cache: bool = True,
                  stop_at_eos: bool = True, keep_teacher_logprobs: bool = False, bf16: bool = False) -> Rollout:
     """Sample responses token by token from mix_alpha p + (1 - mix_alpha) q.
 
@@ -119,7 +120,9 @@ def mixed_sample(student: Any, teacher: Any, prompt_ids: torch.Tensor, prompt_ma
     draws from the student being optimised. Only the first `vocab_size` logits are used (heads
     may be padded beyond the tokenizer). `use_cache=False` re-runs each full sequence at every
     step instead (the reference for tests and the speed benchmark); `stop_at_eos=False` forces
-    every row to `max_new_tokens` tokens.
+    every row to `max_new_tokens` tokens. `generator` may be one generator per row: a row's tokens
+    then depend on its own seed only, not on the rows it is batched with, so processes that sample
+    their shares of a rollout draw what one process sampling all of it draws.
     """
     device = prompt_ids.device
     batch = prompt_ids.shape[0]
@@ -144,7 +147,11 @@ def mixed_sample(student: Any, teacher: Any, prompt_ids: torch.Tensor, prompt_ma
             else:
                 log_mix = log_mixture(F.log_softmax(t_logits / temperature, dim=-1),
                                       F.log_softmax(s_logits / temperature, dim=-1), mix_alpha)
-            y = torch.multinomial(log_mix.exp(), 1, generator=generator).squeeze(-1)
+            probs = log_mix.exp()
+            if isinstance(generator, (list, tuple)):
+                y = torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generator)])
+            else:
+                y = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
             live = ~done
             y = torch.where(live, y, torch.full_like(y, pad_id))
             gather = lambda lp: torch.where(live, lp.gather(-1, y[:, None]).squeeze(-1), torch.zeros(()))  # noqa: E731

@@ -119,6 +119,13 @@ def hold(out: Path, cfg: Any, resume: str, resume_key: str = "train.resume", ign
         raise
 
 
+def adopt(out: Path, cfg: Any, ignore: tuple[str, ...] = ()) -> None:
+    """Know `out` as this run's folder without taking it: the other processes of a run whose main
+    process holds it (`kdflow.processes`) need the settings digest, not the lock."""
+    settings = run_settings(cfg, ignore)
+    _HELD[out.resolve()] = _Held(settings, settings_digest(settings), None)
+
+
 def holding() -> set[Path]:
     """The run folders this process holds."""
     return set(_HELD)
@@ -281,7 +288,7 @@ def file_problem(path: Path) -> str | None:
             json.loads(path.read_text(encoding="utf-8"))
         elif path.suffix == ".safetensors":
             return safetensors_problem(path)
-        elif path.suffix in (".pt", ".pth", ".bin", ".npz"):
+        elif path.suffix in (".pt", ".pth", ".bin", ".npz", ".pkl"):  # .pkl: accelerate's RNG states (torch.save)
             with zipfile.ZipFile(path):
                 pass
     except (ValueError, UnicodeDecodeError):

@@ -13,6 +13,8 @@ token_scope=all), in order. Log-probs are taken after the teacher's temperature,
 manifest records: a run with another temperature, teacher, tokenizer, dataset, k or data
 settings refuses the cache instead of silently using it. Shards are written atomically and the
 manifest is updated after each one, so an interrupted run resumes from the last complete shard.
+Under several processes each computes and writes its share of the shards (the same files one
+process writes) and the main process keeps the one manifest.
 Nothing is pickled: safetensors holds plain arrays, the manifest is JSON.
 """
 
@@ -133,67 +135,88 @@ def build_cache(folder: str | os.PathLike, key: dict[str, Any], examples: list[d
     """Compute and store targets for every example, resuming after the last complete shard."""
     from tqdm.auto import tqdm
 
+    from kdflow import processes
     from kdflow.data import collate
 
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise DataError(f"teacher_cache.dir {folder} is a file, not a folder; choose another teacher_cache.dir")
-    folder.mkdir(parents=True, exist_ok=True)
-    manifest = _read_manifest(folder)
-    if manifest is not None:
-        changed = _diff(manifest["key"], key)
-        if changed:
-            raise DataError(f"teacher cache {folder} was built with other settings ({', '.join(changed)} differ); "
-                            "use another teacher_cache.dir or delete this one")
-        if manifest.get("shard_size") != shard_size:
-            raise DataError(f"teacher cache {folder} uses shard_size {manifest.get('shard_size')}; keep it to resume")
-    else:
-        manifest = {"key": key, "shard_size": shard_size, "examples": len(examples), "shards": [], "complete": False}
-        write_json(folder / MANIFEST, manifest)
+
+    def open_manifest() -> dict[str, Any]:
+        if folder.exists() and not folder.is_dir():
+            raise DataError(f"teacher_cache.dir {folder} is a file, not a folder; choose another teacher_cache.dir")
+        folder.mkdir(parents=True, exist_ok=True)
+        manifest = _read_manifest(folder)
+        if manifest is not None:
+            changed = _diff(manifest["key"], key)
+            if changed:
+                raise DataError(f"teacher cache {folder} was built with other settings ({', '.join(changed)} differ); "
+                                "use another teacher_cache.dir or delete this one")
+            if manifest.get("shard_size") != shard_size:
+                raise DataError(f"teacher cache {folder} uses shard_size {manifest.get('shard_size')}; keep it to resume")
+        else:
+            manifest = {"key": key, "shard_size": shard_size, "examples": len(examples), "shards": [], "complete": False}
+            write_json(folder / MANIFEST, manifest)
+        return manifest
+
+    manifest = processes.on_main(open_manifest)
     done = sum(s["examples"] for s in manifest["shards"])
     if manifest["complete"] and done == len(examples):
         return manifest
     # uint16 keeps 65535 free to mark empty slots (-1), which cross-tokenizer targets have
     id_dtype = torch.uint16 if 0 < vocab_size <= EMPTY_U16 else torch.int32
     lp_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[key["logp_dtype"]]
-    bar = tqdm(total=len(examples), initial=done, desc="teacher cache", disable=not progress)
+    main, world = processes.is_main(), processes.world()
+    bar = tqdm(total=len(examples), initial=done, desc="teacher cache", disable=not (progress and main))
     t0 = time.time()
-    from safetensors.torch import save_file
-
-    for shard_start in range(done, len(examples), shard_size):
-        shard = examples[shard_start:shard_start + shard_size]
-        per_example: list[dict[str, torch.Tensor]] = []
-        for b in range(0, len(shard), batch_size):
-            batch = collate(shard[b:b + batch_size], pad_id)
-            per_example.extend(compute(batch))
-            bar.update(min(batch_size, len(shard) - b))
-        counts = [int(t["ids"].shape[0]) for t in per_example]
-        tensors = {
-            "ids": _store_ids(torch.cat([t["ids"] for t in per_example]), id_dtype),
-            "logp": torch.cat([t["logp"] for t in per_example]).to(lp_dtype),
-            "offsets": torch.tensor([0] + list(torch.tensor(counts).cumsum(0).tolist()), dtype=torch.int64),
-            "row_index": torch.tensor([e["row_index"] for e in shard], dtype=torch.int64),
-        }
-        if key["store_tail"]:
-            tensors["tail_logp"] = torch.cat([t["tail_logp"] for t in per_example]).float()
-        if key.get("alignment") is not None:
-            tensors["valid"] = torch.cat([t["valid"] for t in per_example]).to(torch.uint8)
-        name = f"shard-{len(manifest['shards']):05d}.safetensors"
-        tmp = folder / (name + ".tmp")
-        with writing(folder / name):
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-        os.replace(tmp, folder / name)
-        manifest["shards"].append({"file": name, "examples": len(shard), "positions": sum(counts),
-                                   "sha256": _sha256(folder / name), "bytes": (folder / name).stat().st_size})
-        write_json(folder / MANIFEST, manifest)
+    # Shard j holds examples j*shard_size onwards, whoever computes it: each of P processes computes
+    # one shard of every round of P and writes its file; the main process lists the round's shards
+    # in the manifest, which therefore names a complete prefix of the shards at every moment.
+    first_shards = range(len(manifest["shards"]), -(-len(examples) // shard_size), world)
+    for first in first_shards:
+        j = first + processes.rank()
+        entry = None
+        if j * shard_size < len(examples):
+            entry = _write_shard(folder, j, examples[j * shard_size:(j + 1) * shard_size], pad_id, compute,
+                                 batch_size, key, id_dtype, lp_dtype, collate)
+        entries = [e for e in processes.all_gather_json(entry) if e is not None]
+        manifest["shards"] += entries
+        if main:
+            write_json(folder / MANIFEST, manifest)
+        bar.update(sum(e["examples"] for e in entries))
     bar.close()
     manifest["complete"] = True
     manifest["build_seconds"] = manifest.get("build_seconds", 0.0) + (time.time() - t0)
     positions = sum(s["positions"] for s in manifest["shards"])
     manifest["positions"] = positions
     manifest["bytes_per_position"] = sum(s["bytes"] for s in manifest["shards"]) / max(positions, 1)
-    write_json(folder / MANIFEST, manifest)
-    return manifest
+    return processes.on_main(lambda: (write_json(folder / MANIFEST, manifest), manifest)[1])
+
+
+def _write_shard(folder: Path, j: int, shard: list[dict[str, Any]], pad_id: int, compute: Callable, batch_size: int,
+                 key: dict[str, Any], id_dtype: torch.dtype, lp_dtype: torch.dtype, collate: Callable) -> dict[str, Any]:
+    """Compute shard `j` and write it atomically; return its manifest entry."""
+    from safetensors.torch import save_file
+
+    per_example: list[dict[str, torch.Tensor]] = []
+    for b in range(0, len(shard), batch_size):
+        per_example.extend(compute(collate(shard[b:b + batch_size], pad_id)))
+    counts = [int(t["ids"].shape[0]) for t in per_example]
+    tensors = {
+        "ids": _store_ids(torch.cat([t["ids"] for t in per_example]), id_dtype),
+        "logp": torch.cat([t["logp"] for t in per_example]).to(lp_dtype),
+        "offsets": torch.tensor([0] + list(torch.tensor(counts).cumsum(0).tolist()), dtype=torch.int64),
+        "row_index": torch.tensor([e["row_index"] for e in shard], dtype=torch.int64),
+    }
+    if key["store_tail"]:
+        tensors["tail_logp"] = torch.cat([t["tail_logp"] for t in per_example]).float()
+    if key.get("alignment") is not None:
+        tensors["valid"] = torch.cat([t["valid"] for t in per_example]).to(torch.uint8)
+    name = f"shard-{j:05d}.safetensors"
+    tmp = folder / (name + ".tmp")
+    with writing(folder / name):
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, folder / name)
+    return {"file": name, "examples": len(shard), "positions": sum(counts), "sha256": _sha256(folder / name),
+            "bytes": (folder / name).stat().st_size}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from kdflow import processes
 from kdflow.config import AdaptSpec, DataConfig, EvalConfig, TeacherSpec, TrainConfig, to_dict
 from kdflow.data import Rows, rows_fingerprint
 from kdflow.errors import ConfigError
@@ -281,19 +282,23 @@ def _adapt(spec: TeacherSpec, data: DataConfig, rows: Rows, folder: Path) -> Non
                                                                  device=run_device(spec, "teacher")),
                            train_dataset=ListDataset(examples), data_collator=Collator(tok.pad_token_id))
     loss, _ = train_or_restore(trainer, last_checkpoint(work))
-    model = trainer.model
-    with atomic_folder(folder) as tmp:
-        if a.method == "lora":
-            model.save_pretrained(tmp / "adapter")
-            model = model.merge_and_unload()  # the teacher folder is a plain model every verb loads
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        write_json(tmp / ADAPTED_MARKER, {
-            "key": adapted_key(spec, rows, data), "train_loss": loss, "seconds": time.time() - t0,
-            "log_history": trainer.state.log_history})
-    import shutil
 
-    shutil.rmtree(work, ignore_errors=True)
+    def save() -> None:  # the main process alone, when several train it together
+        import shutil
+
+        model = trainer.model
+        with atomic_folder(folder) as tmp:
+            if a.method == "lora":
+                model.save_pretrained(tmp / "adapter")
+                model = model.merge_and_unload()  # the teacher folder is a plain model every verb loads
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            write_json(tmp / ADAPTED_MARKER, {
+                "key": adapted_key(spec, rows, data), "train_loss": loss, "seconds": time.time() - t0,
+                "log_history": trainer.state.log_history})
+        shutil.rmtree(work, ignore_errors=True)
+
+    processes.on_main(save)
     print(f"[kdflow] adapted teacher written to {folder} ({time.time() - t0:.0f} s); point teacher.name at it to "
           "reuse it elsewhere")
 
@@ -331,7 +336,7 @@ def check_teacher(spec: TeacherSpec, load: Callable[[], tuple[Any, Any]], val_ro
         print(f"[kdflow] teacher check: scoring the teacher on {len(rows)} validation rows")
         res = evaluate_model(model, tok, rows, data, ecfg, progress=False, name="teacher")
         metrics, examples = res.metrics, res.examples
-        write_json(path, {"key": key, "metrics": metrics, "examples": examples})
+        processes.on_main(lambda: write_json(path, {"key": key, "metrics": metrics, "examples": examples}))
     below = []
     if metrics["answer_nll"] > c.max_answer_nll:
         below.append(f"answer NLL {metrics['answer_nll']:.2f} > teacher.check.max_answer_nll={c.max_answer_nll}")

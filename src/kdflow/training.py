@@ -2,7 +2,7 @@
 
 Methods that fit transformers' Trainer loop subclass `TokenNormalizedTrainer`, which divides
 each loss term by its token count over the whole optimizer step (all micro-batches, all ranks)
-instead of per micro-batch.
+instead of per micro-batch. Methods with loops of their own run them on `kdflow.loop.Loop`.
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ import re
 from pathlib import Path
 from typing import Any
 
+from kdflow import processes
 from kdflow.config import TrainConfig, dump_yaml
-from kdflow.errors import ConfigError, DataError
-from kdflow.report import atomic_folder, write_atomic, writing
-from kdflow.runfolder import check_files, hold
+from kdflow.errors import ConfigError
+from kdflow.report import write_atomic, writing
+from kdflow.runfolder import adopt, hold
 
 
 def setup_run(output_dir: str | os.PathLike, cfg: Any, seed: int, num_threads: int = 0, resume: str | None = None,
@@ -36,15 +37,23 @@ def setup_run(output_dir: str | os.PathLike, cfg: Any, seed: int, num_threads: i
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir {out} is a file, not a folder; choose another output_dir")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"output_dir {out}: cannot create it ({e.strerror}); choose a folder you can write to") from None
     train = getattr(cfg, "train", None)
     if resume is None:
         resume = train.resume if train is not None else "never"
-    hold(out, cfg, resume, resume_key, ignore)
-    write_atomic(out / "config.yaml", dump_yaml(cfg))
+
+    def take() -> None:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"output_dir {out}: cannot create it ({e.strerror}); choose a folder you can write to") from None
+        hold(out, cfg, resume, resume_key, ignore)
+        write_atomic(out / "config.yaml", dump_yaml(cfg))
+
+    # Under several processes the main one takes the folder (lock, earlier run moved aside, checkpoints
+    # checked); the others wait, then only learn the settings digest their checkpoints carry.
+    processes.on_main(take)
+    if not processes.is_main():
+        adopt(out, cfg, ignore)
     if num_threads > 0:
         import torch
 
@@ -94,6 +103,7 @@ def training_arguments(train: TrainConfig, output_dir: str | os.PathLike, seed: 
         max_steps=train.max_steps,
         warmup_steps=0,  # set from train.warmup_ratio once the step count is known (create_scheduler)
         weight_decay=train.weight_decay,
+        optim="adamw_torch_fused",  # one pass per tensor: several times faster on CPU than the per-tensor loop
         adam_beta1=train.adam_beta1,
         adam_beta2=train.adam_beta2,
         lr_scheduler_type=train.lr_scheduler,
@@ -111,6 +121,10 @@ def training_arguments(train: TrainConfig, output_dir: str | os.PathLike, seed: 
         remove_unused_columns=False,
         seed=seed,
         dataloader_num_workers=0,
+        # every parameter takes part in every forward (the head runs on the last position at least):
+        # DDP need not search the graph for unused ones each step
+        ddp_find_unused_parameters=False,
+        ddp_broadcast_buffers=False,  # constant buffers (rotary frequencies): no sync before each forward
         use_cpu=not _has_accelerator() or (device is not None and getattr(device, "type", device) == "cpu"),
         disable_tqdm=False,
     )
@@ -289,204 +303,3 @@ def step_rows(n: int, seed: int, step: int, per_step: int) -> list[int]:
     for flat in range(step * per_step, (step + 1) * per_step):
         out.append(_row_order(n, seed, flat // n)[flat % n])
     return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints of custom training loops (methods that train several models, or not on Trainer)
-
-LOOP_STATE = "loop_state.json"
-
-
-def loop_checkpoints(folder: str | os.PathLike) -> dict[int, Path]:
-    """Complete `checkpoint-N` folders under `folder` (those holding loop_state.json), by step."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return {}
-    found = {}
-    for p in folder.iterdir():
-        m = re.fullmatch(r"checkpoint-(\d+)", p.name)
-        if m and p.is_dir() and (p / LOOP_STATE).is_file():
-            found[int(m.group(1))] = p
-    return found
-
-
-def _rng_state() -> tuple[dict[str, Any], dict[str, Any]]:
-    import random
-
-    import numpy as np
-    import torch
-
-    tensors = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, t in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"cuda_{i}"] = t
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    plain = {"python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
-             "numpy": [kind, keys.tolist(), pos, has_gauss, cached]}
-    return tensors, plain
-
-
-def _set_rng_state(tensors: dict[str, Any], plain: dict[str, Any]) -> None:
-    import random
-
-    import numpy as np
-    import torch
-
-    torch.set_rng_state(tensors["torch"])
-    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda_"))]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
-    version, state, gauss = plain["python"]
-    random.setstate((version, tuple(state), gauss))
-    kind, keys, pos, has_gauss, cached = plain["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-
-
-def save_loop_checkpoint(folder: str | os.PathLike, model: Any, optimizer: Any, scheduler: Any, state: dict[str, Any]) -> Path:
-    """Write one model's trainable weights (all weights, or only a LoRA adapter's), its optimizer and
-    scheduler, the RNG states and `state` (step, logs, ...) to `folder`, atomically: the folder
-    appears complete or not at all, so an interruption never leaves a checkpoint that resumes wrong.
-    """
-    import json
-
-    import torch
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    with atomic_folder(folder) as tmp:
-        # named_parameters() lists a tied weight once, so shared tensors never reach safetensors twice
-        weights = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
-        save_file(weights, str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        tensors, plain = _rng_state()
-        save_file(tensors, str(tmp / "rng.safetensors"))
-        (tmp / LOOP_STATE).write_text(json.dumps({**state, "rng": plain}))
-    return folder
-
-
-def load_loop_checkpoint(folder: str | os.PathLike, model: Any, optimizer: Any, scheduler: Any,
-                         restore_rng: bool = True) -> dict[str, Any]:
-    """Load what `save_loop_checkpoint` wrote into `model`, `optimizer`, `scheduler`; return the state."""
-    import json
-
-    import torch
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    check_files(folder)
-    try:
-        weights = load_file(str(folder / "trainable.safetensors"))
-        optimizer_state = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
-        scheduler_state = torch.load(folder / "scheduler.pt", map_location="cpu", weights_only=True)
-        state = json.loads((folder / LOOP_STATE).read_text())
-        rng = load_file(str(folder / "rng.safetensors")) if restore_rng else None
-    except Exception as e:  # safetensors, torch and json each have their own errors for a damaged file
-        raise DataError(f"checkpoint {folder} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                        "delete it to resume from an earlier checkpoint, or set resume=never to start over") from None
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if set(weights) != set(params):
-        extra, missing = sorted(set(weights) - set(params)), sorted(set(params) - set(weights))
-        raise ConfigError(f"{folder} does not fit this model (missing {missing[:3]}, unexpected {extra[:3]}); "
-                          "use another output_dir or train.resume=never")
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(weights[n].to(p.device, p.dtype))
-    optimizer.load_state_dict(optimizer_state)
-    scheduler.load_state_dict(scheduler_state)
-    if restore_rng:
-        _set_rng_state(rng, state["rng"])
-    return state
-
-
-def common_loop_checkpoint(folders: list[Path], resume: str, setting: str = "train.resume") -> int | None:
-    """The step to resume several models trained together from: the newest checkpoint that every
-    folder holds (resume=auto; an interruption while they were being saved leaves the newest one
-    incomplete), or the `checkpoint-N` that `resume` names. None: start afresh (with resume=never,
-    `setup_run` has moved the folder's earlier checkpoints aside).
-    """
-    have = [loop_checkpoints(f) for f in folders]
-    common = set(have[0]).intersection(*have[1:])
-    if resume == "never":
-        return None
-    if resume == "auto":
-        return max(common) if common else None
-    m = re.fullmatch(r"checkpoint-(\d+)", Path(resume).name)
-    if not m:
-        raise ConfigError(f"{setting}={resume}: give 'auto', 'never' or checkpoint-N (a step every model has saved)")
-    if int(m.group(1)) not in common:
-        raise ConfigError(f"{setting}={resume}: not every model has checkpoint-{m.group(1)}; common steps: {sorted(common)}")
-    return int(m.group(1))
-
-
-def prune_loop_checkpoints(folder: str | os.PathLike, keep: int, protect: set[int] = frozenset()) -> None:
-    """Delete all but the newest `keep` checkpoints (never those in `protect`)."""
-    import shutil
-
-    if keep <= 0:
-        return
-    found = loop_checkpoints(folder)
-    for step in sorted(found)[:-keep]:
-        if step not in protect:
-            shutil.rmtree(found[step], ignore_errors=True)
-
-
-def train_examples(model: Any, optimizer: Any, examples: list[dict[str, Any]], *, pad_id: int, batch_size: int,
-                   grad_accum: int, epochs: int, seed: int, loss_sums: Any, count_tokens: Any,
-                   term_weights: dict[str, float], bf16: bool = False, max_grad_norm: float = 1.0,
-                   scheduler: Any = None) -> list[dict[str, float]]:
-    """A plain training loop for methods that keep their own optimizer across phases (FedMKT).
-
-    Same normalisation as `TokenNormalizedTrainer`: each term's token count is summed over the
-    micro-batches of an optimizer step first, and each micro-batch contributes
-    weight * sum / step_count. Returns one log entry per optimizer step.
-    """
-    import random
-
-    import torch
-
-    from kdflow.data import collate
-
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    logs: list[dict[str, float]] = []
-    rng = random.Random(seed)
-    for _ in range(epochs):
-        order = list(range(len(examples)))
-        rng.shuffle(order)
-        batches = [collate([examples[i] for i in order[s:s + batch_size]], pad_id) for s in range(0, len(order), batch_size)]
-        for s in range(0, len(batches), grad_accum):
-            step_batches = batches[s:s + grad_accum]
-            totals: dict[str, int] = {}
-            for b in step_batches:
-                for k, v in count_tokens(b).items():
-                    totals[k] = totals.get(k, 0) + int(v)
-            entry = {k: 0.0 for k in term_weights}
-            loss_value = 0.0
-            for b in step_batches:
-                with torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16, enabled=bf16):
-                    sums = loss_sums(model, b)
-                loss = None
-                for term, (value, _) in sums.items():
-                    part = value / max(totals.get(term, 0), 1)
-                    entry[term] = entry.get(term, 0.0) + float(part.detach())
-                    w = term_weights.get(term, 1.0)
-                    if w:
-                        loss = w * part if loss is None else loss + w * part
-                if loss is not None:
-                    if not torch.isfinite(loss.detach()):
-                        from kdflow.errors import KDFlowError
-
-                        raise KDFlowError(f"the training loss became {float(loss.detach())}; lower the learning rate or check the data")
-                    loss.backward()
-                    loss_value += float(loss.detach())
-            if max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            entry["loss"] = loss_value
-            logs.append(entry)
-    model.eval()
-    return logs

@@ -37,7 +37,7 @@ from kdflow.losses import HeadLossSpec, get_divergence, head_losses, shifted_mas
 from kdflow.models import (apply_lora, build_student, freeze, input_device, load_model, load_tokenizer, place, run_device,
                            selected_hidden, to_device, tokenizer_fingerprint)
 from kdflow.teacher_cache import batch_targets, topk_from_logits
-from kdflow.training import train_examples
+from kdflow.loop import adamw, train_examples
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,7 +158,7 @@ def make_party(spec: PartyConfig, base: Any, tok: Any, seed: int) -> Party:
 
 def make_optimizer(party: Party, train: TrainConfig) -> Any:
     params = [p for p in party.model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=party.lr, betas=(train.adam_beta1, train.adam_beta2), weight_decay=train.weight_decay)
+    return adamw(params, lr=party.lr, betas=(train.adam_beta1, train.adam_beta2), weight_decay=train.weight_decay)
 
 
 def optimizer_for(party: Party, train: TrainConfig, reset: bool) -> Any:

@@ -217,6 +217,14 @@ def run_fedmkt_flower(cfg: FedMKTConfig) -> dict[str, Any]:
     from kdflow.federated.flower_app import run_config_from_config, write_app, write_run_config
 
     check_config(cfg, baselines=False)  # the baselines are not run over Flower
+    from kdflow import processes
+
+    if processes.world() > 1:
+        # Flower starts one process per client and one for the server itself; launched P times, the
+        # same command would start P federations on one SuperLink.
+        raise FlowerLaunchError(f"kdflow fedmkt-flower was started as {processes.world()} processes (torchrun / "
+                                "accelerate launch); start it once, without a launcher: Flower runs one process per "
+                                "client itself (use `kdflow fedmkt` for FedMKT on several processes)")
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     # The ServerApp replaces metrics.json when the run ends; the earlier one stays until then, and a

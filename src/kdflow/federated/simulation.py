@@ -18,6 +18,7 @@ import numpy as np
 from kdflow.config import FedMKTConfig, PartyConfig, to_dict
 from kdflow.data import Rows, encode_rows, partition_rows, read_rows, rows_fingerprint
 from kdflow.errors import ConfigError
+from kdflow import processes
 from kdflow.evaluate import evaluate_model
 from kdflow.federated import payload as wire
 from kdflow.federated.fedmkt import (Bridges, Party, check_config, client_local_step, client_update_step, fedavg, load_base,
@@ -163,7 +164,7 @@ def run_rounds(world: World, out_dir: Path, label: str = "fedmkt", train_server:
             rec["eval"] = evaluate_parties(parties, world)
         rec["seconds"] = time.time() - t0
         history.append(rec)
-        _save_round(ckpt, r, parties, server_out, history)
+        processes.on_main(lambda: _save_round(ckpt, r, parties, server_out, history))
         print(f"[kdflow] {label} round {r}/{cfg.fedmkt.rounds}: {rec['seconds']:.0f} s, "
               f"up {sum(rec['bytes_up'].values()) / 1e6:.2f} MB, down {sum(rec['bytes_down'].values()) / 1e6:.2f} MB"
               + (f", server Rouge-L {rec['eval'][server.name]['rougeL']:.3f}" if "eval" in rec else ""))
@@ -215,7 +216,7 @@ def run_baseline(name: str, world: World, out_dir: Path) -> dict[str, dict[str, 
         metrics = evaluate_parties(clients, world)
     else:
         raise ConfigError(f"unknown baseline '{name}'")
-    write_json(path, {"key": key, "metrics": metrics})
+    processes.on_main(lambda: write_json(path, {"key": key, "metrics": metrics}))
     return metrics
 
 
@@ -242,9 +243,13 @@ def run_fedmkt(cfg: FedMKTConfig) -> dict[str, Any]:
         table[b] = run_baseline(b, world, out)
     metrics = {"setting": world.setting, "rounds": history, "table": table, "fedmkt_seconds": fedmkt_seconds,
                "bytes_per_round": _bytes_per_round(history)}
-    write_json(out / "metrics.json", metrics)
-    _plots(out, history, names)
-    write_atomic(out / "report.md", _report(cfg, world, metrics, names))
+
+    def write_outputs() -> None:
+        write_json(out / "metrics.json", metrics)
+        _plots(out, history, names)
+        write_atomic(out / "report.md", _report(cfg, world, metrics, names))
+
+    processes.on_main(write_outputs)
     print()
     print(_table(table, names, "rougeL"))
     print(f"\n[kdflow] run folder: {out}  (report.md, metrics.json, rounds_rougeL.png, rounds_nll.png)")

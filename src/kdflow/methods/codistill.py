@@ -10,10 +10,11 @@ Peers share no parameters and every target is detached, so one backward of L_tot
 peer exactly the gradient of its own L_i; each term is normalised by its token count over the
 whole optimizer step. Peers with different tokenizers exchange top-k distributions carried
 across by `kdflow.align` (methods.md §6). Trainer holds one model, so this file has its own loop:
-every peer has its own optimizer, scheduler, learning rate, full or LoRA training and checkpoints
-(`output_dir/peers/<name>/checkpoint-N`); the same command resumes all peers from their newest
-common checkpoint. Every peer is evaluated before and after training, optionally beside the same
-peer trained alone (`baseline_alone`).
+every peer has its own optimizer, scheduler, learning rate, and full or LoRA training, all on one
+`kdflow.loop.Loop` (one accelerate.Accelerator; several processes with data parallelism), with one
+checkpoint for all peers (`output_dir/peers/checkpoint-N`); the same command resumes them from it.
+Every peer is evaluated before and after training, optionally beside the same peer trained alone
+(`baseline_alone`).
 """
 
 from __future__ import annotations
@@ -27,17 +28,18 @@ from typing import Any
 
 import torch
 
+from kdflow import processes
 from kdflow.config import CoDistillConfig, PeerSpec, to_dict
 from kdflow.data import Rows, collate, encode_rows, read_rows, row_turns
 from kdflow.errors import ConfigError, KDFlowError
 from kdflow.evaluate import EvalResult, answer_nll, evaluate_cached, format_table
+from kdflow.loop import Loop, adamw, prune, resume_step
 from kdflow.losses import (DenseTeacher, HeadLossSpec, TopKTargets, get_divergence, head_losses,
                            shifted_masks)
 from kdflow.models import (apply_lora, build_student, check_student, count_parameters, load_model, load_tokenizer,
                            model_identity, place, run_device, save_model, selected_hidden, tokenizer_fingerprint)
 from kdflow.report import examples_markdown, plot_curves, write_atomic, write_json
-from kdflow.training import (common_loop_checkpoint, load_loop_checkpoint, prune_loop_checkpoints,
-                             save_loop_checkpoint, setup_run, step_normalized, step_rows)
+from kdflow.training import setup_run, step_normalized, step_rows
 
 # ----------------------------------------------------------------------------------------------
 # Peers
@@ -50,7 +52,7 @@ class Peer:
     spec: PeerSpec
     seed: int
     tok: Any
-    model: Any
+    model: Any  # the plain model (generation, evaluation, saving)
     examples: list[dict[str, Any]]  # the training rows in this peer's tokenization
     group: int  # peers of one group tokenize every row into identical ids
     lr: float = 0.0
@@ -59,6 +61,7 @@ class Peer:
     history: list[dict[str, float]] = field(default_factory=list)
     val_examples: list[dict[str, Any]] | None = None
     bridges: dict[str, "Bridge"] = field(default_factory=dict)  # by sender name, for senders of another group
+    wrapped: Any = None  # while training: the model as `Loop.prepare` returned it (DDP, FSDP), for the forwards
 
     name = property(lambda self: self.spec.name)
 
@@ -186,7 +189,7 @@ def forward_peer(p: Peer, batch: dict[str, torch.Tensor], rows: list[int], token
     ids, attn, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
     ce_mask, kd_mask = shifted_masks(labels, attn, token_scope)
     positions = ce_mask | kd_mask
-    hidden, head = selected_hidden(p.model, ids, attn, positions)
+    hidden, head = selected_hidden(p.wrapped if p.wrapped is not None else p.model, ids, attn, positions)
     ce_targets = labels[:, 1:][positions].masked_fill(~ce_mask[positions], -100)
     return PeerOutputs(hidden, head, ce_targets, kd_mask[positions], rows)
 
@@ -232,25 +235,36 @@ def micro_batch_losses(peers: list[Peer], rows: list[int], counts: list[dict[str
 
 
 def accumulate_step(peers: list[Peer], micro_batches: list[list[int]], cfg: CoDistillConfig, kd_weight: float,
-                    device: torch.device) -> list[dict[str, float]]:
+                    device: torch.device, loop: Loop | None = None) -> list[dict[str, float]]:
     """Backward of L_total = sum_i L_i over the micro-batches of one step (gradients add up in
-    `.grad`). Returns each peer's normalised terms for logging: loss, ce, kd (mean over peers)."""
+    `.grad`). With `loop`, `micro_batches` are this process's share and the token counts cover every
+    process. Returns each peer's normalised terms for logging (this process's share of them): loss,
+    ce, kd (mean over peers)."""
+    import contextlib
+
     counts = step_counts(peers, micro_batches, cfg.kd.token_scope)
+    if loop is not None:
+        counts = [loop.step_counts(c) for c in counts]
     logs = [{"loss": 0.0, "ce": 0.0} for _ in peers]
-    for rows in micro_batches:
-        losses = micro_batch_losses(peers, rows, counts, cfg, kd_weight, device)
-        for lg, (loss_i, parts) in zip(logs, losses):
-            lg["loss"] += float(loss_i.detach())
-            lg["ce"] += parts["ce"]
-            kd_parts = [v for k, v in parts.items() if k.startswith("kd:")]
-            if kd_parts:
-                lg["kd"] = lg.get("kd", 0.0) + sum(kd_parts) / len(kd_parts)
-        total = sum(loss_i for loss_i, _ in losses)
-        if not torch.isfinite(total.detach()):
-            bad = [p.name for p, (loss_i, _) in zip(peers, losses) if not torch.isfinite(loss_i.detach())]
-            raise KDFlowError(f"the training loss of peer(s) {', '.join(bad)} became non-finite; lower their "
-                              "learning_rate, check the data, or disable train.bf16")
-        total.backward()  # peers share no parameters and targets are detached: each gets dL_i/dθ_i
+    for a, rows in enumerate(micro_batches):
+        with loop.micro_batch(last=a == len(micro_batches) - 1) if loop is not None else contextlib.nullcontext():
+            losses = micro_batch_losses(peers, rows, counts, cfg, kd_weight, device)
+            for lg, (loss_i, parts) in zip(logs, losses):
+                lg["loss"] += float(loss_i.detach())
+                lg["ce"] += parts["ce"]
+                kd_parts = [v for k, v in parts.items() if k.startswith("kd:")]
+                if kd_parts:
+                    lg["kd"] = lg.get("kd", 0.0) + sum(kd_parts) / len(kd_parts)
+            total = sum(loss_i for loss_i, _ in losses)
+            if not torch.isfinite(total.detach()):
+                bad = [p.name for p, (loss_i, _) in zip(peers, losses) if not torch.isfinite(loss_i.detach())]
+                raise KDFlowError(f"the training loss of peer(s) {', '.join(bad)} became non-finite; lower their "
+                                  "learning_rate, check the data, or disable train.bf16")
+            # peers share no parameters and targets are detached: each gets dL_i/dθ_i
+            if loop is not None:
+                loop.backward(total)
+            else:
+                total.backward()
     return logs
 
 
@@ -258,10 +272,11 @@ def accumulate_step(peers: list[Peer], micro_batches: list[list[int]], cfg: CoDi
 # The loop
 
 
-def total_steps(cfg: CoDistillConfig, n_rows: int) -> int:
+def total_steps(cfg: CoDistillConfig, n_rows: int, world: int = 1) -> int:
+    """Optimizer steps of the run; a step takes batch_size * grad_accum rows on each of `world` processes."""
     if cfg.train.max_steps > 0:
         return cfg.train.max_steps
-    per_epoch = math.ceil(n_rows / (cfg.train.batch_size * cfg.train.grad_accum))
+    per_epoch = math.ceil(n_rows / (cfg.train.batch_size * cfg.train.grad_accum * world))
     return max(1, math.ceil(cfg.train.num_epochs * per_epoch))
 
 
@@ -273,53 +288,57 @@ def _make_optimizer(p: Peer, cfg: CoDistillConfig, steps: int) -> None:
     params = p.trainable()
     groups = [{"params": [q for q in params if q.ndim >= 2], "weight_decay": wd},  # no decay on norms and biases
               {"params": [q for q in params if q.ndim < 2], "weight_decay": 0.0}]
-    p.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=p.lr, betas=(t.adam_beta1, t.adam_beta2))
+    p.optimizer = adamw([g for g in groups if g["params"]], lr=p.lr, betas=(t.adam_beta1, t.adam_beta2))
     p.scheduler = get_scheduler(t.lr_scheduler, p.optimizer, num_warmup_steps=math.ceil(t.warmup_ratio * steps),
                                 num_training_steps=steps)
 
 
-def _start_step(peers: list[Peer], folder: Path, cfg: CoDistillConfig) -> tuple[int, float]:
-    """Load the newest checkpoint every peer has (or the one train.resume names): (its step, the
-    training seconds spent before it)."""
-    step = common_loop_checkpoint([folder / p.name for p in peers], cfg.train.resume)
+def _start_step(loop: Loop, peers: list[Peer], folder: Path, cfg: CoDistillConfig) -> tuple[int, float]:
+    """Load the newest checkpoint (or the one train.resume names): (its step, the training seconds
+    spent before it)."""
+    step = resume_step(folder, cfg.train.resume)
     if step is None:
         return 0, 0.0
-    for k, p in enumerate(peers):
-        state = load_loop_checkpoint(folder / p.name / f"checkpoint-{step}", p.model, p.optimizer, p.scheduler,
-                                     restore_rng=(k == 0))
-        p.history = state["log_history"]
+    state = loop.load(folder / f"checkpoint-{step}", "train.resume", reseed=cfg.seed + step)
+    for p in peers:
+        p.history = state["log_history"][p.name]
     print(f"[kdflow] resuming {', '.join(p.name for p in peers)} from checkpoint-{step}")
     return step, state.get("seconds", 0.0)
 
 
 def train_peers(peers: list[Peer], cfg: CoDistillConfig, folder: Path, kd_weight: float, val_rows: Rows | None,
                 label: str, writer: Any = None) -> dict[str, Any]:
-    """Train `peers` together (or one peer alone with kd_weight=0); checkpoints under folder/<name>/."""
+    """Train `peers` together (or one peer alone with kd_weight=0) on one `Loop`: every peer with its
+    own optimizer and scheduler, all in one checkpoint, folder/checkpoint-N. Under P processes a step
+    takes batch_size * grad_accum rows on each."""
     t = cfg.train
-    device = next(peers[0].model.parameters()).device
+    loop = Loop(t.bf16)
     n_rows = len(peers[0].examples)
-    steps = total_steps(cfg, n_rows)
+    steps = total_steps(cfg, n_rows, loop.world)
     for p in peers:
         _make_optimizer(p, cfg, steps)
-        p.model.train()
-    import transformers
-
-    transformers.set_seed(cfg.seed)  # dropout and data see the same RNG in the co-trained and alone runs
-    start, seconds_before = _start_step(peers, folder, cfg)
-    per_step = t.batch_size * t.grad_accum
-    t0 = time.time()
+    wrapped, optimizers, schedulers = loop.prepare([p.model for p in peers], [p.optimizer for p in peers],
+                                                   [p.scheduler for p in peers])
+    for p, w, o, sch in zip(peers, wrapped, optimizers, schedulers):
+        p.wrapped, p.optimizer, p.scheduler, p.model = w, o, sch, loop.unwrap(w)
+        p.wrapped.train()
+    loop.seed(cfg.seed)  # dropout and data see the same RNG in the co-trained and alone runs
+    start, seconds_before = _start_step(loop, peers, folder, cfg)
+    per_step = t.batch_size * t.grad_accum * loop.world
+    t0, cpu0 = time.time(), time.process_time()
     tokens = 0
     pending: list[list[dict[str, float]]] = []
     for step in range(start, steps):
         rows = step_rows(n_rows, cfg.seed, step, per_step)
-        micro = [rows[k * t.batch_size:(k + 1) * t.batch_size] for k in range(t.grad_accum)]
         tokens += sum(len(peers[0].examples[r]["input_ids"]) for r in rows)
         for p in peers:
             p.optimizer.zero_grad(set_to_none=True)
-        logs = accumulate_step(peers, micro, cfg, kd_weight, device)
+        logs = accumulate_step(peers, loop.micro_batches(rows, t.batch_size, t.grad_accum), cfg, kd_weight, loop.device,
+                               loop)
+        logs = [loop.sum_logs(lg) for lg in logs]
         for p, lg in zip(peers, logs):
             if t.max_grad_norm > 0:
-                lg["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(p.trainable(), t.max_grad_norm))
+                lg["grad_norm"] = loop.clip_grad_norm(p.wrapped, t.max_grad_norm)
             lg["learning_rate"] = p.scheduler.get_last_lr()[0]
             p.optimizer.step()
             p.scheduler.step()
@@ -343,20 +362,23 @@ def train_peers(peers: list[Peer], cfg: CoDistillConfig, folder: Path, kd_weight
                 if p.val_examples is None:
                     p.val_examples = encode_rows(val_rows, p.tok, cfg.data)
                 nll = answer_nll(p.model, p.val_examples, p.tok.pad_token_id, cfg.eval.batch_size)["nll"]
+                p.wrapped.train()
                 p.history.append({"step": done, "eval_loss": nll})
                 if writer is not None:
                     writer.add_scalar(f"{label}/{p.name}/eval_loss", nll, done)
         if (t.save_steps > 0 and done % t.save_steps == 0) or done == steps:
-            for p in peers:
-                save_loop_checkpoint(folder / p.name / f"checkpoint-{done}", p.model, p.optimizer, p.scheduler,
-                                     {"step": done, "max_steps": steps, "log_history": p.history,
-                                      "seconds": seconds_before + time.time() - t0})
-            for p in peers:  # only once every peer holds the new one: the newest common step survives
-                prune_loop_checkpoints(folder / p.name, t.save_total_limit, protect={done})
+            loop.save(folder / f"checkpoint-{done}", {
+                "step": done, "max_steps": steps, "peers": [p.name for p in peers],
+                "log_history": {p.name: p.history for p in peers}, "seconds": seconds_before + time.time() - t0})
+            prune(folder, t.save_total_limit, protect={done})
     seconds = time.time() - t0
+    cpu = loop.sum_logs({"cpu": time.process_time() - cpu0})["cpu"]  # of every process, this session
     for p in peers:
+        p.model = loop.release(p.wrapped)
         p.model.eval()
-    return {"steps": steps, "start_step": start, "seconds": seconds_before + seconds,
+        p.wrapped = None
+    return {"steps": steps, "start_step": start, "seconds": seconds_before + seconds, "processes": loop.world,
+            "cpu_seconds_this_session": cpu,
             "tokens_per_second": tokens / seconds if seconds > 0 and tokens else None}
 
 
@@ -505,7 +527,7 @@ def run_codistill(cfg: CoDistillConfig) -> dict[str, Any]:
         print(f"[kdflow] peer {p.name}: {total / 1e6:.3f}M parameters, {trainable / 1e6:.2f}M trained, lr {p.lr:g}, "
               f"tokenizer {tokenizer_fingerprint(p.tok)}")
     writer = None
-    if "tensorboard" in cfg.train.report_to:
+    if "tensorboard" in cfg.train.report_to and processes.is_main():
         from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package: only when asked for
 
         writer = SummaryWriter(str(out / "runs"))
@@ -513,7 +535,7 @@ def run_codistill(cfg: CoDistillConfig) -> dict[str, Any]:
     run_key = {**_train_key(cfg), "kd": to_dict(cfg.kd), "peers": [to_dict(s) for s in cfg.peers],
                "base": to_dict(cfg.base)}
     for p in peers:
-        _save_final(p, out / "peers" / p.name)
+        processes.on_main(lambda: _save_final(p, out / "peers" / p.name))
         if test_rows is not None:
             results[f"{p.name} (co-trained)"] = _eval_cached(out, f"{p.name}_cotrained", {**_peer_key(cfg, p), "run": run_key},
                                                              p, test_rows, cfg, f"{p.name} (co-trained)")
@@ -524,8 +546,9 @@ def run_codistill(cfg: CoDistillConfig) -> dict[str, Any]:
         for k in range(len(cfg.peers)):
             p = build_peer(cfg, k, toks[k], encoded[k], groups[k], bases, device)
             _prepare_for_training(p, cfg)
-            train_info[f"alone:{p.name}"] = train_peers([p], cfg, out / "alone", 0.0, val_rows, f"alone {p.name}", writer)
-            _save_final(p, out / "alone" / p.name)
+            train_info[f"alone:{p.name}"] = train_peers([p], cfg, out / "alone" / p.name, 0.0, val_rows, f"alone {p.name}",
+                                                        writer)
+            processes.on_main(lambda: _save_final(p, out / "alone" / p.name))
             alone_histories[p.name] = p.history
             alone_key = {**_peer_key(cfg, p), "run": _train_key(cfg), "lr": p.lr, "wd": p.spec.weight_decay}
             if test_rows is not None:
@@ -541,10 +564,14 @@ def run_codistill(cfg: CoDistillConfig) -> dict[str, Any]:
         "train": train_info, "eval": {k: v.metrics for k, v in results.items()},
         "seconds_total": time.time() - t_start,
     }
-    write_json(out / "metrics.json", metrics)
-    write_json(out / "log_history.json", {"codistill": histories, "alone": alone_histories})
-    curves = _plot(out, histories, alone_histories)
-    write_atomic(out / "report.md", _report(cfg, metrics, results, curves))
+
+    def write_outputs() -> None:
+        write_json(out / "metrics.json", metrics)
+        write_json(out / "log_history.json", {"codistill": histories, "alone": alone_histories})
+        curves = _plot(out, histories, alone_histories)
+        write_atomic(out / "report.md", _report(cfg, metrics, results, curves))
+
+    processes.on_main(write_outputs)
     print()
     print(format_table({k: v.metrics for k, v in results.items()}))
     print(f"\n[kdflow] run folder: {out}  (report.md, metrics.json, loss curves, peers/<name>/model)")

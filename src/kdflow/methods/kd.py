@@ -15,6 +15,7 @@ the test split, and writes config.yaml, metrics.json, report.md and loss_curve.p
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -23,6 +24,7 @@ from typing import Any
 
 import torch
 
+from kdflow import processes
 from kdflow.config import DistillConfig, ModelSpec, to_dict
 from kdflow.data import Collator, ListDataset, Rows, encode_rows, prompts_of, read_rows, rows_fingerprint, row_turns
 from kdflow.errors import ConfigError, DataError
@@ -131,51 +133,68 @@ def seqkd_rows(cfg: DistillConfig, rows: Rows, teacher: Any, teacher_tok: Any, o
                           "prompt_template": cfg.data.prompt_template},
     }
     man_path = path.with_suffix(".manifest.json")
-    done: list[str] = []
-    cut: list[bool] = []
-    if man_path.is_file():
-        old = json.loads(man_path.read_text())
-        if old.get("format") != SEQKD_FORMAT:
-            raise DataError(f"{path} was written by an older kdflow that did not record which answers were cut at "
-                            f"seqkd.max_new_tokens; delete it and {man_path.name} to generate the answers again")
-        if old != manifest:
-            diff = [k for k in manifest if old.get(k) != manifest[k]]
-            raise DataError(f"{path} was generated with other settings ({', '.join(diff)} differ); delete it or set seqkd.cache_file to a new file")
-        if path.is_file():
-            with open(path, encoding="utf-8") as f:
-                for line in f:
-                    try:
-                        entry = json.loads(line)
-                        done.append(entry["response"])
-                        cut.append(bool(entry["truncated"]))
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        del done[len(cut):]
-                        break  # a line cut by an interruption: regenerate from here
-    else:
-        write_json(man_path, manifest)
+
+    def read_done() -> list[list[Any]]:  # the main process reads what an earlier run generated
+        done: list[str] = []
+        cut: list[bool] = []
+        if man_path.is_file():
+            old = json.loads(man_path.read_text())
+            if old.get("format") != SEQKD_FORMAT:
+                raise DataError(f"{path} was written by an older kdflow that did not record which answers were cut at "
+                                f"seqkd.max_new_tokens; delete it and {man_path.name} to generate the answers again")
+            if old != manifest:
+                diff = [k for k in manifest if old.get(k) != manifest[k]]
+                raise DataError(f"{path} was generated with other settings ({', '.join(diff)} differ); delete it or set seqkd.cache_file to a new file")
+            if path.is_file():
+                with open(path, encoding="utf-8") as f:
+                    for line in f:
+                        try:
+                            entry = json.loads(line)
+                            done.append(entry["response"])
+                            cut.append(bool(entry["truncated"]))
+                        except (json.JSONDecodeError, KeyError, TypeError):
+                            del done[len(cut):]
+                            break  # a line cut by an interruption: regenerate from here
+        else:
+            write_json(man_path, manifest)
+        return [done, cut]
+
+    done, cut = processes.on_main(read_done)
     prompts = prompts_of(rows, teacher_tok, cfg.data)
 
     def line(text: str, truncated: bool) -> str:
         return json.dumps({"response": text, "truncated": truncated}, ensure_ascii=False) + "\n"
 
     if len(done) < len(prompts):
-        write_atomic(path, "".join(line(r, c) for r, c in zip(done, cut)))
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(prompts), initial=len(done), desc="seqkd: teacher generates answers")
-        with open(path, "a", encoding="utf-8") as f:
-            for start in range(len(done), len(prompts), s.batch_size):
-                ids = generate(teacher, teacher_tok, prompts[start:start + s.batch_size], s.max_new_tokens, s.batch_size,
-                               do_sample=s.do_sample, temperature=s.temperature, top_p=s.top_p, seed=s.seed + start)
-                for x in ids:
-                    text = teacher_tok.decode(x, skip_special_tokens=True).strip() or teacher_tok.eos_token
+        main = processes.is_main()
+        if main:
+            write_atomic(path, "".join(line(r, c) for r, c in zip(done, cut)))
+        bar = tqdm(total=len(prompts), initial=len(done), desc="seqkd: teacher generates answers", disable=not main)
+        # Each process generates one batch of every round of P batches; the main process appends the
+        # round in order, so an interruption loses at most one round.
+        per_round = s.batch_size * processes.world()
+        with open(path, "a", encoding="utf-8") if main else contextlib.nullcontext() as f:
+            for first in range(len(done), len(prompts), per_round):
+                start = first + processes.rank() * s.batch_size
+                mine = []
+                if start < len(prompts):
+                    ids = generate(teacher, teacher_tok, prompts[start:start + s.batch_size], s.max_new_tokens,
+                                   s.batch_size, do_sample=s.do_sample, temperature=s.temperature, top_p=s.top_p,
+                                   seed=s.seed + start, shared=False)
                     # generate() removes EOS: an answer as long as the limit never produced one
-                    truncated = len(x) >= s.max_new_tokens
-                    done.append(text)
-                    cut.append(truncated)
-                    f.write(line(text, truncated))
-                f.flush()
-                bar.update(len(ids))
+                    mine = [[teacher_tok.decode(x, skip_special_tokens=True).strip() or teacher_tok.eos_token,
+                             len(x) >= s.max_new_tokens] for x in ids]
+                for answers in processes.all_gather_json(mine):
+                    for text, truncated in answers:
+                        done.append(text)
+                        cut.append(truncated)
+                        if main:
+                            f.write(line(text, truncated))
+                if main:
+                    f.flush()
+                bar.update(min(per_round, len(prompts) - first))
         bar.close()
     items = []
     for row, where, answer in zip(rows.items, rows.locations, done):
@@ -417,25 +436,37 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
         cross=cross if not use_cache else None,
     )
     place(trainer.model, role="student", move=False)  # the Trainer placed it (records where)
+    if getattr(trainer, "is_fsdp_enabled", False) and cfg.student.lora.enabled:
+        raise ConfigError("student.lora with FSDP: a LoRA student is small enough for data parallelism; launch with a "
+                          "DDP config such as configs/accelerate/ddp.yaml, or train all weights under FSDP")
     if resume:
         print(f"[kdflow] resuming from {resume}")
-    t_train = time.time()
+    t_train, cpu_train = time.time(), time.process_time()
     train_loss, trained_now = train_or_restore(trainer, resume)
     train_seconds = time.time() - t_train
+    cpu_seconds = processes.sum_over_processes({"cpu": time.process_time() - cpu_train})["cpu"]
+
     if cfg.quantize.qat:
         from kdflow.compress.quantize import finish_qat
 
         finish_qat(trainer.model)
-    save_model(trainer.model, tok, out / "student")
-    if cfg.student.lora.enabled:
-        trainer.model.save_pretrained(out / "student_adapter")
+    if getattr(trainer, "is_fsdp_enabled", False):
+        _save_sharded_student(trainer, tok, out / "student")
+    else:
+        def save_student() -> None:
+            save_model(trainer.model, tok, out / "student")
+            if cfg.student.lora.enabled:
+                trainer.model.save_pretrained(out / "student_adapter")
+
+        processes.on_main(save_student)
     saved = ModelSpec(name=str(out / "student"), dtype=cfg.student.dtype, trust_remote_code=cfg.student.trust_remote_code)
     export = None
     if cfg.quantize.scheme != "none":
         from kdflow.compress.quantize import export_quantized
 
         # What ships, and what is scored as the student after training: the quantized copy.
-        export = export_quantized(saved, cfg.quantize, out / f"student_{cfg.quantize.scheme}", tokenizer=tok)
+        export = processes.on_main(lambda: export_quantized(saved, cfg.quantize, out / f"student_{cfg.quantize.scheme}",
+                                                            tokenizer=tok))
         saved = dataclasses.replace(saved, name=str(out / f"student_{cfg.quantize.scheme}"))
         print(f"[kdflow] quantized student ({_scheme_text(cfg.quantize)}) written to {saved.name}: "
               f"{export['bytes'] / 2**20:.1f} MiB of weights")
@@ -455,7 +486,8 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
     history = trainer.state.log_history
     metrics = {
         "method": cfg.method,
-        "train": {"steps": trainer.state.global_step, "seconds": train_seconds,
+        "train": {"steps": trainer.state.global_step, "seconds": train_seconds, "processes": processes.world(),
+                  "cpu_seconds": cpu_seconds,  # of every process together
                   "train_loss": train_loss,
                   "tokens_per_second": (_tokens_per_second(train_examples, trainer.state.global_step, cfg, train_seconds)
                                         if trained_now and not resume else None)},
@@ -477,25 +509,45 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
         "quantized": export,
         "seconds_total": time.time() - t_start,
     }
-    if pruning.get("width"):
-        write_json(out / "pruning.json", pruning["width"])  # every channel's and head's score, and what was kept
-    write_json(out / "metrics.json", metrics)
-    write_json(out / "log_history.json", history)
     series = loss_series(history)
-    if series:
-        plot_curves(out / "loss_curve.png", series, f"kdflow distill ({cfg.method})")
-    write_atomic(out / "report.md", _report(cfg, metrics, results, series))
+
+    def write_outputs() -> None:
+        if pruning.get("width"):
+            write_json(out / "pruning.json", pruning["width"])  # every channel's and head's score, and what was kept
+        write_json(out / "metrics.json", metrics)
+        write_json(out / "log_history.json", history)
+        if series:
+            plot_curves(out / "loss_curve.png", series, f"kdflow distill ({cfg.method})")
+        write_atomic(out / "report.md", _report(cfg, metrics, results, series))
+
+    processes.on_main(write_outputs)
     print()
     print(format_table({k: v.metrics for k, v in results.items()}))
     print(f"\n[kdflow] run folder: {out}  (report.md, metrics.json, loss_curve.png, student/)")
     return metrics
 
 
+def _save_sharded_student(trainer: Any, tok: Any, folder: Path) -> None:
+    """Save a student that FSDP sharded across the processes: every process takes part in gathering
+    the full weights (accelerate's recipe), the main process writes them as a plain model folder."""
+    from kdflow.report import atomic_folder
+
+    acc = trainer.accelerator
+    state = acc.get_state_dict(trainer.model)
+
+    def save() -> None:
+        with atomic_folder(folder) as tmp:
+            acc.unwrap_model(trainer.model).save_pretrained(tmp, state_dict=state)
+            tok.save_pretrained(tmp)
+
+    processes.on_main(save)
+
+
 def _tokens_per_second(examples: list[dict[str, Any]], steps: int, cfg: DistillConfig, seconds: float) -> float:
     if seconds <= 0 or not examples:
         return 0.0
     per_seq = sum(len(e["input_ids"]) for e in examples) / len(examples)
-    return per_seq * steps * cfg.train.batch_size * cfg.train.grad_accum / seconds
+    return per_seq * steps * cfg.train.batch_size * cfg.train.grad_accum * processes.world() / seconds
 
 
 def _report(cfg: DistillConfig, metrics: dict[str, Any], results: dict[str, EvalResult], series: dict) -> str:

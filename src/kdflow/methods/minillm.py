@@ -28,10 +28,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from kdflow import processes
 from kdflow.config import MiniLLMConfig, MiniLLMSettings
 from kdflow.data import Encoder, Rows, collate, left_pad, prompts_of, read_rows
 from kdflow.errors import ConfigError, DataError, KDFlowError
 from kdflow.evaluate import EvalResult, differences_markdown, evaluate_cached, format_table
+from kdflow.loop import Loop, adamw, prune, resume_step
 from kdflow.losses import ce_sum, reverse_kl
 from kdflow.models import (apply_lora, build_student, check_student, count_parameters, load_tokenizer, place,
                            require_same_tokenizer, save_model, selected_logits)
@@ -39,8 +41,7 @@ from kdflow.report import examples_markdown, plot_curves, write_atomic, write_js
 from kdflow.teachers import check_teacher, check_teacher_settings, get_teacher
 from kdflow.rollout import Rollout, length_normalized_returns, mixed_sample, pack_right
 from kdflow.runfolder import run_settings
-from kdflow.training import (common_loop_checkpoint, load_loop_checkpoint, prune_loop_checkpoints,
-                             save_loop_checkpoint, setup_run)
+from kdflow.training import setup_run
 
 TERMS = ("single_step", "pg", "lm")
 
@@ -81,49 +82,62 @@ def policy_loss_sums(student_logits: torch.Tensor, tokens: torch.Tensor, rollout
 
 
 def step_gradients(student: Any, rollout: Rollout, returns: torch.Tensor, lm_examples: list[dict[str, Any]] | None,
-                   s: MiniLLMSettings, pad_id: int, vocab_size: int) -> dict[str, float]:
+                   s: MiniLLMSettings, pad_id: int, vocab_size: int, loop: Loop | None = None) -> dict[str, float]:
     """Forward and backward of one optimizer step over `rollout` (and an LM batch); grads accumulate.
 
     Every micro-batch divides by the token count of the whole step, so the accumulated gradient
-    does not depend on `micro_batch_size`.
+    does not depend on `micro_batch_size`. With `loop`, `rollout` and `lm_examples` are this
+    process's share of the step and the counts cover every process; the logged terms returned are
+    this process's share (their sums over the processes are the step's values).
     """
+    import contextlib
+
     device = next(student.parameters()).device
     rows = rollout.response_ids.shape[0]
     micro = s.micro_batch_size or rows
-    n_tokens = int(rollout.response_mask.sum())
-    logs = {"single_step": 0.0, "pg": 0.0, "rkl": 0.0, "clipped": 0.0, "ratio": 0.0}
-    for start in range(0, rows, micro):
-        idx = list(range(start, min(start + micro, rows)))
-        mb = rollout.select(idx)
-        ids, mask, positions = pack_right(mb, pad_id)
-        with _autocast(device, s.bf16):
-            logits = selected_logits(student, ids, mask, positions)
-        m = mb.response_mask
-        sums, stats = policy_loss_sums(logits[:, :vocab_size], mb.response_ids[m], mb.student_logp[m],
-                                       mb.importance_weight[m], returns[idx][m], mb.teacher_logprobs[m],
-                                       s.clip_ratio, s.single_step_importance)
-        loss = (s.single_step_weight * sums["single_step"][0] + s.pg_weight * sums["pg"][0]) / n_tokens
-        _check_finite(loss, "MiniLLM")
-        loss.backward()
-        for term in ("single_step", "pg"):
-            logs[term] += float(sums[term][0].detach()) / n_tokens
-        for k, v in stats.items():
-            logs[k] += v / n_tokens
-    if lm_examples and s.lm_coef > 0:
-        batch_all = collate(lm_examples, pad_id)
-        n_lm = int((batch_all["labels"][:, 1:] != -100).sum())
-        logs["lm"] = 0.0
-        for start in range(0, len(lm_examples), s.micro_batch_size or len(lm_examples)):
-            batch = collate(lm_examples[start:start + (s.micro_batch_size or len(lm_examples))], pad_id)
-            targets = batch["labels"][:, 1:].to(device)
-            positions = targets != -100
-            with _autocast(device, s.bf16):
-                logits = selected_logits(student, batch["input_ids"].to(device), batch["attention_mask"].to(device), positions)
-            ce, _ = ce_sum(logits[:, :vocab_size], targets[positions])
-            loss = s.lm_coef * ce / max(n_lm, 1)
-            _check_finite(loss, "language-modelling")
-            loss.backward()
-            logs["lm"] += float(ce.detach()) / max(n_lm, 1)
+    use_lm = bool(lm_examples) and s.lm_coef > 0
+    counts = {"response": int(rollout.response_mask.sum())}
+    if use_lm:
+        counts["lm"] = int((collate(lm_examples, pad_id)["labels"][:, 1:] != -100).sum())
+    if loop is not None:
+        counts = loop.step_counts(counts)
+    n_tokens, n_lm = max(counts["response"], 1), max(counts.get("lm", 0), 1)
+    parts = [("policy", list(range(start, min(start + micro, rows)))) for start in range(0, rows, micro)]
+    if use_lm:
+        lm_micro = s.micro_batch_size or len(lm_examples)
+        parts += [("lm", lm_examples[start:start + lm_micro]) for start in range(0, len(lm_examples), lm_micro)]
+    logs = {"single_step": 0.0, "pg": 0.0, "rkl": 0.0, "clipped": 0.0, "ratio": 0.0, **({"lm": 0.0} if use_lm else {})}
+    for i, (kind, part) in enumerate(parts):
+        last = i == len(parts) - 1
+        with loop.micro_batch(last) if loop is not None else _autocast(device, s.bf16):
+            if kind == "policy":
+                mb = rollout.select(part)
+                ids, mask, positions = pack_right(mb, pad_id)
+                logits = selected_logits(student, ids, mask, positions)
+                m = mb.response_mask
+                sums, stats = policy_loss_sums(logits[:, :vocab_size], mb.response_ids[m], mb.student_logp[m],
+                                               mb.importance_weight[m], returns[part][m], mb.teacher_logprobs[m],
+                                               s.clip_ratio, s.single_step_importance)
+                loss = (s.single_step_weight * sums["single_step"][0] + s.pg_weight * sums["pg"][0]) / n_tokens
+                _check_finite(loss, "MiniLLM")
+                for term in ("single_step", "pg"):
+                    logs[term] += float(sums[term][0].detach()) / n_tokens
+                for k, v in stats.items():
+                    logs[k] += v / n_tokens
+            else:
+                batch = collate(part, pad_id)
+                targets = batch["labels"][:, 1:].to(device)
+                positions = targets != -100
+                logits = selected_logits(student, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                         positions)
+                ce, _ = ce_sum(logits[:, :vocab_size], targets[positions])
+                loss = s.lm_coef * ce / n_lm
+                _check_finite(loss, "language-modelling")
+                logs["lm"] += float(ce.detach()) / n_lm
+            if loop is not None:
+                loop.backward(loss)
+            else:
+                loss.backward()
     logs["loss"] = s.single_step_weight * logs["single_step"] + s.pg_weight * logs["pg"] + s.lm_coef * logs.get("lm", 0.0)
     logs["clip_fraction"] = logs.pop("clipped")
     return logs
@@ -141,8 +155,9 @@ def _autocast(device: torch.device, bf16: bool) -> Any:
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
-def rollout_statistics(rollout: Rollout, eos_id: int) -> dict[str, float]:
-    """What the sampler saw: mean per-token reward, length, weights, rows that ended.
+def rollout_statistics(rollout: Rollout, eos_id: int, loop: Loop | None = None) -> dict[str, float]:
+    """What the sampler saw: mean per-token reward, length, weights, rows that ended (over every
+    process's share of the rollout, with `loop`).
 
     The reward is the exact expected reward under the student at each sampled prefix,
     E_q[log p - log q] = -KL(q || p) over the whole vocabulary. Averaging log p(y_t) - log q(y_t) over
@@ -150,11 +165,14 @@ def rollout_statistics(rollout: Rollout, eos_id: int) -> dict[str, float]:
     favours tokens the teacher likes and so overstates the reward.
     """
     m = rollout.response_mask
-    n = max(int(m.sum()), 1)
     last = rollout.response_ids.gather(-1, (rollout.lengths - 1).clamp(min=0)[:, None]).squeeze(-1)
-    return {"reward": -float(rollout.reverse_kl[m].sum()) / n, "response_length": float(m.sum(-1).float().mean()),
-            "importance_weight": float(rollout.importance_weight[m].sum()) / n,
-            "ended_with_eos": float((last == eos_id).float().mean())}
+    sums = {"tokens": float(m.sum()), "rows": float(m.shape[0]), "rkl": float(rollout.reverse_kl[m].sum()),
+            "weight": float(rollout.importance_weight[m].sum()), "ended": float((last == eos_id).sum())}
+    if loop is not None:
+        sums = loop.sum_logs(sums)
+    n, rows = max(sums["tokens"], 1.0), max(sums["rows"], 1.0)
+    return {"reward": -sums["rkl"] / n, "response_length": sums["tokens"] / rows,
+            "importance_weight": sums["weight"] / n, "ended_with_eos": sums["ended"] / rows}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,66 +221,82 @@ def _cycled(n_items: int, start: int, count: int, seed: int) -> list[int]:
 
 
 def train(cfg: MiniLLMConfig, student: Any, teacher: Any, tok: Any, prompts: list[list[int]],
-          lm_examples: list[dict[str, Any]] | None, out: Path) -> dict[str, Any]:
-    """Rollouts and updates until `minillm.max_steps`; checkpoints at rollout boundaries."""
+          lm_examples: list[dict[str, Any]] | None, out: Path) -> tuple[dict[str, Any], Any]:
+    """Rollouts and updates until `minillm.max_steps`; checkpoints at rollout boundaries. Returns the
+    training state and the trained student (plain, on this process's device).
+
+    Under P processes each samples `rollout_batch_size` prompts of every rollout (the global
+    rollout has P times as many) and makes its inner-epoch passes over its own rows, `batch_size`
+    of them per optimizer step, as data-parallel PPO does. Each sampled row is seeded by its place
+    in the global prompt stream, so P processes sample what one process with P times the rollout
+    samples; with one minibatch per rollout they compute its step too.
+    """
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
     s = cfg.minillm
-    device = next(student.parameters()).device
+    loop = Loop(s.bf16)
+    P, rank, R = loop.world, loop.rank, s.rollout_batch_size
     pad_id, eos_id, vocab = tok.pad_token_id, tok.eos_token_id, len(tok)
-    updates_per_rollout = s.inner_epochs * (s.rollout_batch_size // s.batch_size)
+    updates_per_rollout = s.inner_epochs * (R // s.batch_size)
     params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=s.learning_rate, betas=(s.adam_beta1, s.adam_beta2),
-                                  weight_decay=s.weight_decay)
+    optimizer = adamw(params, lr=s.learning_rate, betas=(s.adam_beta1, s.adam_beta2), weight_decay=s.weight_decay)
     scheduler = get_scheduler(s.lr_scheduler, optimizer, num_warmup_steps=math.ceil(s.warmup_ratio * s.max_steps),
                               num_training_steps=s.max_steps)
+    (wrapped,), (optimizer,), (scheduler,) = loop.prepare([student], [optimizer], [scheduler])
+    student = loop.unwrap(wrapped)  # samples outside DDP: processes draw different numbers of tokens
+    device = loop.device  # the teacher stays where it was placed (teacher.device / device_map)
+    loop.seed(cfg.seed)
     state: dict[str, Any] = {"global_step": 0, "max_steps": s.max_steps, "log_history": [], "rollout_seconds": 0.0,
                              "update_seconds": 0.0, "sampled_tokens": 0}
-    resume = common_loop_checkpoint([out], s.resume, "minillm.resume")
+    resume = resume_step(out, s.resume, "minillm.resume")
     if resume is not None:
         print(f"[kdflow] resuming from {out / f'checkpoint-{resume}'}")
-        state = load_loop_checkpoint(out / f"checkpoint-{resume}", student, optimizer, scheduler)
+        state = loop.load(out / f"checkpoint-{resume}", "minillm.resume", reseed=cfg.seed + resume)
     step = state["global_step"]
     last_saved = step
-    bar = tqdm(total=s.max_steps, initial=step, desc="minillm")
-    student.train()
+    bar = tqdm(total=s.max_steps, initial=step, desc="minillm", disable=not loop.is_main)
+    wrapped.train()
     while step < s.max_steps:
         k = step // updates_per_rollout  # rollout index; checkpoints sit on rollout boundaries
         t0 = time.time()
-        rows = _cycled(len(prompts), k * s.rollout_batch_size, s.rollout_batch_size, cfg.seed)
-        ids, mask = left_pad([prompts[i] for i in rows], pad_id)
-        gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + k)
+        first = k * R * P  # this rollout's place in the global stream of prompts
+        rows = _cycled(len(prompts), first, R * P, cfg.seed)
+        ids, mask = left_pad([prompts[i] for i in rows[rank * R:(rank + 1) * R]], pad_id,
+                             width=max(len(prompts[i]) for i in rows))
+        gens = [torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + first + rank * R + i)
+                for i in range(R)]
         rollout = mixed_sample(student, teacher, ids.to(device), mask.to(device), max_new_tokens=s.max_new_tokens,
                                mix_alpha=s.mix_alpha, eos_id=eos_id, pad_id=pad_id, vocab_size=vocab,
-                               temperature=s.sample_temperature, generator=gen, keep_teacher_logprobs=True, bf16=s.bf16)
-        student.train()
+                               temperature=s.sample_temperature, generator=gens, keep_teacher_logprobs=True, bf16=s.bf16)
+        wrapped.train()
         # Rewards and returns are fixed per rollout (computed from the sampling-time log-probs).
         returns = length_normalized_returns(rollout.teacher_logp - rollout.student_logp, rollout.response_mask)
-        rstats = rollout_statistics(rollout, eos_id)
+        rstats = rollout_statistics(rollout, eos_id, loop)
         state["rollout_seconds"] += time.time() - t0
-        state["sampled_tokens"] += int(rollout.response_mask.sum())
+        state["sampled_tokens"] += int(loop.step_counts({"n": int(rollout.response_mask.sum())})["n"])
         t1 = time.time()
         for epoch in range(s.inner_epochs):
-            order = torch.randperm(s.rollout_batch_size,
-                                   generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + k * 101 + epoch)).tolist()
-            for b in range(0, s.rollout_batch_size, s.batch_size):
+            order = torch.randperm(R, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + k * 101 + epoch)).tolist()
+            for b in range(0, R, s.batch_size):
                 if step >= s.max_steps:
                     break
                 mb_rows = order[b:b + s.batch_size]
                 lm = None
                 if lm_examples:
-                    lm = [lm_examples[i] for i in _cycled(len(lm_examples), step * s.lm_batch_size, s.lm_batch_size, cfg.seed + 1)]
+                    lm = [lm_examples[i] for i in _cycled(len(lm_examples), (step * P + rank) * s.lm_batch_size,
+                                                          s.lm_batch_size, cfg.seed + 1)]
                 optimizer.zero_grad(set_to_none=True)
-                logs = step_gradients(student, rollout.select(mb_rows), returns[mb_rows], lm, s, pad_id, vocab)
-                norm = torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm if s.max_grad_norm > 0 else float("inf"))
+                logs = loop.sum_logs(step_gradients(wrapped, rollout.select(mb_rows), returns[mb_rows], lm, s, pad_id,
+                                                    vocab, loop))
+                norm = loop.clip_grad_norm(wrapped, s.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 step += 1
                 bar.update(1)
                 if step % s.logging_steps == 0 or step == 1 or step == s.max_steps:
                     entry = {"step": step, "rollout": k, "inner_epoch": epoch, **{key: round(v, 6) for key, v in logs.items()},
-                             "grad_norm": float(norm), "learning_rate": scheduler.get_last_lr()[0],
+                             "grad_norm": norm, "learning_rate": scheduler.get_last_lr()[0],
                              **{f"rollout_{key}": round(v, 6) for key, v in rstats.items()}}
                     state["log_history"].append(entry)
                     bar.set_postfix(loss=f"{logs['loss']:.3f}", reward=f"{rstats['reward']:.3f}",
@@ -270,11 +304,11 @@ def train(cfg: MiniLLMConfig, student: Any, teacher: Any, tok: Any, prompts: lis
         state["update_seconds"] += time.time() - t1
         state["global_step"] = step
         if step >= s.max_steps or (s.save_steps > 0 and step // s.save_steps > last_saved // s.save_steps):
-            save_loop_checkpoint(out / f"checkpoint-{step}", student, optimizer, scheduler, state)
-            prune_loop_checkpoints(out, max(s.save_total_limit, 1))
+            loop.save(out / f"checkpoint-{step}", state)
+            prune(out, max(s.save_total_limit, 1))
             last_saved = step
     bar.close()
-    return state
+    return state, loop.release(wrapped)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -339,11 +373,15 @@ def run_minillm(cfg: MiniLLMConfig) -> dict[str, Any]:
     student = apply_lora(student, cfg.student.lora)
 
     t_train = time.time()
-    state = train(cfg, student, teacher, tok, prompts, lm_examples, out)
+    state, student = train(cfg, student, teacher, tok, prompts, lm_examples, out)
     train_seconds = time.time() - t_train
-    save_model(student, tok, out / "student")
-    if cfg.student.lora.enabled:
-        student.save_pretrained(out / "student_adapter")
+
+    def save_student() -> None:
+        save_model(student, tok, out / "student")
+        if cfg.student.lora.enabled:
+            student.save_pretrained(out / "student_adapter")
+
+    processes.on_main(save_student)
     if test_rows is not None:
         results["student (after)"] = _eval_cached(out, "student_after", student, tok, test_rows, cfg)
         if cfg.evaluate_teacher:
@@ -352,7 +390,7 @@ def run_minillm(cfg: MiniLLMConfig) -> dict[str, Any]:
     history = state["log_history"]
     metrics = {
         "method": "minillm",
-        "train": {"steps": state["global_step"], "seconds_this_session": train_seconds,
+        "train": {"steps": state["global_step"], "seconds_this_session": train_seconds, "processes": processes.world(),
                   "rollout_seconds": state["rollout_seconds"], "update_seconds": state["update_seconds"],
                   "sampled_tokens": state["sampled_tokens"],
                   "sampled_tokens_per_second": state["sampled_tokens"] / max(state["rollout_seconds"], 1e-9)},
@@ -363,16 +401,20 @@ def run_minillm(cfg: MiniLLMConfig) -> dict[str, Any]:
         "student_parameters": total,
         "seconds_total": time.time() - t_start,
     }
-    write_json(out / "metrics.json", metrics)
-    write_json(out / "log_history.json", history)
-    curves = {k: [(h["step"], h[k]) for h in history if k in h] for k in ("loss", "single_step", "pg", "lm")}
-    curves = {k: v for k, v in curves.items() if v}
-    rewards = {"rollout reward (mean -KL(q||p) per token)": [(h["step"], h["rollout_reward"]) for h in history],
-               "rollout rows ending with EOS (fraction)": [(h["step"], h["rollout_ended_with_eos"]) for h in history]}
-    if history:
-        plot_curves(out / "loss_curve.png", curves, "kdflow minillm: loss terms")
-        plot_curves(out / "reward_curve.png", rewards, "kdflow minillm: rollouts", ylabel="reward / fraction")
-    write_atomic(out / "report.md", _report(cfg, metrics, results, bool(history)))
+
+    def write_outputs() -> None:
+        write_json(out / "metrics.json", metrics)
+        write_json(out / "log_history.json", history)
+        curves = {k: [(h["step"], h[k]) for h in history if k in h] for k in ("loss", "single_step", "pg", "lm")}
+        curves = {k: v for k, v in curves.items() if v}
+        rewards = {"rollout reward (mean -KL(q||p) per token)": [(h["step"], h["rollout_reward"]) for h in history],
+                   "rollout rows ending with EOS (fraction)": [(h["step"], h["rollout_ended_with_eos"]) for h in history]}
+        if history:
+            plot_curves(out / "loss_curve.png", curves, "kdflow minillm: loss terms")
+            plot_curves(out / "reward_curve.png", rewards, "kdflow minillm: rollouts", ylabel="reward / fraction")
+        write_atomic(out / "report.md", _report(cfg, metrics, results, bool(history)))
+
+    processes.on_main(write_outputs)
     print()
     print(format_table({k: v.metrics for k, v in results.items()}))
     print(f"\n[kdflow] run folder: {out}  (report.md, metrics.json, loss_curve.png, reward_curve.png, student/)")
