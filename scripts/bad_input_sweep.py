@@ -208,6 +208,13 @@ FED = ["server={{name: server, model: {{name: {teacher}, lora: {{enabled: true}}
 CACHE = ["teacher.name={teacher}", "student.name={student}", "data.train={train}", "teacher_cache.dir={case}/cache",
          "data.max_train_rows=8", "teacher_cache.k=8", "kd.temperature=2.0"]
 
+CMP = ["teacher.name={teacher}", "student.name={student}", "data.train={train}", "data.test={test}",
+       "output_dir={case}/run", "data.max_train_rows=8", "train.batch_size=4", "train.max_steps=1",
+       "train.report_to=[none]", "variants=[{{name: sft, method: sft}}, {{name: kd, method: kd}}]"]
+PRUNE = ["method=sft", "teacher.name={teacher}", "student.init=prune_teacher", "data.train={train}",
+         "output_dir={case}/run", "data.max_train_rows=8", "train.batch_size=4", "train.max_steps=1",
+         "train.report_to=[none]", "evaluate_before=false", "evaluate_teacher=false"]
+
 
 def _without(args: list[str], *prefixes: str) -> list[str]:
     return [a for a in args if not a.startswith(prefixes)]
@@ -408,6 +415,29 @@ CASES: list[Case] = [
     Case("fedmkt-public-too-large", "fedmkt", [*FED, "data.public_rows=100000"], "more public rows than data"),
     Case("fedmkt-private-negative", "fedmkt", [*FED, "data.private_rows=-8"], "data.private_rows=-8"),
     Case("fedmkt-no-test", "fedmkt", [*_without(FED, "data.test")], "data.test not set"),
+    # -- compare ----------------------------------------------------------------------------------
+    Case("compare-method-typo", "compare", [*CMP, "variants=[{{name: a, method: sft}}, {{name: b, method: kdd}}]"],
+         "variant method kdd"),
+    Case("compare-duplicate-names", "compare", [*CMP, "variants=[{{name: a, method: sft}}, {{name: a, method: kd}}]"],
+         "two variants named a"),
+    Case("compare-baseline-missing", "compare", [*CMP, "baseline=plain"], "baseline not among the variants"),
+    Case("compare-no-seeds", "compare", [*CMP, "seeds=[]"], "seeds=[]"),
+    Case("compare-bad-override", "compare", [*CMP, "variants=[{{name: sft, method: sft}}, "
+                                                   "{{name: b, method: kd, overrides: ['kd.divergnce=rkl']}}]"],
+         "a variant override with a misspelled key"),
+    Case("compare-no-test", "compare", [*_without(CMP, "data.test")], "data.test not set"),
+    # -- pruning and export ----------------------------------------------------------------------
+    Case("prune-too-many-layers", "distill", [*PRUNE, "student.num_layers=99"], "student.num_layers larger than the teacher"),
+    Case("prune-width-too-wide", "distill", [*PRUNE, "student.width.intermediate_size=100000"],
+         "student.width larger than the model"),
+    Case("prune-width-splits-gqa", "distill", [*PRUNE, "student.width.num_attention_heads=3"],
+         "query heads that split a GQA group"),
+    Case("export-scheme-typo", "export", ["model.name={student}", "output={case}/out", "quantize.scheme=int3"],
+         "quantize.scheme=int3"),
+    Case("export-no-model", "export", ["model.name={case}/missing", "output={case}/out"], "model folder missing"),
+    Case("export-no-output", "export", ["model.name={student}"], "output not set"),
+    Case("export-int4-group-size", "export", ["model.name={student}", "output={case}/out", "quantize.scheme=int4",
+                                              "quantize.group_size=7"], "int4 group size that tiles no layer"),
 ]
 
 
