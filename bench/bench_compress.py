@@ -82,8 +82,9 @@ def load_for_speed(folder: str, eager: bool) -> object:
     from kdflow.config import ModelSpec
     from kdflow.models import load_model
 
-    if eager:  # torchao's own layers, as transformers loads them
+    if eager:  # torchao's own layers, as transformers loads them (with the KV cache, as kdflow's loader)
         model = AutoModelForCausalLM.from_pretrained(folder)
+        model.config.use_cache = model.generation_config.use_cache = True
     elif (Path(folder) / "kdflow_export.json").is_file():
         model = load_model(ModelSpec(name=folder))  # kdflow's loader: PyTorch's CPU kernels
     else:

@@ -218,3 +218,27 @@ def test_student_pruned_by_importance_records_its_choice(tiny_dirs, tiny_data):
         check_student(StudentSpec(init="prune_teacher", num_layers=3, keep_every=2), tspec)
     with pytest.raises(ConfigError, match="needs calibration rows"):
         build_student(spec, teacher, tspec)
+
+
+def test_saved_and_loaded_models_generate_with_the_kv_cache(tmp_path, bpe_tok):
+    """Training switches the KV cache off; the folder written for inference must not inherit that
+    (transformers writes the flag into config.json and generation_config.json), and a folder that
+    did is loaded with the cache on — without it every new token re-runs the whole sequence."""
+    import json
+
+    from kdflow.config import ModelSpec
+    from kdflow.models import load_model, save_model
+
+    model = tiny_llama(bpe_tok)
+    model.config.use_cache = False
+    model.generation_config.use_cache = False
+    save_model(model, bpe_tok, tmp_path / "student")
+    assert json.loads((tmp_path / "student" / "config.json").read_text()).get("use_cache", True) is True
+    assert json.loads((tmp_path / "student" / "generation_config.json").read_text()).get("use_cache", True) is True
+    assert model.config.use_cache is False and model.generation_config.use_cache is False  # training keeps its setting
+
+    model.save_pretrained(tmp_path / "old")  # as earlier versions saved it
+    bpe_tok.save_pretrained(tmp_path / "old")
+    assert json.loads((tmp_path / "old" / "generation_config.json").read_text())["use_cache"] is False
+    loaded = load_model(ModelSpec(name=str(tmp_path / "old")))
+    assert loaded.config.use_cache is True and loaded.generation_config.use_cache is True

@@ -223,7 +223,18 @@ def load_model(spec: ModelSpec, device: Any = None, *, dtype: Any = None, **load
             counts = use_cpu_kernels(model)
             print(f"[kdflow] {location}: torchao weight-only model; on the CPU it runs PyTorch's int8/int4 kernels ("
                   + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items() if v) + ")")
+    _generate_with_cache(model)  # folders saved by earlier kdflow versions say use_cache: false
     return check_output_head(model)
+
+
+def _generate_with_cache(model: Any) -> None:
+    """Turn the KV cache back on in a model's config and generation config. Training turns it off
+    (it is of no use there), and transformers writes the flag into both files on save: a student
+    saved that way re-runs the whole sequence for every generated token, 2.5x slower at batch 16
+    for 16 new tokens here."""
+    for conf in (getattr(model, "config", None), getattr(model, "generation_config", None)):
+        if conf is not None and getattr(conf, "use_cache", True) is False:
+            conf.use_cache = True
 
 
 def _export_record(location: str) -> dict[str, Any] | None:
@@ -740,7 +751,15 @@ def save_model(model: Any, tokenizer: Any, folder: Path) -> None:
         to_save = model
         if hasattr(model, "merge_and_unload"):
             to_save = copy.deepcopy(model).merge_and_unload()
-        to_save.save_pretrained(tmp)
+        saved = unwrap(to_save)
+        flags = [(c, c.use_cache) for c in (saved.config, getattr(saved, "generation_config", None))
+                 if c is not None and hasattr(c, "use_cache")]
+        _generate_with_cache(saved)  # the folder is for inference: generation uses the KV cache
+        try:
+            to_save.save_pretrained(tmp)
+        finally:
+            for conf, flag in flags:  # training goes on as it was set up
+                conf.use_cache = flag
         tokenizer.save_pretrained(tmp)
 
 
