@@ -422,3 +422,35 @@ def test_fedavg_of_different_client_models_is_refused_before_any_model_loads(tmp
     if "fedmkt.fedavg=true" in settings:
         assert main(["fedmkt-flower", *args]) == 2
         assert "fedmkt.fedavg=true averages" in capsys.readouterr().err and not out.exists()
+
+
+def test_the_server_is_adapted_on_the_public_set_only(tmp_path, tiny_dirs, monkeypatch, capsys):
+    """server.adapt fine-tunes the server's base on the public rows before round 1 (issue 12, methods.md
+    §8): the adapted copy is keyed by exactly those rows — the private rows never reach it — it is
+    what the zero-shot server row scores, and a client asking for adaptation is refused up front."""
+    from kdflow.data import rows_fingerprint
+
+    monkeypatch.setenv("KDFLOW_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "fed"
+    args = ["fedmkt", f"output_dir={out}", f"server.model.name={tiny_dirs['teacher']}",
+            "server.adapt={method: sft, steps: 2, batch_size: 4}",
+            f"clients=[{{name: c1, model: {{name: {tiny_dirs['student']}}}}}]",
+            f"data.train={DATA / 'train.jsonl'}", f"data.test={DATA / 'test.jsonl'}", "data.public_rows=12",
+            "data.private_rows=8", "fedmkt.rounds=1", "fedmkt.top_k=8", "eval.max_rows=3", "eval.max_new_tokens=3",
+            "train.batch_size=4", "baselines=[zero_shot]"]
+    assert main(args) == 0
+    folders = list((tmp_path / "cache" / "adapted_teachers").glob("*/kdflow_adapted.json"))
+    assert len(folders) == 1
+    record = json.loads(folders[0].read_text())
+    cfg = load_config(FedMKTConfig, None, args[1:])
+    rows = read_rows(cfg.data.train).head(cfg.data.max_train_rows)
+    public, private = partition_rows(rows, 12, 1, 8, "equal", None, 1.0, cfg.seed)
+    assert record["key"]["rows"] == rows_fingerprint(public)
+    assert record["key"]["rows"] not in (rows_fingerprint(rows), rows_fingerprint(private[0]))
+    assert "base model adapted on the 12 public rows" in capsys.readouterr().out
+
+    bad = [a if not a.startswith("clients=") else
+           f"clients=[{{name: c1, model: {{name: {tiny_dirs['student']}}}, adapt: {{method: sft}}}}]" for a in args]
+    assert main([*bad[:1], f"output_dir={tmp_path / 'other'}", *bad[2:]]) == 2
+    err = capsys.readouterr().err
+    assert "clients[0].adapt.method=sft: only the server is adapted" in err and not (tmp_path / "other").exists()

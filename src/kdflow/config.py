@@ -568,6 +568,9 @@ class PartyConfig:
     prune_from: str | None = opt(None, "model.init=prune_teacher or config: the model (a name as in model.name) to take "
                                        "layers or the config from")
     learning_rate: float = opt(3e-4, "this party's learning rate", range="> 0")
+    adapt: AdaptSpec = opt(factory=AdaptSpec, help="server only: fine-tune the server's base model on the public set "
+                                                   "before the rounds (as teacher.adapt; private rows never reach it). "
+                                                   "The adapted copy is saved once under $KDFLOW_CACHE and reused")
 
 
 @dataclass

@@ -107,6 +107,13 @@ def check_config(cfg: FedMKTConfig, baselines: bool = True) -> None:
     def spec(c: PartyConfig) -> dict[str, Any]:
         return {"model": to_dict(c.model), "prune_from": c.prune_from}
 
+    for i, c in enumerate(cfg.clients):
+        if c.adapt.method != "none":
+            raise ConfigError(f"clients[{i}].adapt.method={c.adapt.method}: only the server is adapted before the rounds (on "
+                              "the public set); a client's private training is its adaptation. Remove it")
+    if cfg.server.adapt.method != "none" and cfg.server.model.init != "pretrained":
+        raise ConfigError(f"server.adapt with server.model.init={cfg.server.model.init}: adaptation fine-tunes a pretrained "
+                          "model; set server.adapt.method=none or give the server a pretrained model")
     for key, party in [("server", cfg.server)] + [(f"clients[{i}]", c) for i, c in enumerate(cfg.clients)]:
         if party.model.device not in ("auto", "cpu"):
             raise ConfigError(f"{key}.model.device={party.model.device}: a party's model trains on the process's device "
@@ -125,14 +132,16 @@ def check_config(cfg: FedMKTConfig, baselines: bool = True) -> None:
                               f"settings for every client, but {why}; remove fedavg from baselines")
 
 
-def load_base(spec: PartyConfig, cache: dict[str, Any], seed: int = 0) -> tuple[Any, Any]:
+def load_base(spec: PartyConfig, cache: dict[str, Any], seed: int = 0, data: DataConfig | None = None,
+              public_rows: Rows | None = None) -> tuple[Any, Any]:
     """(frozen base model, tokenizer) for a party; models to prune from are loaded once and shared.
 
     Random weights (model.init=config) are drawn from `seed`, so a party builds the same base
     whether it is built alone (a Flower client) or beside the others (the in-process runner). The
-    base goes to the party's device (model.device), where its adapter is added and trained.
+    base goes to the party's device (model.device), where its adapter is added and trained. A server
+    with `adapt` starts from its base fine-tuned on `public_rows` (`adapted_base`).
     """
-    m = spec.model
+    m = adapted_base(spec, data, public_rows)
     role = f"party {spec.name}"
     if m.init == "pretrained":
         device = run_device(m, f"{role} model")
@@ -145,6 +154,26 @@ def load_base(spec: PartyConfig, cache: dict[str, Any], seed: int = 0) -> tuple[
     base, tok = cache[spec.prune_from]
     torch.manual_seed(seed)
     return place(freeze(build_student(m, base, src)), m, role), tok
+
+
+def adapted_base(spec: PartyConfig, data: DataConfig | None, public_rows: Rows | None) -> Any:
+    """The party's model spec, or (`adapt`, the server only) the same spec naming its base model
+    fine-tuned on the public set, trained once by `kdflow.teachers.prepare_teacher` and reused (the
+    folder is keyed by the model, the public rows, the data settings and `adapt`)."""
+    import dataclasses
+
+    from kdflow.config import TeacherSpec
+    from kdflow.teachers import prepare_teacher
+
+    m = spec.model
+    if spec.adapt.method == "none":
+        return m
+    if data is None or public_rows is None:
+        raise ConfigError(f"party '{spec.name}': adapt needs the public rows (only the server adapts, on the public set)")
+    base = TeacherSpec(**{f.name: getattr(m, f.name) for f in dataclasses.fields(ModelSpec)}, adapt=spec.adapt)
+    adapted = prepare_teacher(base, data, public_rows)
+    print(f"[kdflow] party {spec.name}: base model adapted on the {len(public_rows)} public rows: {adapted.name}")
+    return dataclasses.replace(m, name=adapted.name, gguf_file=None, revision=None)
 
 
 def make_party(spec: PartyConfig, base: Any, tok: Any, seed: int) -> Party:

@@ -370,7 +370,7 @@ def run_server(transport: Transport, cfg: FedMKTConfig) -> dict[str, Any]:
     public_rows, _ = partition_rows(rows, cfg.data.public_rows, len(cfg.clients), cfg.data.private_rows,
                                     cfg.data.partition, cfg.data.partition_field, cfg.data.dirichlet_alpha, cfg.seed)
     test_rows = read_rows(cfg.data.test, "data.test").head(cfg.eval.max_rows)
-    base, tok = load_base(cfg.server, {}, seed=cfg.seed)
+    base, tok = load_base(cfg.server, {}, seed=cfg.seed, data=cfg.data, public_rows=public_rows)
     server = make_party(cfg.server, base, tok, cfg.seed)
     server.public = encode_rows(public_rows, tok, cfg.data)
     ckpt = out_dir / "rounds"

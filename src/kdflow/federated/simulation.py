@@ -52,7 +52,8 @@ class World:
         cache: dict[str, Any] = {}
         self.bases = {}
         for offset, spec in enumerate([cfg.server] + cfg.clients):
-            self.bases[spec.name] = load_base(spec, cache, seed=cfg.seed + offset)
+            self.bases[spec.name] = load_base(spec, cache, seed=cfg.seed + offset, data=cfg.data,
+                                              public_rows=self.public_rows if offset == 0 else None)
         self.setting = self._setting()
         self.bridges = Bridges(cfg.data, cfg.align)
 
