@@ -160,15 +160,16 @@ def table(rows: list[dict], threads: int, new_tokens: int, rounds: int) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path) -> bool:
     from kdflow.report import pyplot
 
     plt = pyplot()
-    if plt is None or not all("exact_match" in r.get("quality", {}) for r in rows):
-        return
+    scored = [r for r in rows if "exact_match" in r.get("quality", {})]  # the torchao-eager rows are speed only
+    if plt is None or not scored or scored[0] is not rows[0]:
+        return False
     t = rows[0]
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-    for r in rows:
+    for r in scored:
         em = r["quality"]["exact_match"]
         x = r["bytes"] / 2**20
         ax.errorbar([x], [100 * em["estimate"]], yerr=[[100 * (em["estimate"] - em["low"])], [100 * (em["high"] - em["estimate"])]],
@@ -186,6 +187,7 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+    return True
 
 
 def main() -> None:
@@ -241,8 +243,9 @@ def main() -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.with_suffix(".md").write_text(text + "\n")
         out.with_suffix(".json").write_text(json.dumps(rows, indent=1, default=str))
-        plot(rows, out.with_suffix(".png"))
-        print(f"\n[bench] written: {out.with_suffix('.md')}, .json, .png")
+        drawn = plot(rows, out.with_suffix(".png"))
+        print(f"\n[bench] written: {out.with_suffix('.md')}, .json" + (", .png" if drawn else " (no plot: matplotlib or "
+                                                                          "the teacher's scores missing)"))
 
 
 if __name__ == "__main__":

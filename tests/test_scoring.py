@@ -103,3 +103,13 @@ def test_paired_beats_unpaired_and_helpers():
     assert seed_average([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0]]) == pytest.approx([2 / 3, 1 / 3])
     assert mean_sd([1.0, 3.0]) == pytest.approx((2.0, 2 ** 0.5))
     assert mean_sd([4.0]) == (4.0, 0.0)
+
+
+def test_distinct_n_counts_word_ngrams_and_is_undefined_without_any():
+    import math
+
+    from kdflow.scoring import distinct_n
+
+    assert distinct_n(["a b a b", "a b"], 2) == pytest.approx(2 / 4)  # (a,b) (b,a) (a,b) + (a,b): 2 distinct of 4
+    assert distinct_n(["a b c"], 1) == 1.0
+    assert math.isnan(distinct_n(["hot", "cold"], 2))  # one-word answers: no bigram, no diversity to measure

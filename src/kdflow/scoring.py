@@ -82,13 +82,15 @@ def match_answer(prediction: str, accepted: Sequence[str], rule: str = "exact") 
 
 
 def distinct_n(texts: Sequence[str], n: int) -> float:
-    """Distinct n-grams over all n-grams of all texts (diversity of the generations)."""
+    """Distinct n-grams over all n-grams of all texts (diversity of the generations); NaN when the
+    texts hold no n-gram at all (one-word answers have no bigrams: their diversity is undefined,
+    not zero)."""
     grams: Counter = Counter()
     for t in texts:
         words = t.split()
         grams.update(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
     total = sum(grams.values())
-    return len(grams) / total if total else 0.0
+    return len(grams) / total if total else float("nan")
 
 
 def expected_calibration_error(confidence: Sequence[float], correct: Sequence[float], bins: int = 15) -> float:
