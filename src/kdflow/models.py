@@ -606,21 +606,26 @@ def build_student(spec: StudentSpec, teacher: Any | None, teacher_spec: ModelSpe
     return check_output_head(model)
 
 
+def _read_config(spec: ModelSpec) -> Any:
+    """The model config of `spec` (a folder, Hub id or GGUF), read without loading weights."""
+    from transformers import AutoConfig
+
+    location, kwargs, source = _load_location(spec)
+    try:
+        return AutoConfig.from_pretrained(location, **kwargs)
+    except Exception as err:
+        raise _load_error(source, err, "config of model") from None
+
+
 def student_config(spec: StudentSpec, base_config: Any = None, teacher_spec: ModelSpec | None = None,
                    setting: str = "student") -> Any:
     """The model config of an init=config student: `spec.name`'s, else `base_config` or the teacher's,
     with `config_overrides` applied and checked (unknown fields, wrong types)."""
-    from transformers import AutoConfig
-
     if spec.name or base_config is None:
         origin = spec if spec.name else teacher_spec
         if origin is None or not origin.name:
             raise ConfigError(f"{setting}.init=config needs {setting}.name or a teacher to take the config from")
-        location, kwargs, source = _load_location(origin)
-        try:
-            cfg = AutoConfig.from_pretrained(location, **kwargs)
-        except Exception as err:
-            raise _load_error(source, err, "config of model") from None
+        cfg = _read_config(origin)
     else:
         cfg = copy.deepcopy(base_config)
     for k, v in spec.config_overrides.items():
@@ -643,18 +648,12 @@ def student_config(spec: StudentSpec, base_config: Any = None, teacher_spec: Mod
 
 def planned_config(spec: StudentSpec, teacher_spec: ModelSpec | None, setting: str = "student") -> Any:
     """The config the student of `spec` will have (its layer count aside), read without loading weights."""
-    from transformers import AutoConfig
-
     if spec.init == "config":
         return student_config(spec, None, teacher_spec, setting)
     origin = spec if spec.init == "pretrained" else teacher_spec
     if origin is None or not origin.name:
         raise ConfigError(f"{setting}: no model to read the config of (set {setting}.name or a teacher)")
-    location, kwargs, source = _load_location(origin)
-    try:
-        cfg = AutoConfig.from_pretrained(location, **kwargs)
-    except Exception as err:
-        raise _load_error(source, err, "config of model") from None
+    cfg = _read_config(origin)
     if spec.init == "prune_teacher" and spec.width.any():
         from kdflow.compress.width import target_sizes
 
