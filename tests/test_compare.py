@@ -96,6 +96,16 @@ def test_compare_two_variants_two_seeds_resumes(tmp_path, tiny_dirs, tiny_data, 
     # a third call has nothing left to run
     calls.clear()
     assert main(["compare", *args]) == 0 and calls == []
+    # a run saved before a setting existed counts as having its default; a changed setting reruns
+    import yaml
+    saved = out / "sft" / "seed-0" / "config.yaml"
+    tree = yaml.safe_load(saved.read_text())
+    assert tree["kd"].pop("chunk_tokens") is not None
+    saved.write_text(yaml.safe_dump(tree))
+    assert main(["compare", *args]) == 0 and calls == []
+    tree["train"]["learning_rate"] = 0.5
+    saved.write_text(yaml.safe_dump(tree))
+    assert main(["compare", *args]) == 0 and calls == [("sft", 0)]
 
 
 def test_teacher_check_warns_or_stops_before_training(tmp_path, tiny_dirs, tiny_data, capsys):

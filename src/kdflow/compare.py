@@ -128,7 +128,14 @@ def _is_done(p: Planned) -> bool:
                     section.pop(k, None)
         return tree
 
-    return strip(yaml.safe_load(saved.read_text())) == strip(yaml.safe_load(dump_yaml(p.cfg)))
+    # Re-read the saved config through its dataclass, so that a run written before a setting
+    # existed counts as having that setting's default: adding an option to kdflow must not
+    # make every finished run of a long grid stale.
+    try:
+        saved_cfg = from_dict(type(p.cfg), yaml.safe_load(saved.read_text()))
+    except (ConfigError, TypeError, ValueError):
+        return False
+    return strip(yaml.safe_load(dump_yaml(saved_cfg))) == strip(yaml.safe_load(dump_yaml(p.cfg)))
 
 
 # ----------------------------------------------------------------------------------------------
