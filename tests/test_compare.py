@@ -92,6 +92,7 @@ def test_compare_two_variants_two_seeds_resumes(tmp_path, tiny_dirs, tiny_data, 
             assert (run / "metrics.json").is_file() and (run / "student" / "config.json").is_file()
     kd_run = json.loads((out / "kd" / "seed-0" / "metrics.json").read_text())
     assert kd_run["teacher"] == str(adapted[0]) and kd_run["teacher_check"]["rows"] == 4
+    assert kd_run["stall"] is None  # the stall watch ran and found none
     assert kd_run["student_layers"] == [0, 3] and len(kd_run["layer_importance"]) == 4  # chosen by importance
     # a third call has nothing left to run
     calls.clear()

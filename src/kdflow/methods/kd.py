@@ -27,6 +27,7 @@ import torch
 from kdflow import processes
 from kdflow.config import DistillConfig, ModelSpec, to_dict
 from kdflow.data import Collator, ListDataset, Rows, encode_rows, prompts_of, read_rows, rows_fingerprint, row_turns
+from kdflow.diagnostics import find_stall, make_stall_watch, stall_advice, stall_message
 from kdflow.errors import ConfigError, DataError
 from kdflow.evaluate import EvalResult, differences_markdown, evaluate_cached, format_table, generate, scoring_rule
 from kdflow.losses import DenseTeacher, HeadLossSpec, get_divergence, head_losses, shifted_masks
@@ -434,6 +435,7 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
         teacher=teacher if (cfg.method in ("kd", "hard_token") and not use_cache) else None,
         vocab_size=vocab_size,
         cross=cross if not use_cache else None,
+        callbacks=[make_stall_watch(stall_advice(cfg.method, cfg.kd.divergence, cfg.kd.kd_weight))],
     )
     place(trainer.model, role="student", move=False)  # the Trainer placed it (records where)
     if getattr(trainer, "is_fsdp_enabled", False) and cfg.student.lora.enabled:
@@ -507,6 +509,7 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
         "width_pruned": getattr(student.config, "kdflow_width_pruned", None),
         "width_importance_kept": pruning.get("width", {}).get("importance_kept"),
         "quantized": export,
+        "stall": find_stall(history),
         "seconds_total": time.time() - t_start,
     }
     series = loss_series(history)
@@ -591,6 +594,8 @@ def _report(cfg: DistillConfig, metrics: dict[str, Any], results: dict[str, Eval
         a = x["alignment"]
         paired = f", {a['paired']} of {a['positions']} answer positions paired" if a else " (targets from the teacher cache)"
         lines.append(f"- cross-tokenizer: positions paired by {x['sequence']}{paired}, unpaired positions: {x['unpaired']}")
+    if metrics.get("stall"):
+        lines.append(f"- {stall_message(metrics['stall'], stall_advice(cfg.method, cfg.kd.divergence, cfg.kd.kd_weight))}")
     tc = metrics.get("teacher_check")
     if tc:
         em = f", exact match {tc['exact_match']:.1%}" if tc.get("exact_match") is not None else ""
