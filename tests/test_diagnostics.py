@@ -55,6 +55,11 @@ def test_find_stall_needs_a_long_stretch_of_near_zero_gradient():
     stall = find_stall(_history([22.4, 0.18] + [0.005] * 43))
     assert stall is not None and stall["from_step"] == 30 and stall["to_step"] == 450 and stall["logs"] == 43
     assert stall["largest_grad_norm"] == 0.005
+    # reverse KL at seed 2 (its norms, logged every 10 steps): near zero but for one spike, to the end
+    stall = find_stall(_history([7.6, 0.031, 0.028, 0.021, 0.011, 0.0065, 0.0035, 0.0029, 0.0024, 0.0094, 0.1228]
+                                + [0.01, 0.03] * 17 + [0.004]))
+    assert stall["from_step"] == 120 and stall["to_step"] == 460 and stall["logs"] == 35
+    assert find_stall(_history([0.13] * 45)) is None  # the smallest norm a healthy antonym run logged
     # reverse KL at seed 0: two logs near zero, then it recovered — not a stall
     assert find_stall(_history([6.3, 0.09, 10.7, 0.0035, 0.0055, 4.2] + [5.0] * 40)) is None
     # the longest stretch is reported, not the first

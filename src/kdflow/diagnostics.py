@@ -17,7 +17,7 @@ from typing import Any
 MODE_SEEKING = ("rkl", "jsd", "srkl", "tv")
 
 
-def find_stall(history: list[dict[str, Any]], norm_below: float = 0.01, min_logs: int = 5) -> dict[str, Any] | None:
+def find_stall(history: list[dict[str, Any]], norm_below: float = 0.05, min_logs: int = 5) -> dict[str, Any] | None:
     """The longest stretch of consecutive training logs whose gradient norm is below `norm_below`,
     if it spans at least `min_logs` logs; None otherwise (or when no gradient norm is logged)."""
     best: list[dict[str, Any]] = []
@@ -55,7 +55,7 @@ def stall_message(stall: dict[str, Any], advice: str) -> str:
             f"{stall['loss']:.3f}); {advice}")
 
 
-def make_stall_watch(advice: str, norm_below: float = 0.01, min_logs: int = 5) -> Any:
+def make_stall_watch(advice: str, norm_below: float = 0.05, min_logs: int = 5) -> Any:
     """A transformers callback that prints one warning the first time the run stalls."""
     from transformers import TrainerCallback
 
