@@ -55,11 +55,11 @@ def make_distill_trainer_class() -> type:
             self.cfg = cfg
             self.teacher = teacher
             self.cross = cross
-            uses_teacher = cfg.method in ("kd", "hard_token")
+            uses_teacher = cfg.method in ("kd", "hard_token", "gkd")
             w = cfg.kd.kd_weight if uses_teacher else 0.0
             self.term_weights = {"ce": 1.0 - w, "kd": w}
             self.spec = HeadLossSpec(
-                kind={"kd": "soft", "hard_token": "hard"}.get(cfg.method, "none") if w > 0 else "none",
+                kind={"kd": "soft", "gkd": "soft", "hard_token": "hard"}.get(cfg.method, "none") if w > 0 else "none",
                 divergence=get_divergence(cfg.kd.divergence, cfg.kd.jsd_beta, cfg.kd.skew_alpha),
                 temperature=cfg.kd.temperature, sparse_mode=cfg.kd.sparse_mode, vocab_size=vocab_size,
                 chunk_tokens=cfg.kd.chunk_tokens)
@@ -262,7 +262,7 @@ def _cross_tokenizer(cfg: DistillConfig, teacher_tok: Any, tok: Any) -> Any:
     """None when teacher and student share a tokenizer; else the alignment for cross-tokenizer KD."""
     if tokenizer_fingerprint(teacher_tok) == tokenizer_fingerprint(tok):
         return None
-    if cfg.method not in ("kd", "hard_token"):
+    if cfg.method not in ("kd", "hard_token", "gkd"):
         require_same_tokenizer(teacher_tok, tok, cfg.teacher.name or "", cfg.student.name or cfg.student.init)
     if cfg.kd.token_scope != "response":
         raise ConfigError(
@@ -344,6 +344,10 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
         raise ConfigError(f"method {cfg.method} needs teacher.name")
     check_student(cfg.student, cfg.teacher if cfg.teacher.name else None, calibrated=True)
     _check_quantize(cfg)
+    if cfg.method == "gkd":
+        from kdflow.methods.gkd import check_gkd
+
+        check_gkd(cfg, None)
     if cfg.teacher.name:
         check_teacher_settings(cfg.teacher)
     # The folder is touched only now: a run refused above leaves an earlier run's folder as it was.
@@ -354,14 +358,18 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
         cfg = dataclasses.replace(cfg, teacher=ready.spec)
     teacher_tok = ready.tokenizer if ready is not None else None
     tok = _student_tokenizer(cfg, teacher_tok)
-    cross = _cross_tokenizer(cfg, teacher_tok, tok) if cfg.method in ("kd", "hard_token") else None
+    cross = _cross_tokenizer(cfg, teacher_tok, tok) if cfg.method in ("kd", "hard_token", "gkd") else None
+    if cfg.method == "gkd":
+        from kdflow.methods.gkd import check_gkd
+
+        check_gkd(cfg, cross)
     vocab_size = len(tok)
     cache = (TeacherCache(cfg.teacher_cache.dir, _cache_key(cfg, train_rows, teacher_tok, tok, cross), vocab_size)
              if use_cache else None)
 
     # The teacher's weights are loaded only when something needs them: online KD, generation,
     # a student pruned from it, or its own evaluation. With a teacher cache, training never does.
-    needs_teacher = ((cfg.method in ("kd", "hard_token") and not use_cache) or cfg.method == "seqkd"
+    needs_teacher = ((cfg.method in ("kd", "hard_token", "gkd") and not use_cache) or cfg.method == "seqkd"
                      or cfg.student.init == "prune_teacher"
                      or ((cfg.evaluate_teacher or cfg.eval.exposure_bias) and test_rows is not None))
     teacher = ready.model() if (needs_teacher and ready is not None) else None
@@ -422,7 +430,14 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
         if cfg.student.lora.enabled:
             student.enable_input_require_grads()
     resume = resolve_resume(cfg.train, out)
-    Trainer = make_distill_trainer_class()
+    extra: dict[str, Any] = {}
+    if cfg.method == "gkd":
+        from kdflow.methods.gkd import make_gkd_trainer_class
+
+        Trainer = make_gkd_trainer_class()
+        extra = {"tokenizer": tok, "rows": train_rows}
+    else:
+        Trainer = make_distill_trainer_class()
     trainer = Trainer(
         model=student,
         args=training_arguments(cfg.train, out, cfg.seed, val_examples is not None,
@@ -431,9 +446,10 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
         eval_dataset=ListDataset(val_examples) if val_examples else None,
         data_collator=Collator(tok.pad_token_id),
         cfg=cfg,
-        teacher=teacher if (cfg.method in ("kd", "hard_token") and not use_cache) else None,
+        teacher=teacher if (cfg.method in ("kd", "hard_token", "gkd") and not use_cache) else None,
         vocab_size=vocab_size,
         cross=cross if not use_cache else None,
+        **extra,
     )
     place(trainer.model, role="student", move=False)  # the Trainer placed it (records where)
     if getattr(trainer, "is_fsdp_enabled", False) and cfg.student.lora.enabled:
@@ -493,6 +509,7 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
                                         if trained_now and not resume else None)},
         "token_scope": cfg.kd.token_scope,
         "seqkd": seqkd_stats,
+        "gkd": ({**dataclasses.asdict(cfg.gkd), "this_run": trainer.gkd_stats} if cfg.method == "gkd" else None),
         "teacher": cfg.teacher.name,
         "teacher_check": teacher_check,
         "scoring": scoring_rule(cfg.data, cfg.eval),
@@ -577,6 +594,18 @@ def _report(cfg: DistillConfig, metrics: dict[str, Any], results: dict[str, Eval
     if cfg.method == "kd":
         lines.append(f"- loss: {cfg.kd.kd_weight} · τ² · {cfg.kd.divergence}(p_τ‖q_τ) + {1 - cfg.kd.kd_weight:g} · CE, "
                      f"τ = {cfg.kd.temperature}, KD tokens: {cfg.kd.token_scope}")
+    elif cfg.method == "gkd":
+        g = metrics["gkd"]
+        st = g["this_run"]
+        lines.append(f"- loss (on-policy, GKD): {cfg.kd.kd_weight} · τ² · {cfg.kd.divergence}"
+                     f"{f'(β={cfg.kd.jsd_beta:g})' if cfg.kd.divergence == 'jsd' else ''}(p_τ‖q_τ) on the answers of each "
+                     f"batch + {1 - cfg.kd.kd_weight:g} · CE on dataset answers only, τ = {cfg.kd.temperature}")
+        lines.append(f"- answers: sampled by the student for a share λ = {g['lmbda']} of the batches "
+                     f"(temperature {g['temperature']}, top_p {g['top_p']}, max_new_tokens {g['max_new_tokens']}), "
+                     f"else {'sampled by the teacher (seq_kd)' if g['seq_kd'] else 'the dataset'}; this run: "
+                     f"{st['student']} student / {st['teacher']} teacher / {st['data']} dataset micro-batches, "
+                     f"{st['sampled_answers']} sampled answers of which {st['cut_answers']} cut at max_new_tokens "
+                     "(no EOS target)")
     elif cfg.method == "hard_token":
         lines.append(f"- loss: {cfg.kd.kd_weight} · CE(teacher argmax) + {1 - cfg.kd.kd_weight:g} · CE, tokens: {cfg.kd.token_scope}")
     elif cfg.method == "seqkd" and metrics.get("seqkd"):
