@@ -217,6 +217,20 @@ class TeacherCheckSpec:
 
 
 @dataclass
+class ServerSpec:
+    url: str | None = opt(None, "http://host:port of an OpenAI-compatible completions server (vLLM, or `kdflow "
+                                "serve-teacher`) serving teacher.name: its top-k prompt log-probs replace the local "
+                                "teacher in cache-teacher, kd, hard_token and gkd (teacher.name still gives the tokenizer)")
+    model: str | None = opt(None, "model name the server serves (vLLM: --served-model-name, default its --model); "
+                                  "unset: sent without a name, which vLLM answers when it serves one model")
+    timeout: float = opt(60.0, "seconds to wait for one answer", range="> 0")
+    retries: int = opt(3, "retries of a failed or invalid answer, with exponential backoff", range=">= 0")
+    backoff: float = opt(1.0, "seconds before the first retry; doubled for each further one", range=">= 0")
+    concurrency: int = opt(2, "requests in flight at once", range=">= 1")
+    batch_size: int = opt(8, "sequences per request", range=">= 1")
+
+
+@dataclass
 class TeacherSpec(ModelSpec):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
         "auto", "weights dtype: auto is bfloat16 on a CUDA GPU that supports it (a frozen teacher loses nothing that "
@@ -231,6 +245,8 @@ class TeacherSpec(ModelSpec):
     adapt: AdaptSpec = opt(factory=AdaptSpec, help="fine-tune the teacher on the task first (methods.md: every paper "
                                                     "adapts the teacher before distilling)")
     check: TeacherCheckSpec = opt(factory=TeacherCheckSpec, help="score the teacher on validation rows before training")
+    server: ServerSpec = opt(factory=ServerSpec, help="a teacher behind an HTTP server (vLLM's completions API with "
+                                                      "prompt_logprobs): no local teacher weights are loaded")
 
 
 @dataclass
@@ -556,6 +572,26 @@ class CompareConfig(DistillConfig):
     metrics: list[str] = opt(factory=lambda: ["exact_match", "answer_nll", "rougeL", "ece"],
                              help="leaderboard columns (the first two are plotted): exact_match, answer_nll, rougeL, "
                                   "ece, sampled_rougeL, exaccerr, answer_tokens, distinct_2")
+
+
+@dataclass
+class ServeSection:
+    host: str = opt("127.0.0.1", "address to listen on (loopback unless serve.allow_remote)")
+    port: int = opt(8000, "port to listen on (0: any free port, printed)", range="[0, 65535]")
+    allow_remote: bool = opt(False, "allow a non-loopback serve.host (the server has no authentication)")
+    model_name: str | None = opt(None, "name clients send as `model` (default: teacher.name)")
+    max_logprobs: int = opt(64, "largest prompt_logprobs (k) a request may ask for", range=">= 1")
+    max_prompts: int = opt(64, "most sequences in one request", range=">= 1")
+    max_tokens: int = opt(4096, "longest sequence in a request", range=">= 1")
+    idle_timeout: float = opt(0.0, "stop after this many seconds without a request (0: never)", range=">= 0")
+    max_requests: int = opt(0, "stop after this many requests (0: never)", range=">= 0")
+
+
+@dataclass
+class ServeConfig:
+    teacher: TeacherSpec = opt(factory=lambda: TeacherSpec(name="bundled:smollm2-135m-instruct"), help="the teacher served")
+    data: DataConfig = opt(factory=DataConfig, help="only for teacher.adapt (the rows the teacher is adapted on)")
+    serve: ServeSection = opt(factory=ServeSection, help="where and how much to serve")
 
 
 @dataclass
