@@ -124,6 +124,10 @@ class Fake(BaseHTTPRequestHandler):
             self.wfile.write(b"Internal Server Error")
             return
         choices = []
+        if req.get("max_tokens", 1) > 1:  # a generation: a few ids per prompt
+            gen = [7, 8, 9] if self.mode != "wrong_id" else [7, 999999]
+            choices = [{"index": i, "prompt_token_ids": p, "token_ids": gen, "text": ""} for i, p in enumerate(prompts)]
+            prompts = []
         for i, p in enumerate(prompts):
             entries = [None] + [{str(t): {"logprob": -0.1}, **{str((t + d) % 50): {"logprob": -3.0 - d}
                                                              for d in range(1, req["prompt_logprobs"])}}
@@ -172,6 +176,16 @@ def test_server_failures_retry_then_stop_with_one_line(fake, mode, says):
     assert got.ids[:, 0].tolist() == [2, 3, 4] and torch.allclose(got.logp[:, 0], torch.tensor(-0.1))
 
 
+def test_generation_through_a_server_is_validated(fake):
+    Fake.mode = "ok"
+    client = TeacherClient(fake, None, 50, retries=0, concurrency=1, batch_size=2)
+    assert client.generate([[1, 2], [3], [4, 5, 6]], 8, 1.0, 1.0, 0) == [[7, 8, 9]] * 3
+    Fake.mode = "wrong_id"
+    with pytest.raises(TeacherServerError, match="generated token_ids are missing or outside the vocabulary"):
+        client.generate([[1, 2]], 8, 1.0, 1.0, 0)
+    Fake.mode = "ok"
+
+
 def test_serve_teacher_bounds_requests(served):
     import urllib.error
     import urllib.request
@@ -191,6 +205,8 @@ def test_serve_teacher_bounds_requests(served):
     assert post({"prompt": "text", "prompt_logprobs": 2})[0] == 400  # token ids only
     assert post({"prompt": [[10**6]], "prompt_logprobs": 2})[0] == 400  # outside the vocabulary
     assert post({"prompt": [[1, 2]], "prompt_logprobs": 2, "model": "other"})[0] == 404
+    code, said = post({"prompt": [[1, 2]], "max_tokens": 16})  # a generation (seqkd): refused, not answered empty
+    assert code == 400 and "prompt log-probs only" in said["error"]["message"]
     code, ok = post({"prompt": [[1, 2, 3]], "prompt_logprobs": 2})
     assert code == 200 and ok["choices"][0]["prompt_token_ids"] == [1, 2, 3]
 

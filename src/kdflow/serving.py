@@ -374,6 +374,9 @@ def make_server(model: Any, vocab_size: int, name: str, host: str = "127.0.0.1",
             if not ok:
                 return self._error(400, f"prompt must be 1 to {max_prompts} lists of 1 to {max_tokens} token ids in "
                                         f"[0, {vocab_size}) (this server takes token ids, not text)")
+            if req.get("max_tokens", 1) not in (0, 1, None):
+                return self._error(400, "this server (kdflow serve-teacher) answers prompt log-probs only, not "
+                                        "generations: send max_tokens 1, or serve the teacher with vLLM for seqkd")
             k = req.get("prompt_logprobs")
             if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= max_logprobs:
                 return self._error(400, f"prompt_logprobs must be an integer from 0 to {max_logprobs} (this server "
