@@ -118,12 +118,13 @@ def test_top_p_keeps_the_smallest_nucleus():
     assert torch.equal(top_p_filter(lp, 1.0), lp)
 
 
+@pytest.mark.parametrize("method", ["gkd", "kd"])
 @pytest.mark.parametrize("beta,points_to", [(0.0, "kd.divergence=fkl"), (1.0, "kd.divergence=rkl")])
-def test_jsd_at_beta_0_or_1_is_refused_with_a_pointer(beta, points_to):
+def test_jsd_at_beta_0_or_1_is_refused_with_a_pointer(method, beta, points_to):
     with pytest.raises(ConfigError) as e:
-        load_config(DistillConfig, None, ["method=gkd", "kd.divergence=jsd", f"kd.jsd_beta={beta}"])
+        load_config(DistillConfig, None, [f"method={method}", "kd.divergence=jsd", f"kd.jsd_beta={beta}"])
     assert points_to in str(e.value) and "\n" not in str(e.value)
-    load_config(DistillConfig, None, ["method=gkd", "kd.divergence=jsd", "kd.jsd_beta=0.5"])  # inside: fine
+    load_config(DistillConfig, None, [f"method={method}", "kd.divergence=jsd", "kd.jsd_beta=0.5"])  # inside: fine
 
 
 def gkd_args(teacher, student, data, out, *extra):
