@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-fast bench gpu-check fedmkt-demo compress-table clean
+.PHONY: install demo test test-fast test-vllm bench gpu-check fedmkt-demo compress-table clean
 
 install: $(STAMP)
 
@@ -60,6 +60,11 @@ compress-table: install
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider tests
+
+# teacher.server against a real vLLM (CPU build, a venv of its own: 3.5 GB, ~2.5 min to install once,
+# ~2.5 min to start); not part of `make test`. See scripts/test_vllm.sh.
+test-vllm: install
+	PY=$(PY) bash scripts/test_vllm.sh
 
 test-fast: install
 	$(PY) -m pytest -q -m "not integration" tests

@@ -28,9 +28,12 @@ class Verb:
 
 VERBS: dict[str, Verb] = {
     "distill": Verb("kdflow.config:DistillConfig", "kdflow.methods.kd:run_distill",
-                    "train a student from a teacher: sft, soft-label kd, hard_token or seqkd; evaluates and reports"),
+                    "train a student from a teacher: sft, soft-label kd, hard_token, seqkd or gkd (on-policy); evaluates and reports"),
     "cache-teacher": Verb("kdflow.config:DistillConfig", "kdflow.methods.kd:run_cache_teacher",
                           "run the teacher once over data.train and store its top-k log-probs in teacher_cache.dir"),
+    "serve-teacher": Verb("kdflow.config:ServeConfig", "kdflow.serving:run_serve_teacher",
+                          "serve a local teacher's prompt log-probs over HTTP (the vLLM completions API subset that "
+                          "teacher.server uses)"),
     "minillm": Verb("kdflow.config:MiniLLMConfig", "kdflow.methods.minillm:run_minillm",
                     "MiniLLM: reverse-KL distillation by policy gradient on teacher-mixed rollouts; evaluates and reports"),
     "codistill": Verb("kdflow.config:CoDistillConfig", "kdflow.methods.codistill:run_codistill",

@@ -1,7 +1,7 @@
 """`kdflow compare`: which method should I use on my task?
 
 One config names the shared settings (teacher, student, data, training, evaluation — those of
-`kdflow distill`) and a list of variants (sft, kd with any divergence, hard_token, seqkd, minillm)
+`kdflow distill`) and a list of variants (sft, kd with any divergence, hard_token, seqkd, gkd, minillm)
 run once per seed. Every variant gets its own run folder `<output_dir>/<variant>/seed-<s>/`, so a
 finished one is never rerun and an interrupted one resumes from its checkpoints: a long
 comparison spans several sittings by running the same command again. The teacher is adapted once

@@ -217,6 +217,20 @@ class TeacherCheckSpec:
 
 
 @dataclass
+class ServerSpec:
+    url: str | None = opt(None, "http://host:port of an OpenAI-compatible completions server (vLLM, or `kdflow "
+                                "serve-teacher`) serving teacher.name: its top-k prompt log-probs replace the local "
+                                "teacher in cache-teacher, kd, hard_token and gkd (teacher.name still gives the tokenizer)")
+    model: str | None = opt(None, "model name the server serves (vLLM: --served-model-name, default its --model); "
+                                  "unset: sent without a name, which vLLM answers when it serves one model")
+    timeout: float = opt(60.0, "seconds to wait for one answer", range="> 0")
+    retries: int = opt(3, "retries of a failed or invalid answer, with exponential backoff", range=">= 0")
+    backoff: float = opt(1.0, "seconds before the first retry; doubled for each further one", range=">= 0")
+    concurrency: int = opt(2, "requests in flight at once", range=">= 1")
+    batch_size: int = opt(8, "sequences per request", range=">= 1")
+
+
+@dataclass
 class TeacherSpec(ModelSpec):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
         "auto", "weights dtype: auto is bfloat16 on a CUDA GPU that supports it (a frozen teacher loses nothing that "
@@ -231,6 +245,8 @@ class TeacherSpec(ModelSpec):
     adapt: AdaptSpec = opt(factory=AdaptSpec, help="fine-tune the teacher on the task first (methods.md: every paper "
                                                     "adapts the teacher before distilling)")
     check: TeacherCheckSpec = opt(factory=TeacherCheckSpec, help="score the teacher on validation rows before training")
+    server: ServerSpec = opt(factory=ServerSpec, help="a teacher behind an HTTP server (vLLM's completions API with "
+                                                      "prompt_logprobs): no local teacher weights are loaded")
 
 
 @dataclass
@@ -372,6 +388,18 @@ class SeqKDConfig:
 
 
 @dataclass
+class GKDConfig:
+    lmbda: float = opt(0.5, "probability that a batch's answers are sampled from the student now (on-policy); "
+                            "otherwise the dataset's answers (or, with seq_kd, the teacher's) are used", range="[0, 1]")
+    seq_kd: bool = opt(False, "off-policy batches take answers the teacher samples now instead of the dataset's "
+                              "(the GKD paper's third source)")
+    temperature: float = opt(1.0, "sampling temperature of the generated answers (the KD term's is kd.temperature)",
+                             range="> 0")
+    top_p: float = opt(1.0, "nucleus sampling threshold of the generated answers", range="(0, 1]")
+    max_new_tokens: int = opt(32, "longest generated answer; one cut there has no end (no EOS target)", range=">= 1")
+
+
+@dataclass
 class QuantSpec:
     """Weight-only quantization through torchao (methods.md §12): the scheme of `kdflow export` and of
     quantization-aware training. What stays unquantized (norms) is bfloat16, as are the activations."""
@@ -395,8 +423,10 @@ class TrainQuantSpec(QuantSpec):
 
 @dataclass
 class DistillConfig:
-    method: Literal["sft", "kd", "hard_token", "seqkd"] = opt(
-        "kd", "sft: cross-entropy only; kd: soft-label KD; hard_token: CE on the teacher's argmax; seqkd: train on the teacher's generated answers")
+    method: Literal["sft", "kd", "hard_token", "seqkd", "gkd"] = opt(
+        "kd", "sft: cross-entropy only; kd: soft-label KD; hard_token: CE on the teacher's argmax; seqkd: train on the "
+              "teacher's generated answers; gkd: on-policy KD, the divergence of kd.divergence on answers the student "
+              "samples (gkd.lmbda of the batches)")
     output_dir: str = opt("runs/distill", "run folder: checkpoints, resolved config, metrics, report")
     seed: int = opt(0, "random seed", range="[0, 4294967295]")
     teacher: TeacherSpec = opt(factory=lambda: TeacherSpec(name="bundled:smollm2-135m-instruct"), help="the frozen teacher")
@@ -404,6 +434,8 @@ class DistillConfig:
     data: DataConfig = opt(factory=DataConfig, help="rows and how they become tokens")
     kd: KDConfig = opt(factory=KDConfig, help="soft- and hard-label KD settings")
     seqkd: SeqKDConfig = opt(factory=SeqKDConfig, help="sequence-level KD: teacher generation settings")
+    gkd: GKDConfig = opt(factory=GKDConfig, help="on-policy distillation (method gkd): where each batch's answers come "
+                                                 "from and how they are sampled")
     teacher_cache: TeacherCacheConfig = opt(factory=TeacherCacheConfig, help="offline teacher: top-k log-probs computed once")
     align: AlignConfig = opt(factory=AlignConfig, help="cross-tokenizer KD (teacher and student tokenizers differ): "
                                                       "position pairing and vocabulary mapping")
@@ -519,8 +551,8 @@ class CoDistillConfig:
 @dataclass
 class VariantSpec:
     name: str = opt("", "the variant's label: names its folder (<output_dir>/<name>/seed-<s>/) and its leaderboard row")
-    method: Literal["sft", "kd", "hard_token", "seqkd", "minillm"] = opt(
-        "kd", "sft, kd, hard_token, seqkd (kdflow distill), or minillm (kdflow minillm, starting from the same seed's "
+    method: Literal["sft", "kd", "hard_token", "seqkd", "gkd", "minillm"] = opt(
+        "kd", "sft, kd, hard_token, seqkd, gkd (kdflow distill), or minillm (kdflow minillm, starting from the same seed's "
               "`baseline` variant's student, which must be an sft variant)")
     overrides: list[str] = opt(factory=list, help="key=value settings on top of the shared ones, e.g. "
                                                  "['kd.divergence=rkl', 'kd.kd_weight=1.0']")
@@ -540,6 +572,26 @@ class CompareConfig(DistillConfig):
     metrics: list[str] = opt(factory=lambda: ["exact_match", "answer_nll", "rougeL", "ece"],
                              help="leaderboard columns (the first two are plotted): exact_match, answer_nll, rougeL, "
                                   "ece, sampled_rougeL, exaccerr, answer_tokens, distinct_2")
+
+
+@dataclass
+class ServeSection:
+    host: str = opt("127.0.0.1", "address to listen on (loopback unless serve.allow_remote)")
+    port: int = opt(8000, "port to listen on (0: any free port, printed)", range="[0, 65535]")
+    allow_remote: bool = opt(False, "allow a non-loopback serve.host (the server has no authentication)")
+    model_name: str | None = opt(None, "name clients send as `model` (default: teacher.name)")
+    max_logprobs: int = opt(64, "largest prompt_logprobs (k) a request may ask for", range=">= 1")
+    max_prompts: int = opt(64, "most sequences in one request", range=">= 1")
+    max_tokens: int = opt(4096, "longest sequence in a request", range=">= 1")
+    idle_timeout: float = opt(0.0, "stop after this many seconds without a request (0: never)", range=">= 0")
+    max_requests: int = opt(0, "stop after this many requests (0: never)", range=">= 0")
+
+
+@dataclass
+class ServeConfig:
+    teacher: TeacherSpec = opt(factory=lambda: TeacherSpec(name="bundled:smollm2-135m-instruct"), help="the teacher served")
+    data: DataConfig = opt(factory=DataConfig, help="only for teacher.adapt (the rows the teacher is adapted on)")
+    serve: ServeSection = opt(factory=ServeSection, help="where and how much to serve")
 
 
 @dataclass
@@ -874,7 +926,23 @@ def validate(cfg: Any) -> None:
             if f.metadata.get("check") is not None and v is not None:
                 f.metadata["check"](v, key)
     walk(cfg, "")
+    _check_jsd_endpoints(cfg)
     _check_kd_is_finite(cfg)
+
+
+def _check_jsd_endpoints(cfg: Any) -> None:
+    """The generalized JSD is 0 for every pair of distributions at beta = 0 and 1: a KD term that trains
+    nothing. GKD's paper and TRL call beta = 0 / 1 forward / reverse KL (they special-case both), so a
+    user coming from them means fkl / rkl (methods.md §1, §9); say so rather than jump silently."""
+    if not (isinstance(cfg, DistillConfig) and cfg.method in ("kd", "gkd") and cfg.kd.kd_weight > 0
+            and cfg.kd.divergence == "jsd"):
+        return
+    beta = cfg.kd.jsd_beta
+    if beta in (0.0, 1.0):
+        other = "fkl" if beta == 0.0 else "rkl"
+        raise ConfigError(f"kd.divergence=jsd with kd.jsd_beta={beta:g} is zero for any teacher and student (the JSD "
+                          f"vanishes at both ends); the beta = {beta:g} of the GKD paper and TRL is "
+                          f"kd.divergence={other} here, or give 0 < kd.jsd_beta < 1")
 
 
 def _check_kd_is_finite(cfg: Any) -> None:
@@ -883,7 +951,7 @@ def _check_kd_is_finite(cfg: Any) -> None:
     out to share the student's tokenizer: those settings only act on top-k and cross-tokenizer targets."""
     from kdflow.losses import check_sparse_divergence
 
-    if isinstance(cfg, DistillConfig) and cfg.method == "kd" and cfg.kd.kd_weight > 0:
+    if isinstance(cfg, DistillConfig) and cfg.method in ("kd", "gkd") and cfg.kd.kd_weight > 0:
         args = (cfg.kd.divergence, cfg.kd.sparse_mode, cfg.align.unpaired, cfg.kd.skew_alpha)
         keys = ("kd.divergence", "kd.sparse_mode", "align.unpaired", "kd.skew_alpha")
     elif isinstance(cfg, CoDistillConfig) and cfg.kd.variant == "soft" and cfg.kd.kd_weight > 0:

@@ -189,6 +189,69 @@ def mixed_sample(student: Any, teacher: Any, prompt_ids: torch.Tensor, prompt_ma
         reverse_kl=torch.stack(rkl_t, dim=1))
 
 
+def top_p_filter(logp: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filtering of log-probs [B, V]: keep the smallest set of most likely tokens whose mass
+    reaches top_p (the most likely token always), renormalised; the others get -inf."""
+    if top_p >= 1.0:
+        return logp
+    sorted_lp, order = logp.sort(dim=-1, descending=True)
+    mass_before = sorted_lp.exp().cumsum(-1) - sorted_lp.exp()  # mass of the tokens ranked above each one
+    drop_sorted = mass_before >= top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return F.log_softmax(logp.masked_fill(drop, float("-inf")), dim=-1)
+
+
+@torch.no_grad()
+def student_sample(model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_new_tokens: int,
+                   eos_id: int, pad_id: int, vocab_size: int, temperature: float = 1.0, top_p: float = 1.0,
+                   generator: torch.Generator | list[torch.Generator] | None = None, bf16: bool = False) -> Rollout:
+    """Sample responses from one model alone (on-policy distillation, methods.md §9), with its KV cache.
+
+    Unlike `mixed_sample` no second model runs per token: GKD's teacher scores each finished
+    sequence once, in the training forward. `temperature` and `top_p` shape the sampling only; the
+    recorded log q is untempered. A row stops at its EOS (kept in `response_mask`, so it becomes a
+    target); a row cut at `max_new_tokens` has no EOS and so no end target. `generator` as in
+    `mixed_sample` (one per row: a row's tokens depend on its own seed only).
+    """
+    device = prompt_ids.device
+    batch = prompt_ids.shape[0]
+    was_training = model.training
+    model.eval()
+    mask = prompt_mask.long()
+    positions = prompt_positions(mask)
+    next_pos = positions[:, -1:] + 1
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    tokens, keep, logq_t = [], [], []
+    try:
+        with _autocast(device, bf16):
+            logits, cache = _last_logits(model, prompt_ids, mask, positions, None, True, vocab_size)
+            for step in range(max_new_tokens):
+                logq = F.log_softmax(logits, dim=-1)
+                draw = logq if temperature == 1.0 else F.log_softmax(logits / temperature, dim=-1)
+                probs = top_p_filter(draw, top_p).exp()
+                if isinstance(generator, (list, tuple)):
+                    y = torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generator)])
+                else:
+                    y = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+                live = ~done
+                y = torch.where(live, y, torch.full_like(y, pad_id))
+                tokens.append(y)
+                keep.append(live)
+                logq_t.append(torch.where(live, logq.gather(-1, y[:, None]).squeeze(-1), torch.zeros(())))
+                done = done | (live & (y == eos_id))
+                if bool(done.all()) or step == max_new_tokens - 1:
+                    break
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+                logits, cache = _last_logits(model, y[:, None], mask, next_pos, cache, True, vocab_size)
+                next_pos = next_pos + 1
+    finally:
+        model.train(was_training)
+    logq = torch.stack(logq_t, dim=1)
+    return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask.long(), response_ids=torch.stack(tokens, dim=1),
+                   response_mask=torch.stack(keep, dim=1), student_logp=logq, teacher_logp=torch.zeros_like(logq),
+                   mixed_logp=logq)
+
+
 def pack_right(rollout: Rollout, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Prompt + response of each row as right-padded sequences, for a plain forward pass.
 

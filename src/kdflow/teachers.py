@@ -6,8 +6,9 @@ What `teacher:` (config.TeacherSpec) holds, in the order a teacher is made ready
   how loaded      dtype (auto: bf16 on a GPU that has it), `load_in` (8/4-bit, bitsandbytes, CUDA),
                   `device` (one device; default the process's) or `device_map` (spread over devices)
   good enough?    `check`: scored on validation rows before training (warn or stop)
-Later issues add `server` (a teacher behind an HTTP endpoint) and a list `teachers:`; they belong here,
-beside these, so that every method keeps asking for its teacher in the same single call.
+  where it runs    `server`: behind an HTTP endpoint (vLLM's completions API with prompt log-probs, or
+                  `kdflow serve-teacher`); `model()` is then a kdflow.serving.TeacherClient, not weights
+A list `teachers:` belongs here too, so that every method keeps asking for its teacher in the same single call.
 
 A method gets its teacher from `get_teacher(spec, data, train_rows)` and from nothing else (distill,
 cache-teacher, minillm, compare; fedmkt's server is a party, not a teacher). It settles which weights
@@ -64,9 +65,18 @@ class Teacher:
     def identity(self) -> str:
         return teacher_identity(self.spec)
 
+    @property
+    def served(self) -> bool:
+        return self.spec.server.url is not None
+
     def model(self) -> Any:
         if self._model is None:
-            self._model = load_teacher(self.spec)
+            if self.served:
+                from kdflow.serving import TeacherClient
+
+                self._model = TeacherClient.from_spec(self.spec, len(self.tokenizer))
+            else:
+                self._model = load_teacher(self.spec)
         return self._model
 
     def release(self) -> None:
@@ -94,6 +104,9 @@ def check_teacher_settings(spec: TeacherSpec, setting: str = "teacher") -> None:
 
     from kdflow.models import run_device
 
+    if spec.server.url is not None:
+        _check_server_settings(spec, setting)
+        return
     if spec.device_map is not None:
         if spec.device != "auto":
             raise ConfigError(f"{setting}.device={spec.device} and {setting}.device_map={spec.device_map} both say where "
@@ -123,6 +136,28 @@ def check_teacher_settings(spec: TeacherSpec, setting: str = "teacher") -> None:
                           f"device (or elsewhere) and point {setting}.name at the adapted folder")
 
 
+def _check_server_settings(spec: TeacherSpec, setting: str) -> None:
+    from urllib.parse import urlparse
+
+    url = urlparse(spec.server.url)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ConfigError(f"{setting}.server.url={spec.server.url}: give http://host:port (the server's address, "
+                          "without /v1)")
+    loading = [k for k, on in (("adapt", spec.adapt.method != "none"), ("lora_adapter", spec.lora_adapter is not None),
+                               ("load_in", spec.load_in != "none"), ("device_map", spec.device_map is not None)) if on]
+    if loading:
+        raise ConfigError(f"{setting}.{loading[0]} sets how kdflow loads the teacher's weights, but {setting}.server.url "
+                          f"says the server runs it: prepare the teacher where it is served (e.g. serve the folder "
+                          f"teacher.adapt wrote) and remove {setting}.{loading[0]}")
+
+
+def is_served(teacher: Any) -> bool:
+    """Whether a teacher handed to a method is a server client rather than local weights."""
+    from kdflow.serving import TeacherClient
+
+    return isinstance(teacher, TeacherClient)
+
+
 def teacher_identity(spec: TeacherSpec) -> str:
     """What caches and manifests record of a teacher: where its weights come from and every loading
     setting that changes its numbers (dtype, quantisation, a LoRA adapter's contents). Not where it
@@ -136,6 +171,9 @@ def teacher_identity(spec: TeacherSpec) -> str:
         parts.append(f"load_in={spec.load_in}")
     if spec.lora_adapter is not None:
         parts.append(f"lora={_adapter_digest(Path(spec.lora_adapter))}")
+    if spec.server.url is not None:
+        # a server computes in its own precision and code: its targets are not the local teacher's
+        parts.append(f"served={spec.server.model or 'default'}")
     return "|".join(parts)
 
 
@@ -315,6 +353,10 @@ def check_teacher(spec: TeacherSpec, load: Callable[[], tuple[Any, Any]], val_ro
     Returns what metrics.json records, or None when the check is off or there are no rows."""
     c = spec.check
     if c.mode == "off":
+        return None
+    if spec.server.url is not None:
+        print("[kdflow] teacher check skipped: the teacher runs behind teacher.server, which gives log-probs, not "
+              "generations to score")
         return None
     if val_rows is None or len(val_rows) == 0:
         print("[kdflow] teacher check skipped: no data.validation rows to score the teacher on")

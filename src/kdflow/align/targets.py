@@ -155,16 +155,22 @@ class CrossTokenizer:
         for e in examples:
             i = e["row_index"]
             turns = row_turns(rows.items[i], rows.locations[i], self.data_cfg)
-            teacher_ids, src, valid, located = self.pair_example(turns, e)
-            e["teacher_input_ids"] = teacher_ids
-            e["teacher_src"] = torch.tensor(src, dtype=torch.long)
-            e["teacher_valid"] = torch.tensor(valid, dtype=torch.bool)
+            src, valid, located = self.attach(e, turns)
             stats.examples += 1
             stats.positions += len(src)
             stats.paired += sum(1 for p in src if p >= 0)
             stats.in_kd += sum(valid)
             stats.unaligned_examples += 0 if located else 1
         return stats
+
+    def attach(self, example: dict[str, Any], turns: Turns) -> tuple[list[int], list[bool], bool]:
+        """Attach teacher_input_ids / teacher_src / teacher_valid to one example whose answer is turns.response
+        (a dataset row, or an answer sampled during training)."""
+        teacher_ids, src, valid, located = self.pair_example(turns, example)
+        example["teacher_input_ids"] = teacher_ids
+        example["teacher_src"] = torch.tensor(src, dtype=torch.long)
+        example["teacher_valid"] = torch.tensor(valid, dtype=torch.bool)
+        return src, valid, located
 
     # -- per batch
 

@@ -33,7 +33,7 @@ from kdflow.evaluate import EvalResult, differences_markdown, evaluate_cached, f
 from kdflow.losses import DenseTeacher, HeadLossSpec, get_divergence, head_losses, shifted_masks
 from kdflow.models import (apply_lora, build_student, check_student, count_parameters, load_model, load_tokenizer,
                            place, require_same_tokenizer, run_device, save_model, selected_hidden, tokenizer_fingerprint)
-from kdflow.teachers import check_teacher, check_teacher_settings, get_teacher, teacher_identity
+from kdflow.teachers import check_teacher, check_teacher_settings, get_teacher, is_served, teacher_identity
 from kdflow.teacher_cache import TeacherCache, batch_targets, build_cache, manifest_key, same_tokenizer_targets
 from kdflow.report import examples_markdown, loss_series, plot_curves, write_atomic, write_json
 from kdflow.runfolder import run_settings
@@ -56,11 +56,11 @@ def make_distill_trainer_class() -> type:
             self.cfg = cfg
             self.teacher = teacher
             self.cross = cross
-            uses_teacher = cfg.method in ("kd", "hard_token")
+            uses_teacher = cfg.method in ("kd", "hard_token", "gkd")
             w = cfg.kd.kd_weight if uses_teacher else 0.0
             self.term_weights = {"ce": 1.0 - w, "kd": w}
             self.spec = HeadLossSpec(
-                kind={"kd": "soft", "hard_token": "hard"}.get(cfg.method, "none") if w > 0 else "none",
+                kind={"kd": "soft", "gkd": "soft", "hard_token": "hard"}.get(cfg.method, "none") if w > 0 else "none",
                 divergence=get_divergence(cfg.kd.divergence, cfg.kd.jsd_beta, cfg.kd.skew_alpha),
                 temperature=cfg.kd.temperature, sparse_mode=cfg.kd.sparse_mode, vocab_size=vocab_size,
                 chunk_tokens=cfg.kd.chunk_tokens)
@@ -91,6 +91,10 @@ def make_distill_trainer_class() -> type:
             if use_kd:
                 if self.cross is not None and self.teacher is not None:
                     teacher = self.cross.targets(self.teacher, inputs, self.cfg.align.top_k, _target_temperature(self.cfg))
+                elif is_served(self.teacher):
+                    from kdflow.serving import served_targets
+
+                    teacher = served_targets(self.teacher, inputs, kd_mask, self.cfg.align.top_k)
                 elif self.teacher is not None:
                     with torch.no_grad():
                         t_hidden, t_head = selected_hidden(self.teacher, input_ids, attention, kd_mask)
@@ -180,7 +184,12 @@ def seqkd_rows(cfg: DistillConfig, rows: Rows, teacher: Any, teacher_tok: Any, o
             for first in range(len(done), len(prompts), per_round):
                 start = first + processes.rank() * s.batch_size
                 mine = []
-                if start < len(prompts):
+                if start < len(prompts) and is_served(teacher):
+                    eos = teacher_tok.eos_token_id
+                    ids = [x[:-1] if x and x[-1] == eos else x for x in teacher.generate(
+                        prompts[start:start + s.batch_size], s.max_new_tokens,
+                        s.temperature if s.do_sample else 0.0, s.top_p if s.do_sample else 1.0, s.seed + start)]
+                elif start < len(prompts):
                     ids = generate(teacher, teacher_tok, prompts[start:start + s.batch_size], s.max_new_tokens,
                                    s.batch_size, do_sample=s.do_sample, temperature=s.temperature, top_p=s.top_p,
                                    seed=s.seed + start, shared=False)
@@ -263,7 +272,7 @@ def _cross_tokenizer(cfg: DistillConfig, teacher_tok: Any, tok: Any) -> Any:
     """None when teacher and student share a tokenizer; else the alignment for cross-tokenizer KD."""
     if tokenizer_fingerprint(teacher_tok) == tokenizer_fingerprint(tok):
         return None
-    if cfg.method not in ("kd", "hard_token"):
+    if cfg.method not in ("kd", "hard_token", "gkd"):
         require_same_tokenizer(teacher_tok, tok, cfg.teacher.name or "", cfg.student.name or cfg.student.init)
     if cfg.kd.token_scope != "response":
         raise ConfigError(
@@ -305,6 +314,32 @@ def _check_quantize(cfg: DistillConfig) -> None:
         check_scheme(planned_config(cfg.student, cfg.teacher if cfg.teacher.name else None), q)
 
 
+def _check_served(cfg: DistillConfig, cache: bool = False) -> None:
+    """What a teacher behind teacher.server cannot do, refused before anything loads."""
+    if cfg.teacher.server.url is None:
+        return
+    uses_targets = cache or (cfg.method in ("kd", "gkd") and cfg.kd.kd_weight > 0)
+    if uses_targets and cfg.kd.temperature != 1.0:
+        raise ConfigError(f"kd.temperature={cfg.kd.temperature:g} with teacher.server: a server's prompt log-probs are "
+                          "at temperature 1 and its top-k alone cannot be re-tempered exactly; set kd.temperature=1 or "
+                          "run the teacher locally")
+    if cfg.student.init == "prune_teacher":
+        raise ConfigError("student.init=prune_teacher needs the teacher's weights, which teacher.server does not give; "
+                          "prune from a local copy (teacher.server.url unset) or start from student.name")
+    if cfg.eval.exposure_bias:
+        raise ConfigError("eval.exposure_bias scores with the teacher's whole distribution, which teacher.server does not "
+                          "give; set eval.exposure_bias=false")
+    if cfg.method == "gkd" and cfg.gkd.seq_kd:
+        raise ConfigError("gkd.seq_kd with teacher.server is not supported (the teacher samples inside the training "
+                          "step); set gkd.seq_kd=false, or use method=seqkd, which generates through the server")
+
+
+def _check_served_tokenizers(cross: Any) -> None:
+    if cross is not None:
+        raise ConfigError("teacher.server with a teacher whose tokenizer differs from the student's is not supported: "
+                          "cross-tokenizer targets need the teacher's logits at aligned positions; run the teacher locally")
+
+
 def run_cache_teacher(cfg: DistillConfig) -> dict[str, Any]:
     """`kdflow cache-teacher`: run the teacher once over data.train, store its top-k per KD position."""
     if not cfg.teacher_cache.dir:
@@ -315,6 +350,7 @@ def run_cache_teacher(cfg: DistillConfig) -> dict[str, Any]:
 
     transformers.set_seed(cfg.seed)
     train_rows, val_rows, _ = _read_splits(cfg)
+    _check_served(cfg, cache=True)
     ready = get_teacher(cfg.teacher, cfg.data, train_rows)
     cfg = dataclasses.replace(cfg, teacher=ready.spec)
     teacher_tok = ready.tokenizer
@@ -324,7 +360,12 @@ def run_cache_teacher(cfg: DistillConfig) -> dict[str, Any]:
     teacher = ready.model()
     check_teacher(cfg.teacher, lambda: (teacher, teacher_tok), val_rows, cfg.data, cfg.eval)
     c = cfg.teacher_cache
-    if cross is not None:  # targets in the student's vocabulary, at the student's positions
+    if ready.served:
+        from kdflow.serving import cache_compute
+
+        _check_served_tokenizers(cross)
+        compute = cache_compute(teacher, c.k, cfg.kd.token_scope)
+    elif cross is not None:  # targets in the student's vocabulary, at the student's positions
         print(f"[kdflow] alignment: {cross.prepare(examples, train_rows).summary()}")
         compute = cross.cache_compute(teacher, c.k, _target_temperature(cfg))
     else:
@@ -345,6 +386,11 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
         raise ConfigError(f"method {cfg.method} needs teacher.name")
     check_student(cfg.student, cfg.teacher if cfg.teacher.name else None, calibrated=True)
     _check_quantize(cfg)
+    if cfg.method == "gkd":
+        from kdflow.methods.gkd import check_gkd
+
+        check_gkd(cfg, None)
+    _check_served(cfg)
     if cfg.teacher.name:
         check_teacher_settings(cfg.teacher)
     # The folder is touched only now: a run refused above leaves an earlier run's folder as it was.
@@ -355,14 +401,20 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
         cfg = dataclasses.replace(cfg, teacher=ready.spec)
     teacher_tok = ready.tokenizer if ready is not None else None
     tok = _student_tokenizer(cfg, teacher_tok)
-    cross = _cross_tokenizer(cfg, teacher_tok, tok) if cfg.method in ("kd", "hard_token") else None
+    cross = _cross_tokenizer(cfg, teacher_tok, tok) if cfg.method in ("kd", "hard_token", "gkd") else None
+    if ready is not None and ready.served:
+        _check_served_tokenizers(cross)
+    if cfg.method == "gkd":
+        from kdflow.methods.gkd import check_gkd
+
+        check_gkd(cfg, cross)
     vocab_size = len(tok)
     cache = (TeacherCache(cfg.teacher_cache.dir, _cache_key(cfg, train_rows, teacher_tok, tok, cross), vocab_size)
              if use_cache else None)
 
     # The teacher's weights are loaded only when something needs them: online KD, generation,
     # a student pruned from it, or its own evaluation. With a teacher cache, training never does.
-    needs_teacher = ((cfg.method in ("kd", "hard_token") and not use_cache) or cfg.method == "seqkd"
+    needs_teacher = ((cfg.method in ("kd", "hard_token", "gkd") and not use_cache) or cfg.method == "seqkd"
                      or cfg.student.init == "prune_teacher"
                      or ((cfg.evaluate_teacher or cfg.eval.exposure_bias) and test_rows is not None))
     teacher = ready.model() if (needs_teacher and ready is not None) else None
@@ -410,7 +462,7 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
 
     total, _ = count_parameters(student)
     print(f"[kdflow] method={cfg.method} student={total / 1e6:.1f}M params, teacher="
-          f"{(count_parameters(teacher)[0] / 1e6 if teacher is not None else 0):.1f}M, train rows={len(train_examples)}")
+          f"{_teacher_size(teacher)}, train rows={len(train_examples)}")
 
     results: dict[str, EvalResult] = {}
     if test_rows is not None and cfg.evaluate_before:
@@ -423,7 +475,14 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
         if cfg.student.lora.enabled:
             student.enable_input_require_grads()
     resume = resolve_resume(cfg.train, out)
-    Trainer = make_distill_trainer_class()
+    extra: dict[str, Any] = {}
+    if cfg.method == "gkd":
+        from kdflow.methods.gkd import make_gkd_trainer_class
+
+        Trainer = make_gkd_trainer_class()
+        extra = {"tokenizer": tok, "rows": train_rows}
+    else:
+        Trainer = make_distill_trainer_class()
     trainer = Trainer(
         model=student,
         args=training_arguments(cfg.train, out, cfg.seed, val_examples is not None,
@@ -432,10 +491,11 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
         eval_dataset=ListDataset(val_examples) if val_examples else None,
         data_collator=Collator(tok.pad_token_id),
         cfg=cfg,
-        teacher=teacher if (cfg.method in ("kd", "hard_token") and not use_cache) else None,
+        teacher=teacher if (cfg.method in ("kd", "hard_token", "gkd") and not use_cache) else None,
         vocab_size=vocab_size,
         cross=cross if not use_cache else None,
         callbacks=[make_stall_watch(stall_advice(cfg.method, cfg.kd.divergence, cfg.kd.kd_weight))],
+        **extra,
     )
     place(trainer.model, role="student", move=False)  # the Trainer placed it (records where)
     if getattr(trainer, "is_fsdp_enabled", False) and cfg.student.lora.enabled:
@@ -477,11 +537,11 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
         # Score the saved student exactly as `kdflow eval` scores it. The Trainer's model is not that:
         # under train.bf16 its forward stays wrapped in autocast, and a LoRA adapter is not yet merged.
         model_after = load_model(saved, trainer.args.device).to(trainer.args.device)
-        same_tok = teacher is not None and cross is None and tokenizer_fingerprint(teacher_tok) == tokenizer_fingerprint(tok)
+        same_tok = teacher is not None and not is_served(teacher) and cross is None and tokenizer_fingerprint(teacher_tok) == tokenizer_fingerprint(tok)
         results["student (after)"] = _eval_cached(out, "student_after", model_after, tok, test_rows, cfg,
                                                   teacher=teacher if same_tok else None)
         del model_after
-        if cfg.evaluate_teacher and teacher is not None:
+        if cfg.evaluate_teacher and teacher is not None and not is_served(teacher):
             results["teacher"] = _eval_cached(out, "teacher", teacher, teacher_tok, test_rows, cfg)
             results = {"teacher": results.pop("teacher"), **results}
 
@@ -495,6 +555,7 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
                                         if trained_now and not resume else None)},
         "token_scope": cfg.kd.token_scope,
         "seqkd": seqkd_stats,
+        "gkd": ({**dataclasses.asdict(cfg.gkd), "this_run": trainer.gkd_stats} if cfg.method == "gkd" else None),
         "teacher": cfg.teacher.name,
         "teacher_check": teacher_check,
         "scoring": scoring_rule(cfg.data, cfg.eval),
@@ -528,6 +589,12 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
     print(format_table({k: v.metrics for k, v in results.items()}))
     print(f"\n[kdflow] run folder: {out}  (report.md, metrics.json, loss_curve.png, student/)")
     return metrics
+
+
+def _teacher_size(teacher: Any) -> str:
+    if is_served(teacher):
+        return f"served at {teacher.url}"
+    return f"{(count_parameters(teacher)[0] / 1e6 if teacher is not None else 0):.1f}M"
 
 
 def _save_sharded_student(trainer: Any, tok: Any, folder: Path) -> None:
@@ -580,6 +647,18 @@ def _report(cfg: DistillConfig, metrics: dict[str, Any], results: dict[str, Eval
     if cfg.method == "kd":
         lines.append(f"- loss: {cfg.kd.kd_weight} · τ² · {cfg.kd.divergence}(p_τ‖q_τ) + {1 - cfg.kd.kd_weight:g} · CE, "
                      f"τ = {cfg.kd.temperature}, KD tokens: {cfg.kd.token_scope}")
+    elif cfg.method == "gkd":
+        g = metrics["gkd"]
+        st = g["this_run"]
+        lines.append(f"- loss (on-policy, GKD): {cfg.kd.kd_weight} · τ² · {cfg.kd.divergence}"
+                     f"{f'(β={cfg.kd.jsd_beta:g})' if cfg.kd.divergence == 'jsd' else ''}(p_τ‖q_τ) on the answers of each "
+                     f"batch + {1 - cfg.kd.kd_weight:g} · CE on dataset answers only, τ = {cfg.kd.temperature}")
+        lines.append(f"- answers: sampled by the student for a share λ = {g['lmbda']} of the batches "
+                     f"(temperature {g['temperature']}, top_p {g['top_p']}, max_new_tokens {g['max_new_tokens']}), "
+                     f"else {'sampled by the teacher (seq_kd)' if g['seq_kd'] else 'the dataset'}; this run: "
+                     f"{st['student']} student / {st['teacher']} teacher / {st['data']} dataset micro-batches, "
+                     f"{st['sampled_answers']} sampled answers of which {st['cut_answers']} cut at max_new_tokens "
+                     "(no EOS target)")
     elif cfg.method == "hard_token":
         lines.append(f"- loss: {cfg.kd.kd_weight} · CE(teacher argmax) + {1 - cfg.kd.kd_weight:g} · CE, tokens: {cfg.kd.token_scope}")
     elif cfg.method == "seqkd" and metrics.get("seqkd"):
