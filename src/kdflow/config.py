@@ -99,6 +99,12 @@ def _report_targets(value: list[str], key: str) -> None:
                           f"or leave it out ({key}=[none] logs nowhere)")
 
 
+def _hidden_layers(value: str, key: str) -> None:
+    from kdflow.hidden import check_hidden_layers
+
+    check_hidden_layers(value, key)
+
+
 def _did_you_mean(value: str, names: list[str]) -> str:
     import difflib
 
@@ -328,6 +334,18 @@ class KDConfig:
     sparse_mode: Literal["tail", "renorm"] = opt(
         "tail", "a top-k teacher (cache, cross-tokenizer): tail keeps its leftover mass as one bucket against the student's "
                 "mass outside the k ids; renorm renormalises the teacher over its k ids")
+    hidden_weight: float = opt(0.0, "weight of the hidden-state term (0: off), added to the loss: per mapped layer pair "
+                                    "the distance between the student's (projected) and the teacher's hidden states at the "
+                                    "KD positions, averaged over pairs; needs a teacher with the student's tokenizer",
+                               range=">= 0")
+    hidden_loss: Literal["mse", "cosine"] = opt("mse", "hidden-state distance: mse of the layer-normalised states, or "
+                                                       "1 - cosine")
+    hidden_layers: str = opt("auto", "layer pairs of the hidden-state term: auto (a student pruned from the teacher maps "
+                                     "each kept block to the block it came from, any other uniformly), uniform (student "
+                                     "block i to teacher block round(i L_t / L_s)), or student:teacher pairs such as "
+                                     "2:6,4:12 (output_hidden_states indices: 0 the embeddings, i the output of block i)",
+                             check=_hidden_layers)
+    hidden_embeddings: bool = opt(False, "with hidden_layers auto/uniform, also pair the embedding outputs")
 
 
 @dataclass

@@ -28,10 +28,12 @@ from kdflow import processes
 from kdflow.config import DistillConfig, ModelSpec, to_dict
 from kdflow.data import Collator, ListDataset, Rows, encode_rows, prompts_of, read_rows, rows_fingerprint, row_turns
 from kdflow.errors import ConfigError, DataError
+from kdflow.hidden import hidden_sum, layer_map
 from kdflow.evaluate import EvalResult, differences_markdown, evaluate_cached, format_table, generate, scoring_rule
 from kdflow.losses import DenseTeacher, HeadLossSpec, get_divergence, head_losses, shifted_masks
 from kdflow.models import (apply_lora, build_student, check_student, count_parameters, load_model, load_tokenizer,
-                           place, require_same_tokenizer, run_device, save_model, selected_hidden, tokenizer_fingerprint)
+                           place, require_same_tokenizer, run_device, save_model, selected_hidden, selected_states,
+                           tokenizer_fingerprint)
 from kdflow.teachers import check_teacher, check_teacher_settings, get_teacher, teacher_identity
 from kdflow.teacher_cache import TeacherCache, batch_targets, build_cache, manifest_key, same_tokenizer_targets
 from kdflow.report import examples_markdown, loss_series, plot_curves, write_atomic, write_json
@@ -50,7 +52,8 @@ def make_distill_trainer_class() -> type:
         into aligned top-k targets in the student's vocabulary."""
 
         def __init__(self, *args: Any, cfg: DistillConfig, teacher: Any | None, vocab_size: int,
-                     cross: Any | None = None, **kwargs: Any):
+                     cross: Any | None = None, hidden_pairs: list[tuple[int, int]] | None = None,
+                     teacher_width: int | None = None, **kwargs: Any):
             super().__init__(*args, **kwargs)
             self.cfg = cfg
             self.teacher = teacher
@@ -58,6 +61,22 @@ def make_distill_trainer_class() -> type:
             uses_teacher = cfg.method in ("kd", "hard_token")
             w = cfg.kd.kd_weight if uses_teacher else 0.0
             self.term_weights = {"ce": 1.0 - w, "kd": w}
+            # Hidden-state term (methods.md §10): the layer pairs, and a projection when widths differ.
+            # The projection is trained with the student (an extra optimizer group) and saved in
+            # checkpoints only, never in the student folder.
+            self.hidden_pairs = hidden_pairs if (uses_teacher and cfg.kd.hidden_weight > 0 and hidden_pairs) else None
+            self.projection = None
+            if self.hidden_pairs:
+                self.term_weights["hidden"] = cfg.kd.hidden_weight
+                width = int(self.model.config.hidden_size)
+                if teacher_width is not None and teacher_width != width:
+                    from kdflow.hidden import HiddenProjection
+
+                    if processes.world() > 1:
+                        raise ConfigError("kd.hidden_weight with a student narrower than the teacher trains a projection "
+                                          "that data-parallel processes would not keep in step; run it in one process")
+                    self.projection = HiddenProjection(self.hidden_pairs, width, teacher_width,
+                                                       seed=cfg.seed).to(self.args.device)
             self.spec = HeadLossSpec(
                 kind={"kd": "soft", "hard_token": "hard"}.get(cfg.method, "none") if w > 0 else "none",
                 divergence=get_divergence(cfg.kd.divergence, cfg.kd.jsd_beta, cfg.kd.skew_alpha),
@@ -65,6 +84,34 @@ def make_distill_trainer_class() -> type:
                 chunk_tokens=cfg.kd.chunk_tokens)
             # The teacher stays where teachers.load_teacher placed it (its own device, or spread over
             # several): selected_hidden feeds it there and DenseTeacher brings its logits back.
+
+        def create_optimizer(self, *args: Any, **kwargs: Any) -> Any:
+            opt = super().create_optimizer(*args, **kwargs)
+            if self.projection is not None and not getattr(self, "_projection_in_optimizer", False):
+                # before the scheduler is made, so the group follows the same schedule
+                opt.add_param_group({"params": list(self.projection.parameters()), "weight_decay": 0.0})
+                self._projection_in_optimizer = True
+            return opt
+
+        def _save_checkpoint(self, model: Any, trial: Any) -> None:
+            super()._save_checkpoint(model, trial)
+            if self.projection is not None and self.args.should_save:
+                from safetensors.torch import save_file
+
+                folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+                save_file({k: v.detach().cpu().contiguous() for k, v in self.projection.state_dict().items()},
+                          str(folder / PROJECTION_FILE))
+
+        def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            path = Path(resume_from_checkpoint) / PROJECTION_FILE
+            if self.projection is not None:
+                if not path.is_file():
+                    raise DataError(f"{resume_from_checkpoint} has no {PROJECTION_FILE} (the hidden-state projection); "
+                                    "it was saved by a run without kd.hidden_weight: start the run afresh")
+                from safetensors.torch import load_file
+
+                self.projection.load_state_dict(load_file(str(path), device=str(self.args.device)))
 
         def count_tokens(self, batch: dict[str, Any]) -> dict[str, int]:
             ce_mask, kd_mask = shifted_masks(batch["labels"], batch["attention_mask"], self.cfg.kd.token_scope)
@@ -74,6 +121,8 @@ def make_distill_trainer_class() -> type:
                     counts["kd"] = int(sum(int(v.sum()) for v in batch["teacher_valid"]))
                 else:
                     counts["kd"] = int(kd_mask.sum())
+            if self.hidden_pairs:
+                counts["hidden"] = int(kd_mask.sum())
             return counts
 
         def loss_sums(self, model: Any, inputs: dict[str, Any]) -> dict[str, tuple[torch.Tensor, int]]:
@@ -84,7 +133,14 @@ def make_distill_trainer_class() -> type:
             use_kd = self.spec.kind != "none" and (online or "teacher_ids" in inputs)
             # One set of positions serves both terms: response tokens (and all tokens for token_scope=all).
             positions = (kd_mask | ce_mask) if use_kd else ce_mask
-            hidden, head = selected_hidden(model, input_ids, attention, positions)
+            pairs = self.hidden_pairs if use_kd else None
+            s_layers: list[torch.Tensor] = []
+            t_layers: list[torch.Tensor] = []
+            if pairs:
+                hidden, head, s_layers = selected_states(model, input_ids, attention, positions,
+                                                         [s for s, _ in pairs], kd_mask)
+            else:
+                hidden, head = selected_hidden(model, input_ids, attention, positions)
             ce_targets = labels[:, 1:][positions].masked_fill(~ce_mask[positions], -100)
             teacher = None
             if use_kd:
@@ -92,16 +148,30 @@ def make_distill_trainer_class() -> type:
                     teacher = self.cross.targets(self.teacher, inputs, self.cfg.align.top_k, _target_temperature(self.cfg))
                 elif self.teacher is not None:
                     with torch.no_grad():
-                        t_hidden, t_head = selected_hidden(self.teacher, input_ids, attention, kd_mask)
+                        if pairs:
+                            t_hidden, t_head, t_layers = selected_states(self.teacher, input_ids, attention, kd_mask,
+                                                                         [t for _, t in pairs])
+                        else:
+                            t_hidden, t_head = selected_hidden(self.teacher, input_ids, attention, kd_mask)
                     teacher = DenseTeacher(t_hidden, t_head)
                 else:
                     teacher = batch_targets(inputs)
+                    if pairs:  # [N_kd, pairs, H_t] cached beside the top-k
+                        cached = torch.cat(inputs["teacher_hidden"]).to(hidden.device)
+                        t_layers = [cached[:, j] for j in range(len(pairs))]
             spec = self.spec if use_kd else HeadLossSpec(vocab_size=self.spec.vocab_size,
                                                          chunk_tokens=self.spec.chunk_tokens)
             # Validation batches without cached targets score CE only.
-            return head_losses(hidden, head, ce_targets, kd_mask[positions], teacher, spec)
+            sums = head_losses(hidden, head, ce_targets, kd_mask[positions], teacher, spec)
+            if pairs:
+                sums["hidden"] = hidden_sum(s_layers, t_layers, self.cfg.kd.hidden_loss, self.projection,
+                                            self.cfg.kd.chunk_tokens)
+            return sums
 
     return DistillTrainer
+
+
+PROJECTION_FILE = "hidden_projection.safetensors"  # in checkpoints only: the student folder never holds it
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,6 +328,22 @@ def _target_temperature(cfg: DistillConfig) -> float:
     return 1.0 if cfg.method == "hard_token" else cfg.kd.temperature
 
 
+def _check_hidden(cfg: DistillConfig, use_cache: bool) -> None:
+    """kd.hidden_weight settings that cannot work, refused before anything loads."""
+    if cfg.kd.hidden_weight <= 0:
+        return
+    if cfg.method not in ("kd", "hard_token"):
+        raise ConfigError(f"kd.hidden_weight > 0 adds a term to the teacher's KD term; method {cfg.method} has none "
+                          "(use method kd or hard_token, or set kd.hidden_weight=0)")
+    if cfg.kd.kd_weight <= 0:
+        raise ConfigError("kd.hidden_weight > 0 with kd.kd_weight=0: the hidden-state term covers the KD term's "
+                          "positions; give kd.kd_weight > 0")
+    if use_cache:
+        raise ConfigError(f"kd.hidden_weight > 0 with teacher_cache.dir={cfg.teacher_cache.dir}: the cache holds the "
+                          "teacher's top-k log-probs, not its hidden states; train with the teacher online "
+                          "(teacher_cache.dir=null)")
+
+
 def _cross_tokenizer(cfg: DistillConfig, teacher_tok: Any, tok: Any) -> Any:
     """None when teacher and student share a tokenizer; else the alignment for cross-tokenizer KD."""
     if tokenizer_fingerprint(teacher_tok) == tokenizer_fingerprint(tok):
@@ -344,6 +430,7 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
         raise ConfigError(f"method {cfg.method} needs teacher.name")
     check_student(cfg.student, cfg.teacher if cfg.teacher.name else None, calibrated=True)
     _check_quantize(cfg)
+    _check_hidden(cfg, use_cache)
     if cfg.teacher.name:
         check_teacher_settings(cfg.teacher)
     # The folder is touched only now: a run refused above leaves an earlier run's folder as it was.
@@ -355,6 +442,9 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
     teacher_tok = ready.tokenizer if ready is not None else None
     tok = _student_tokenizer(cfg, teacher_tok)
     cross = _cross_tokenizer(cfg, teacher_tok, tok) if cfg.method in ("kd", "hard_token") else None
+    if cross is not None and cfg.kd.hidden_weight > 0:
+        raise ConfigError("kd.hidden_weight > 0 needs a teacher with the student's tokenizer: hidden states of two "
+                          "tokenizations do not pair position by position; set kd.hidden_weight=0")
     vocab_size = len(tok)
     cache = (TeacherCache(cfg.teacher_cache.dir, _cache_key(cfg, train_rows, teacher_tok, tok, cross), vocab_size)
              if use_cache else None)
@@ -407,6 +497,20 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
         if val_examples is not None:
             cross.prepare(val_examples, val_rows)
 
+    hidden_pairs, teacher_width = None, None
+    if cfg.kd.hidden_weight > 0:
+        from kdflow.models import _read_config
+
+        t_config = teacher.config if teacher is not None else _read_config(cfg.teacher)
+        t_config = getattr(t_config, "text_config", None) or t_config
+        hidden_pairs = layer_map(cfg.kd.hidden_layers, student.config, int(t_config.num_hidden_layers),
+                                 cfg.kd.hidden_embeddings)
+        teacher_width = int(t_config.hidden_size)
+        print(f"[kdflow] hidden-state term: weight {cfg.kd.hidden_weight}, {cfg.kd.hidden_loss}, layer pairs "
+              f"(student:teacher) {', '.join(f'{a}:{b}' for a, b in hidden_pairs)}"
+              + (f"; a learned projection {student.config.hidden_size} -> {teacher_width} per pair (not saved with the "
+                 "student)" if teacher_width != student.config.hidden_size else ""))
+
     total, _ = count_parameters(student)
     print(f"[kdflow] method={cfg.method} student={total / 1e6:.1f}M params, teacher="
           f"{(count_parameters(teacher)[0] / 1e6 if teacher is not None else 0):.1f}M, train rows={len(train_examples)}")
@@ -434,6 +538,8 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
         teacher=teacher if (cfg.method in ("kd", "hard_token") and not use_cache) else None,
         vocab_size=vocab_size,
         cross=cross if not use_cache else None,
+        hidden_pairs=hidden_pairs,
+        teacher_width=teacher_width,
     )
     place(trainer.model, role="student", move=False)  # the Trainer placed it (records where)
     if getattr(trainer, "is_fsdp_enabled", False) and cfg.student.lora.enabled:
@@ -496,6 +602,9 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
         "teacher": cfg.teacher.name,
         "teacher_check": teacher_check,
         "scoring": scoring_rule(cfg.data, cfg.eval),
+        "hidden": None if not hidden_pairs else {
+            "weight": cfg.kd.hidden_weight, "loss": cfg.kd.hidden_loss, "layers": cfg.kd.hidden_layers,
+            "pairs": [list(p) for p in hidden_pairs], "projection": teacher_width != student.config.hidden_size},
         "cross_tokenizer": None if cross is None else {
             "sequence": cfg.align.sequence, "unpaired": cfg.align.unpaired, "vocab_maps": cross.maps.info,
             "alignment": None if align_stats is None else dataclasses.asdict(align_stats)},
@@ -577,7 +686,13 @@ def _report(cfg: DistillConfig, metrics: dict[str, Any], results: dict[str, Eval
     if cfg.method == "kd":
         lines.append(f"- loss: {cfg.kd.kd_weight} · τ² · {cfg.kd.divergence}(p_τ‖q_τ) + {1 - cfg.kd.kd_weight:g} · CE, "
                      f"τ = {cfg.kd.temperature}, KD tokens: {cfg.kd.token_scope}")
-    elif cfg.method == "hard_token":
+    hd = metrics.get("hidden")
+    if hd:
+        lines.append(f"- hidden-state term: + {hd['weight']} · mean over layer pairs (student:teacher "
+                     f"{', '.join(f'{a}:{b}' for a, b in hd['pairs'])}) of "
+                     f"{'MSE of layer-normalised states' if hd['loss'] == 'mse' else '1 − cosine'}"
+                     f"{' after a learned projection (not saved)' if hd['projection'] else ''}")
+    if cfg.method == "hard_token":
         lines.append(f"- loss: {cfg.kd.kd_weight} · CE(teacher argmax) + {1 - cfg.kd.kd_weight:g} · CE, tokens: {cfg.kd.token_scope}")
     elif cfg.method == "seqkd" and metrics.get("seqkd"):
         q = metrics["seqkd"]
