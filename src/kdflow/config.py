@@ -240,6 +240,26 @@ class TeacherSpec(ModelSpec):
 
 
 @dataclass
+class TeacherEntry(TeacherSpec):
+    label: str = opt("", "the teacher's label in logs, metrics and the report (default: teacher<i>, from 1)")
+    weight: float = opt(1.0, "fixed weight of this teacher (multi_teacher.rule=fixed); weights are normalised to sum 1",
+                        range="> 0")
+    cache: str | None = opt(None, "this teacher's own cache folder: `kdflow cache-teacher` fills it, `kdflow distill` "
+                                  "trains from it (teacher_cache.k and the other cache settings apply)")
+
+
+@dataclass
+class MultiTeacherConfig:
+    rule: Literal["fixed", "min_ce", "confidence"] = opt(
+        "fixed", "how the teachers of `teachers` combine, always as a weighted sum of their divergences "
+                 "sum_j w_j D(p_j || q) (methods/README): fixed: w_j the entries' weights; min_ce: per sample the teacher "
+                 "with the lowest answer NLL per character of the reference answer (kdflow.selection); confidence: per "
+                 "token w_j = softmax_j(-entropy_j / confidence_temperature)")
+    confidence_temperature: float = opt(1.0, "temperature of the confidence rule's softmax over negative entropies (nats)",
+                                        range="> 0")
+
+
+@dataclass
 class DataConfig:
     train: str | None = opt(None, "training rows: .jsonl/.json/.csv/.parquet file, a datasets folder, or hf:<id>[#config]@<split>")
     validation: str | None = opt(None, "validation rows (same forms as `train`); used for eval during training when eval_steps > 0")
@@ -418,6 +438,11 @@ class DistillConfig:
     output_dir: str = opt("runs/distill", "run folder: checkpoints, resolved config, metrics, report")
     seed: int = opt(0, "random seed", range="[0, 4294967295]")
     teacher: TeacherSpec = opt(factory=lambda: TeacherSpec(name="bundled:smollm2-135m-instruct"), help="the frozen teacher")
+    teachers: list[TeacherEntry] = opt(factory=list, help="several teachers for method kd (each with its own model, "
+                                                        "tokenizer, adapter, adapt, cache and weight): KD targets come "
+                                                        "from these, combined by multi_teacher.rule; `teacher` then only "
+                                                        "names the model a pruned student starts from")
+    multi_teacher: MultiTeacherConfig = opt(factory=MultiTeacherConfig, help="how several `teachers` combine")
     student: StudentSpec = opt(factory=StudentSpec, help="the model being trained")
     data: DataConfig = opt(factory=DataConfig, help="rows and how they become tokens")
     kd: KDConfig = opt(factory=KDConfig, help="soft- and hard-label KD settings")

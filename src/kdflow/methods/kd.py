@@ -22,15 +22,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from kdflow import processes
+from kdflow import multiteacher, processes
 from kdflow.config import DistillConfig, ModelSpec, to_dict
 from kdflow.data import Collator, ListDataset, Rows, encode_rows, prompts_of, read_rows, rows_fingerprint, row_turns
 from kdflow.errors import ConfigError, DataError
-from kdflow.hidden import hidden_sum, layer_map
 from kdflow.evaluate import EvalResult, differences_markdown, evaluate_cached, format_table, generate, scoring_rule
-from kdflow.losses import DenseTeacher, HeadLossSpec, get_divergence, head_losses, shifted_masks
+from kdflow.hidden import hidden_sum, layer_map
+from kdflow.losses import DenseTeacher, HeadLossSpec, TopKTargets, get_divergence, head_losses, shifted_masks
 from kdflow.models import (apply_lora, build_student, check_student, count_parameters, load_model, load_tokenizer,
                            place, require_same_tokenizer, run_device, save_model, selected_hidden, selected_states,
                            tokenizer_fingerprint)
@@ -53,11 +54,14 @@ def make_distill_trainer_class() -> type:
 
         def __init__(self, *args: Any, cfg: DistillConfig, teacher: Any | None, vocab_size: int,
                      cross: Any | None = None, hidden_pairs: list[tuple[int, int]] | None = None,
-                     teacher_width: int | None = None, **kwargs: Any):
+                     teacher_width: int | None = None, slots: list["TeacherSlot"] | None = None, **kwargs: Any):
             super().__init__(*args, **kwargs)
             self.cfg = cfg
             self.teacher = teacher
             self.cross = cross
+            self.slots = slots or None  # several teachers (cfg.teachers): they replace `teacher` and `cross`
+            self.teacher_weight_sums = [0.0] * len(slots or [])  # per teacher, its weights summed over KD rows
+            self.teacher_rows = 0
             uses_teacher = cfg.method in ("kd", "hard_token")
             w = cfg.kd.kd_weight if uses_teacher else 0.0
             self.term_weights = {"ce": 1.0 - w, "kd": w}
@@ -123,9 +127,74 @@ def make_distill_trainer_class() -> type:
                     counts["kd"] = int(kd_mask.sum())
             if self.hidden_pairs:
                 counts["hidden"] = int(kd_mask.sum())
+            if self.slots and self.spec.kind != "none":
+                coverage, choice = self._coverage(batch, kd_mask)
+                counts["kd"] = int(multiteacher.support(self.cfg.multi_teacher.rule, coverage, choice).any(0).sum())
             return counts
 
+        def _coverage(self, batch: dict[str, Any], kd_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+            """Per teacher, the KD rows it has a target for [m, N]; per row, its sample's chosen teacher."""
+            n = int(kd_mask.sum())
+            rows = []
+            for slot in self.slots:
+                v = batch.get(slot.prefix + "valid")
+                rows.append(torch.cat([x.cpu().bool() for x in v]) if v is not None else torch.ones(n, dtype=torch.bool))
+            choice = None
+            if "teacher_choice" in batch:
+                per_sample = torch.stack([c.cpu().long().reshape(()) for c in batch["teacher_choice"]])
+                choice = torch.repeat_interleave(per_sample, kd_mask.sum(-1).cpu())
+            return torch.stack(rows), choice
+
+        def _multi_loss_sums(self, model: Any, inputs: dict[str, Any]) -> dict[str, tuple[torch.Tensor, int]]:
+            """CE plus sum_j w_j D(p_j || q) over the teachers of cfg.teachers (kdflow.multiteacher)."""
+            input_ids, attention, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
+            ce_mask, kd_mask = shifted_masks(labels, attention, self.cfg.kd.token_scope)
+            use_kd = self.spec.kind != "none" and all(s.model is not None or (s.prefix + "ids") in inputs
+                                                      for s in self.slots)
+            positions = (kd_mask | ce_mask) if use_kd else ce_mask
+            hidden, head = selected_hidden(model, input_ids, attention, positions)
+            ce_targets = labels[:, 1:][positions].masked_fill(~ce_mask[positions], -100)
+            if not use_kd:  # validation batches without cached targets score CE only
+                return head_losses(hidden, head, ce_targets, kd_mask[positions], None,
+                                   HeadLossSpec(vocab_size=self.spec.vocab_size, chunk_tokens=self.spec.chunk_tokens))
+            T = self.cfg.kd.temperature
+            targets = []
+            for slot in self.slots:
+                view = _view(inputs, slot.prefix)
+                if slot.model is None:
+                    targets.append(batch_targets(view))
+                elif slot.cross is not None:
+                    targets.append(slot.cross.targets(slot.model, view, self.cfg.align.top_k, T))
+                else:
+                    with torch.no_grad():
+                        t_hidden, t_head = selected_hidden(slot.model, input_ids, attention, kd_mask)
+                    targets.append(DenseTeacher(t_hidden, t_head))
+            coverage, choice = self._coverage(inputs, kd_mask)
+            device = hidden.device
+            rule = self.cfg.multi_teacher.rule
+            entropy = None
+            if rule == "confidence":
+                entropy = torch.stack([_target_entropy(t, T, self.spec.vocab_size).to(device) for t in targets])
+            w = multiteacher.row_weights(rule, coverage.to(device), [s.weight for s in self.slots], entropy,
+                                         None if choice is None else choice.to(device),
+                                         self.cfg.multi_teacher.confidence_temperature)
+            sums: dict[str, tuple[torch.Tensor, int]] = {}
+            kd_total = hidden.new_zeros((), dtype=torch.float32)
+            for j, t in enumerate(targets):
+                t.row_weight = w[j].to(t.logp.device if isinstance(t, TopKTargets) else device)
+                part = head_losses(hidden, head, ce_targets, kd_mask[positions], t, self.spec)
+                sums.setdefault("ce", part["ce"])
+                kd_total = kd_total + part["kd"][0]
+            if model.training:
+                for j in range(len(self.slots)):
+                    self.teacher_weight_sums[j] += float(w[j].sum())
+                self.teacher_rows += int((w.sum(0) > 0).sum())
+            sums["kd"] = (kd_total, int((w.sum(0) > 0).sum()))
+            return sums
+
         def loss_sums(self, model: Any, inputs: dict[str, Any]) -> dict[str, tuple[torch.Tensor, int]]:
+            if self.slots:
+                return self._multi_loss_sums(model, inputs)
             input_ids, attention = inputs["input_ids"], inputs["attention_mask"]
             labels = inputs["labels"]
             ce_mask, kd_mask = shifted_masks(labels, attention, self.cfg.kd.token_scope)
@@ -172,6 +241,48 @@ def make_distill_trainer_class() -> type:
 
 
 PROJECTION_FILE = "hidden_projection.safetensors"  # in checkpoints only: the student folder never holds it
+
+# Per-example fields a teacher's alignment or cache attaches; with several teachers each teacher keeps
+# its own under "teacher_<j>_" (the collator keeps every "teacher_*" field as a list).
+_TEACHER_FIELDS = ("teacher_input_ids", "teacher_src", "teacher_valid", "teacher_ids", "teacher_logp",
+                   "teacher_tail_logp")
+
+
+@dataclasses.dataclass
+class TeacherSlot:
+    """One teacher of cfg.teachers as the trainer sees it."""
+
+    label: str
+    prefix: str  # "teacher_<j>_": where its per-example fields live
+    weight: float
+    model: Any = None  # None: its targets come from its cache
+    cross: Any = None  # its alignment when its tokenizer differs from the student's
+
+
+def _move_fields(examples: list[dict[str, Any]], prefix: str) -> None:
+    for e in examples:
+        for key in _TEACHER_FIELDS:
+            if key in e:
+                e[prefix + key[len("teacher_"):]] = e.pop(key)
+
+
+def _view(inputs: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """The batch as one teacher's single-teacher code expects it: its fields under plain teacher_* names."""
+    view = {k: v for k, v in inputs.items() if not k.startswith("teacher_")}
+    view.update({"teacher_" + k[len(prefix):]: v for k, v in inputs.items() if k.startswith(prefix)})
+    return view
+
+
+def _target_entropy(t: Any, temperature: float, vocab_size: int | None) -> torch.Tensor:
+    """Entropy per KD row of a teacher's target at the KD temperature (what it teaches)."""
+    if isinstance(t, TopKTargets):
+        return multiteacher.entropy_topk(t.logp, t.ids, t.tail_logp)
+    n = t.count()
+    out = []
+    for start in range(0, n, 512):
+        logits = t.logits(torch.arange(start, min(start + 512, n), device=t.hidden.device))
+        out.append(multiteacher.entropy_dense(logits[..., :vocab_size] if vocab_size else logits, temperature))
+    return torch.cat(out) if out else torch.zeros(0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -328,6 +439,103 @@ def _target_temperature(cfg: DistillConfig) -> float:
     return 1.0 if cfg.method == "hard_token" else cfg.kd.temperature
 
 
+def _check_teachers(cfg: DistillConfig) -> None:
+    """`teachers` settings that cannot work, refused before anything loads."""
+    if not cfg.teachers:
+        return
+    if cfg.method != "kd":
+        raise ConfigError(f"teachers: several teachers combine soft targets, which method {cfg.method} does not use; "
+                          "use method kd, or keep one teacher in `teacher`")
+    if cfg.kd.kd_weight <= 0:
+        raise ConfigError("teachers: with kd.kd_weight=0 no teacher teaches; give kd.kd_weight > 0")
+    if cfg.teacher_cache.dir:
+        raise ConfigError("teachers: teacher_cache.dir names one cache; give each entry of `teachers` its own `cache`")
+    if cfg.kd.hidden_weight > 0:
+        raise ConfigError("kd.hidden_weight with several teachers is not supported; set kd.hidden_weight=0 or keep one "
+                          "teacher")
+    labels = [_label(e, i) for i, e in enumerate(cfg.teachers)]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"teachers: labels {labels} repeat; give each entry its own `label`")
+    for i, e in enumerate(cfg.teachers):
+        if not e.name:
+            raise ConfigError(f"teachers[{i}].name is not set: give the teacher's model")
+        check_teacher_settings(e, f"teachers[{i}]")
+
+
+def _label(entry: Any, i: int) -> str:
+    return entry.label or f"teacher{i + 1}"
+
+
+def _entry_spec(entry: Any) -> Any:
+    """An entry of `teachers` as the TeacherSpec every single-teacher function takes."""
+    from kdflow.config import TeacherSpec
+
+    return TeacherSpec(**{f.name: getattr(entry, f.name) for f in dataclasses.fields(TeacherSpec)})
+
+
+def _setup_teachers(cfg: DistillConfig, train_rows: Rows, val_rows: Rows | None, train_examples: list[dict[str, Any]],
+                    val_examples: list[dict[str, Any]] | None, tok: Any) -> tuple[list[TeacherSlot], dict[str, Any]]:
+    """Every teacher of cfg.teachers ready to teach: adapted if asked, checked, aligned when its tokenizer
+    differs, or read from its cache; for rule min_ce, each sample's chosen teacher."""
+    slots, entries = [], []
+    total = sum(e.weight for e in cfg.teachers)
+    scores = []
+    for j, entry in enumerate(cfg.teachers):
+        label, prefix = _label(entry, j), f"teacher_{j + 1}_"
+        ready = get_teacher(_entry_spec(entry), cfg.data, train_rows)
+        t_cfg = dataclasses.replace(cfg, teacher=ready.spec)
+        check = check_teacher(ready.spec, lambda: (ready.model(), ready.tokenizer), val_rows, cfg.data, cfg.eval)
+        cross = None
+        if tokenizer_fingerprint(ready.tokenizer) != tokenizer_fingerprint(tok):
+            cross = _cross_tokenizer(t_cfg, ready.tokenizer, tok)
+        slot = TeacherSlot(label=label, prefix=prefix, weight=entry.weight / total, cross=cross)
+        if entry.cache:
+            cache = TeacherCache(entry.cache, _cache_key(t_cfg, train_rows, ready.tokenizer, tok, cross), len(tok))
+            cache.attach(train_examples, cfg.kd.token_scope)
+            _move_fields(train_examples, prefix)
+            print(f"[kdflow] teacher {label}: training from its cache {entry.cache} (k={cfg.teacher_cache.k})")
+        else:
+            slot.model = ready.model()
+            if cross is not None:
+                print(f"[kdflow] teacher {label} alignment: {cross.prepare(train_examples, train_rows).summary()}")
+                _move_fields(train_examples, prefix)
+                if val_examples is not None:
+                    cross.prepare(val_examples, val_rows)
+                    _move_fields(val_examples, prefix)
+        if cfg.multi_teacher.rule == "min_ce":
+            scores.append(multiteacher.answer_scores(ready.model(), ready.tokenizer, train_rows, cfg.data))
+        if slot.model is None:
+            ready.release()
+        slots.append(slot)
+        entries.append({"label": label, "teacher": teacher_identity(ready.spec), "weight": slot.weight,
+                        "cache": entry.cache, "cross_tokenizer": cross is not None, "check": check, "_ready": ready})
+    multi: dict[str, Any] = {"rule": cfg.multi_teacher.rule, "entries": entries}
+    if scores:
+        choice = multiteacher.choose_per_sample(np.stack(scores))
+        for e in train_examples:
+            e["teacher_choice"] = torch.tensor(int(choice[e["row_index"]]))
+        counts = np.bincount(choice, minlength=len(slots))
+        multi["selected_share"] = {s.label: float(c) / len(choice) for s, c in zip(slots, counts)}
+        multi["answer_nll_per_char"] = {s.label: float(np.mean(x)) for s, x in zip(slots, scores)}
+        print("[kdflow] min_ce selection over the training rows: " + ", ".join(
+            f"{k} {v:.1%}" for k, v in multi["selected_share"].items()))
+    return slots, multi
+
+
+def _teachers_metrics(cfg: DistillConfig, slots: list[TeacherSlot], multi: dict[str, Any], trainer: Any) -> dict[str, Any]:
+    rows = max(trainer.teacher_rows, 1)
+    out = {"rule": multi["rule"], "confidence_temperature": cfg.multi_teacher.confidence_temperature
+           if multi["rule"] == "confidence" else None,
+           "combination": "weighted sum of divergences, sum_j w_j D(p_j || q)",
+           "teachers": [{k: v for k, v in e.items() if not k.startswith("_")} for e in multi["entries"]],
+           # the mean weight each teacher had over the KD rows trained on (for min_ce: its share of rows)
+           "weight_share_in_training": {s.label: w / rows for s, w in zip(slots, trainer.teacher_weight_sums)}}
+    for key in ("selected_share", "answer_nll_per_char"):
+        if key in multi:
+            out[key] = multi[key]
+    return out
+
+
 def _check_hidden(cfg: DistillConfig, use_cache: bool) -> None:
     """kd.hidden_weight settings that cannot work, refused before anything loads."""
     if cfg.kd.hidden_weight <= 0:
@@ -391,7 +599,19 @@ def _check_quantize(cfg: DistillConfig) -> None:
 
 
 def run_cache_teacher(cfg: DistillConfig) -> dict[str, Any]:
-    """`kdflow cache-teacher`: run the teacher once over data.train, store its top-k per KD position."""
+    """`kdflow cache-teacher`: run the teacher once over data.train, store its top-k per KD position.
+    With `teachers`, every entry that names a `cache` gets its own."""
+    if cfg.teachers:
+        done = [e for e in cfg.teachers if e.cache]
+        if not done:
+            raise ConfigError("teachers: no entry names a `cache` folder; give the entries to cache a `cache`")
+        manifests = {}
+        for i, e in enumerate(cfg.teachers):
+            if e.cache:
+                one = dataclasses.replace(cfg, teachers=[], teacher=_entry_spec(e),
+                                          teacher_cache=dataclasses.replace(cfg.teacher_cache, dir=e.cache))
+                manifests[_label(e, i)] = run_cache_teacher(one)
+        return manifests
     if not cfg.teacher_cache.dir:
         raise ConfigError("teacher_cache.dir is not set: say where the cache should be written")
     if not cfg.teacher.name:
@@ -431,6 +651,7 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
     check_student(cfg.student, cfg.teacher if cfg.teacher.name else None, calibrated=True)
     _check_quantize(cfg)
     _check_hidden(cfg, use_cache)
+    _check_teachers(cfg)
     if cfg.teacher.name:
         check_teacher_settings(cfg.teacher)
     # The folder is touched only now: a run refused above leaves an earlier run's folder as it was.
@@ -441,7 +662,7 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
         cfg = dataclasses.replace(cfg, teacher=ready.spec)
     teacher_tok = ready.tokenizer if ready is not None else None
     tok = _student_tokenizer(cfg, teacher_tok)
-    cross = _cross_tokenizer(cfg, teacher_tok, tok) if cfg.method in ("kd", "hard_token") else None
+    cross = _cross_tokenizer(cfg, teacher_tok, tok) if cfg.method in ("kd", "hard_token") and not cfg.teachers else None
     if cross is not None and cfg.kd.hidden_weight > 0:
         raise ConfigError("kd.hidden_weight > 0 needs a teacher with the student's tokenizer: hidden states of two "
                           "tokenizations do not pair position by position; set kd.hidden_weight=0")
@@ -451,12 +672,12 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
 
     # The teacher's weights are loaded only when something needs them: online KD, generation,
     # a student pruned from it, or its own evaluation. With a teacher cache, training never does.
-    needs_teacher = ((cfg.method in ("kd", "hard_token") and not use_cache) or cfg.method == "seqkd"
+    needs_teacher = ((cfg.method in ("kd", "hard_token") and not use_cache and not cfg.teachers) or cfg.method == "seqkd"
                      or cfg.student.init == "prune_teacher"
                      or ((cfg.evaluate_teacher or cfg.eval.exposure_bias) and test_rows is not None))
     teacher = ready.model() if (needs_teacher and ready is not None) else None
     teacher_check = None
-    if cfg.method != "sft":
+    if cfg.method != "sft" and not cfg.teachers:  # several teachers: each is checked in _setup_teachers
         teacher_check = check_teacher(cfg.teacher, lambda: (ready.model(), teacher_tok), val_rows, cfg.data, cfg.eval)
         if teacher is None:
             ready.release()  # loaded for the check only (training reads the teacher cache)
@@ -496,6 +717,10 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
         print(f"[kdflow] alignment: {align_stats.summary()}")
         if val_examples is not None:
             cross.prepare(val_examples, val_rows)
+
+    slots, multi = None, None
+    if cfg.teachers:
+        slots, multi = _setup_teachers(cfg, train_rows, val_rows, train_examples, val_examples, tok)
 
     hidden_pairs, teacher_width = None, None
     if cfg.kd.hidden_weight > 0:
@@ -540,6 +765,7 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
         cross=cross if not use_cache else None,
         hidden_pairs=hidden_pairs,
         teacher_width=teacher_width,
+        slots=slots,
     )
     place(trainer.model, role="student", move=False)  # the Trainer placed it (records where)
     if getattr(trainer, "is_fsdp_enabled", False) and cfg.student.lora.enabled:
@@ -588,6 +814,15 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
         if cfg.evaluate_teacher and teacher is not None:
             results["teacher"] = _eval_cached(out, "teacher", teacher, teacher_tok, test_rows, cfg)
             results = {"teacher": results.pop("teacher"), **results}
+        if cfg.evaluate_teacher and slots:  # every teacher's own zero-shot scores
+            own = {}
+            for slot, entry in zip(slots, multi["entries"]):
+                ready_j = entry.pop("_ready")
+                own[f"teacher {slot.label}"] = _eval_cached(out, f"teacher_{slot.label}", ready_j.model(),
+                                                            ready_j.tokenizer, test_rows, cfg)
+                if slot.model is None:
+                    ready_j.release()
+            results = {**own, **results}
 
     history = trainer.state.log_history
     metrics = {
@@ -602,6 +837,7 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
         "teacher": cfg.teacher.name,
         "teacher_check": teacher_check,
         "scoring": scoring_rule(cfg.data, cfg.eval),
+        "teachers": None if not slots else _teachers_metrics(cfg, slots, multi, trainer),
         "hidden": None if not hidden_pairs else {
             "weight": cfg.kd.hidden_weight, "loss": cfg.kd.hidden_loss, "layers": cfg.kd.hidden_layers,
             "pairs": [list(p) for p in hidden_pairs], "projection": teacher_width != student.config.hidden_size},
