@@ -103,11 +103,13 @@ def test_multi_teacher_split_leaves_the_update_unchanged(tmp_path, bpe_tok, tiny
     teachers = [tiny_llama(bpe_tok, layers=2, hidden=48, seed=21).eval(), tiny_llama(bpe_tok, layers=3, hidden=32, seed=22).eval()]
     student = tiny_llama(bpe_tok, layers=2, hidden=32, seed=23)
 
-    def update(batch, accum):
+    def update(batch, accum, bug=False):
         model = copy.deepcopy(student)
         first = {n: p.detach().clone() for n, p in model.named_parameters()}
         tr = _trainer(tmp_path, bpe_tok, model, teachers, examples, ["multi_teacher.rule=confidence", "kd.kd_weight=0.7"],
-                      batch, accum, name=f"r{batch}x{accum}")
+                      batch, accum, name=f"r{batch}x{accum}{bug}")
+        if bug:  # each micro-batch divided by its own counts: the test must see the difference
+            tr.get_batch_samples = lambda it, n, device: (type(tr).get_batch_samples(tr, it, n, device)[0], None)
         tr.train()
         return {n: p.detach() - first[n] for n, p in model.named_parameters()}
 
@@ -116,6 +118,8 @@ def test_multi_teacher_split_leaves_the_update_unchanged(tmp_path, bpe_tok, tiny
         split = update(b, a)
         for k in whole:
             assert torch.allclose(whole[k], split[k], atol=2e-6, rtol=1e-4), (b, a, k)
+    buggy = update(1, 4, bug=True)
+    assert any(not torch.allclose(whole[k], buggy[k], atol=1e-5, rtol=1e-3) for k in whole)
 
 
 def _other_tok_teacher(tmp_path):
@@ -126,11 +130,11 @@ def _other_tok_teacher(tmp_path):
     return folder
 
 
-@pytest.mark.parametrize("rule", ["min_ce", "confidence"])
-def test_mixed_tokenizers_online_and_from_caches(tmp_path, tiny_dirs, tiny_data, monkeypatch, capsys, rule):
+def test_mixed_tokenizers_online_and_from_caches(tmp_path, tiny_dirs, tiny_data, monkeypatch, capsys):
     monkeypatch.setenv("KDFLOW_CACHE", str(tmp_path / "kc"))
     other = _other_tok_teacher(tmp_path)
     teachers = f"teachers=[{{name: {tiny_dirs['teacher']}, label: same, weight: 2}}, {{name: {other}, label: other}}]"
+    rule = "min_ce"
     common = ["train.max_steps=2", "evaluate_before=false", "data.max_train_rows=12", teachers,
               f"multi_teacher.rule={rule}", "train.save_steps=0"]
     out = tmp_path / "online"
@@ -149,8 +153,8 @@ def test_mixed_tokenizers_online_and_from_caches(tmp_path, tiny_dirs, tiny_data,
     # one cache per teacher, named in its entry; training from them reads no teacher
     cached = f"teachers=[{{name: {tiny_dirs['teacher']}, label: same, cache: {tmp_path / 'c1'}}}, " \
              f"{{name: {other}, label: other, cache: {tmp_path / 'c2'}}}]"
-    args = [*base_args(tiny_dirs, tiny_data, tmp_path / "cached"), *common[:-3], cached, f"multi_teacher.rule={rule}",
-            "train.save_steps=0", "teacher_cache.k=8"]
+    args = [*base_args(tiny_dirs, tiny_data, tmp_path / "cached"), *common[:-3], cached, "multi_teacher.rule=confidence",
+            "train.save_steps=0", "teacher_cache.k=8", "evaluate_teacher=false", f"data.test={tiny_data['test']}"]
     assert main(["cache-teacher", *args]) == 0
     assert (tmp_path / "c1" / "manifest.json").is_file() and (tmp_path / "c2" / "manifest.json").is_file()
     assert main(["distill", *args]) == 0
