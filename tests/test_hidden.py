@@ -161,9 +161,10 @@ def test_a_distill_run_with_the_hidden_term(tmp_path, tiny_dirs, tiny_data, caps
     assert "hidden-state term" in (out / "report.md").read_text()
 
 
-@pytest.mark.parametrize("extra,msg", [(["teacher_cache.dir=/nonexistent/cache"], "hidden states"),
+@pytest.mark.parametrize("extra,msg", [(["teacher_cache.dir=/nonexistent/cache"], "teacher_cache.hidden=all"),
                                        (["method=sft"], "method sft"),
-                                       (["kd.hidden_layers=1:x"], "no layer pair")])
+                                       (["kd.hidden_layers=1:x"], "no layer pair"),
+                                       (["kd.hidden_layers=2:6"], "quote it")])
 def test_hidden_settings_that_cannot_work_are_refused(tmp_path, tiny_dirs, tiny_data, capsys, extra, msg):
     out = tmp_path / "refused"
     rc = main(["distill", *base_args(tiny_dirs, tiny_data, out), "kd.hidden_weight=1.0", *extra])
@@ -171,3 +172,41 @@ def test_hidden_settings_that_cannot_work_are_refused(tmp_path, tiny_dirs, tiny_
     err = capsys.readouterr().err
     assert msg in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_hidden_states_from_the_teacher_cache(tmp_path, tiny_dirs, tiny_data, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from kdflow.teacher_cache import TeacherCache
+
+    cache = tmp_path / "cache"
+    args = [*base_args(tiny_dirs, tiny_data, tmp_path / "run"), "train.max_steps=2", "kd.hidden_weight=1.0",
+            "evaluate_before=false", "evaluate_teacher=false", "data.max_train_rows=8", f"teacher_cache.dir={cache}",
+            "teacher_cache.hidden=all", "train.save_steps=0"]
+    assert main(["cache-teacher", *args]) == 0
+    assert "bytes per position on top of the top-k" in capsys.readouterr().out
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert manifest["key"]["hidden_layers"] == [1, 2, 3, 4]
+    # what the cache holds is the teacher's states at the KD positions (float16)
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_dirs["teacher"]).eval()
+    from kdflow.config import ModelSpec
+    from kdflow.models import load_tokenizer
+
+    tok = load_tokenizer(ModelSpec(name=str(tiny_dirs["teacher"])))
+    examples = encode_rows(read_rows(str(tiny_data["train"])).head(8), tok, DataConfig())
+    stored = next(iter(TeacherCache(cache, manifest["key"]).load().items()))
+    e = examples[stored[0]]
+    ids = torch.tensor([e["input_ids"]])
+    with torch.no_grad():
+        hs = teacher(input_ids=ids, output_hidden_states=True).hidden_states
+    _, kd_mask = shifted_masks(torch.tensor([e["labels"]]), torch.ones_like(ids))
+    want = torch.stack([hs[i][:, :-1][kd_mask] for i in (1, 2, 3, 4)], 1)
+    assert torch.allclose(stored[1]["hidden"].float(), want, atol=2e-2, rtol=1e-2)
+    assert main(["distill", *args]) == 0
+    assert any("hidden" in h for h in json.loads((tmp_path / "run" / "log_history.json").read_text()))
+    # a cache without the layers the map needs is refused in one line
+    small = [*args[:-3], f"teacher_cache.dir={tmp_path / 'c2'}", "teacher_cache.hidden=4", "train.save_steps=0"]
+    assert main(["cache-teacher", *small]) == 0
+    capsys.readouterr()
+    assert main(["distill", *small, f"output_dir={tmp_path / 'r2'}"]) == 2
+    assert "the layer map needs" in capsys.readouterr().err

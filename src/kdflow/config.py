@@ -99,10 +99,19 @@ def _report_targets(value: list[str], key: str) -> None:
                           f"or leave it out ({key}=[none] logs nowhere)")
 
 
-def _hidden_layers(value: str, key: str) -> None:
+def _hidden_layers(value: str | int, key: str) -> None:
     from kdflow.hidden import check_hidden_layers
 
+    if isinstance(value, int):  # YAML 1.1 reads one pair such as 2:6 as a base-60 number
+        raise ConfigError(f"setting '{key}': YAML read {value} as a number (a single pair such as 2:6 reads as base 60); "
+                          "quote it: '2:6'")
     check_hidden_layers(value, key)
+
+
+def _cache_hidden(value: str | int, key: str) -> None:
+    value = str(value)
+    if value not in ("none", "all") and not re.fullmatch(r"\d+(\s*,\s*\d+)*", value.strip()):
+        raise ConfigError(f"setting '{key}': {value!r}; give none, all, or layer indices such as 3,6,9")
 
 
 def _did_you_mean(value: str, names: list[str]) -> str:
@@ -360,7 +369,7 @@ class KDConfig:
                                range=">= 0")
     hidden_loss: Literal["mse", "cosine"] = opt("mse", "hidden-state distance: mse of the layer-normalised states, or "
                                                        "1 - cosine")
-    hidden_layers: str = opt("auto", "layer pairs of the hidden-state term: auto (a student pruned from the teacher maps "
+    hidden_layers: str | int = opt("auto", "layer pairs of the hidden-state term: auto (a student pruned from the teacher maps "
                                      "each kept block to the block it came from, any other uniformly), uniform (student "
                                      "block i to teacher block round(i L_t / L_s)), or student:teacher pairs such as "
                                      "2:6,4:12 (output_hidden_states indices: 0 the embeddings, i the output of block i)",
@@ -378,6 +387,9 @@ class TeacherCacheConfig:
     shard_size: int = opt(512, "examples per shard file (an interrupted build resumes after the last complete shard)",
                           range=">= 1")
     batch_size: int = opt(16, "sequences per teacher forward while caching", range=">= 1")
+    hidden: str | int = opt("none", "also store the teacher's hidden states at the KD positions, for kd.hidden_weight: none, "
+                              "all (every block), or output_hidden_states indices such as 3,6,9 (large: 2 bytes x "
+                              "hidden size x layers per position; cache-teacher prints it)", check=_cache_hidden)
 
 
 @dataclass

@@ -54,7 +54,8 @@ def make_distill_trainer_class() -> type:
 
         def __init__(self, *args: Any, cfg: DistillConfig, teacher: Any | None, vocab_size: int,
                      cross: Any | None = None, hidden_pairs: list[tuple[int, int]] | None = None,
-                     teacher_width: int | None = None, slots: list["TeacherSlot"] | None = None, **kwargs: Any):
+                     teacher_width: int | None = None, slots: list["TeacherSlot"] | None = None,
+                     hidden_columns: list[int] | None = None, **kwargs: Any):
             super().__init__(*args, **kwargs)
             self.cfg = cfg
             self.teacher = teacher
@@ -70,6 +71,7 @@ def make_distill_trainer_class() -> type:
             # checkpoints only, never in the student folder.
             self.hidden_pairs = hidden_pairs if (uses_teacher and cfg.kd.hidden_weight > 0 and hidden_pairs) else None
             self.projection = None
+            self.hidden_columns = hidden_columns  # per pair, its column among the layers a teacher cache holds
             if self.hidden_pairs:
                 self.term_weights["hidden"] = cfg.kd.hidden_weight
                 width = int(self.model.config.hidden_size)
@@ -227,7 +229,8 @@ def make_distill_trainer_class() -> type:
                     teacher = batch_targets(inputs)
                     if pairs:  # [N_kd, pairs, H_t] cached beside the top-k
                         cached = torch.cat(inputs["teacher_hidden"]).to(hidden.device)
-                        t_layers = [cached[:, j] for j in range(len(pairs))]
+                        cols = self.hidden_columns or list(range(len(pairs)))
+                        t_layers = [cached[:, c] for c in cols]
             spec = self.spec if use_kd else HeadLossSpec(vocab_size=self.spec.vocab_size,
                                                          chunk_tokens=self.spec.chunk_tokens)
             # Validation batches without cached targets score CE only.
@@ -429,7 +432,23 @@ def _cache_key(cfg: DistillConfig, train_rows: Rows, teacher_tok: Any, tok: Any,
                         data_settings=_data_settings(cfg), k=c.k,
                         temperature=_target_temperature(cfg) if cross is not None else cfg.kd.temperature,
                         token_scope=cfg.kd.token_scope, logp_dtype=c.logp_dtype, store_tail=c.store_tail,
-                        alignment=cross.key() if cross is not None else None)
+                        alignment=cross.key() if cross is not None else None,
+                        hidden_layers=_cache_hidden_layers(cfg))
+
+
+def _cache_hidden_layers(cfg: DistillConfig) -> list[int] | None:
+    """The teacher layers (output_hidden_states indices) teacher_cache.hidden asks the cache to hold."""
+    h = str(cfg.teacher_cache.hidden)
+    if h == "none":
+        return None
+    from kdflow.models import _read_config
+
+    t_config = _read_config(cfg.teacher)
+    n = int((getattr(t_config, "text_config", None) or t_config).num_hidden_layers)
+    layers = list(range(1, n + 1)) if h == "all" else sorted({int(x) for x in h.split(",")})
+    if max(layers) > n:
+        raise ConfigError(f"teacher_cache.hidden={h}: the teacher has output_hidden_states indices 0..{n}")
+    return layers
 
 
 def _target_temperature(cfg: DistillConfig) -> float:
@@ -546,10 +565,11 @@ def _check_hidden(cfg: DistillConfig, use_cache: bool) -> None:
     if cfg.kd.kd_weight <= 0:
         raise ConfigError("kd.hidden_weight > 0 with kd.kd_weight=0: the hidden-state term covers the KD term's "
                           "positions; give kd.kd_weight > 0")
-    if use_cache:
+    if use_cache and cfg.teacher_cache.hidden == "none":
         raise ConfigError(f"kd.hidden_weight > 0 with teacher_cache.dir={cfg.teacher_cache.dir}: the cache holds the "
-                          "teacher's top-k log-probs, not its hidden states; train with the teacher online "
-                          "(teacher_cache.dir=null)")
+                          "teacher's top-k log-probs, not its hidden states; build it with teacher_cache.hidden=all (or "
+                          "the teacher layers the map uses, e.g. 3,6,9; large: cache-teacher prints the bytes per "
+                          "token), or train with the teacher online (teacher_cache.dir=null)")
 
 
 def _cross_tokenizer(cfg: DistillConfig, teacher_tok: Any, tok: Any) -> Any:
@@ -630,10 +650,19 @@ def run_cache_teacher(cfg: DistillConfig) -> dict[str, Any]:
     check_teacher(cfg.teacher, lambda: (teacher, teacher_tok), val_rows, cfg.data, cfg.eval)
     c = cfg.teacher_cache
     if cross is not None:  # targets in the student's vocabulary, at the student's positions
+        if c.hidden != "none":
+            raise ConfigError("teacher_cache.hidden with a teacher of another tokenizer: hidden states of two "
+                              "tokenizations do not pair position by position; set teacher_cache.hidden=none")
         print(f"[kdflow] alignment: {cross.prepare(examples, train_rows).summary()}")
         compute = cross.cache_compute(teacher, c.k, _target_temperature(cfg))
     else:
-        compute = same_tokenizer_targets(teacher, len(tok), c.k, cfg.kd.temperature, cfg.kd.token_scope)
+        hidden_layers = _cache_hidden_layers(cfg)
+        if hidden_layers:
+            width = int((getattr(teacher.config, "text_config", None) or teacher.config).hidden_size)
+            bytes_per = 2 * width * len(hidden_layers)
+            print(f"[kdflow] teacher cache: also storing the hidden states of {len(hidden_layers)} teacher layers, "
+                  f"{bytes_per} bytes per position on top of the top-k")
+        compute = same_tokenizer_targets(teacher, len(tok), c.k, cfg.kd.temperature, cfg.kd.token_scope, hidden_layers)
     manifest = build_cache(c.dir, _cache_key(cfg, train_rows, teacher_tok, tok, cross), examples, tok.pad_token_id,
                            compute, batch_size=c.batch_size, shard_size=c.shard_size, vocab_size=len(tok))
     print(f"[kdflow] teacher cache {c.dir}: {manifest['examples']} examples, {manifest['positions']} positions, "
@@ -722,7 +751,7 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
     if cfg.teachers:
         slots, multi = _setup_teachers(cfg, train_rows, val_rows, train_examples, val_examples, tok)
 
-    hidden_pairs, teacher_width = None, None
+    hidden_pairs, teacher_width, hidden_columns = None, None, None
     if cfg.kd.hidden_weight > 0:
         from kdflow.models import _read_config
 
@@ -731,6 +760,14 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
         hidden_pairs = layer_map(cfg.kd.hidden_layers, student.config, int(t_config.num_hidden_layers),
                                  cfg.kd.hidden_embeddings)
         teacher_width = int(t_config.hidden_size)
+        if cache is not None:  # the cached layers must include every teacher layer of the map
+            stored = cache.manifest["key"].get("hidden_layers") or []
+            missing = sorted({t for _, t in hidden_pairs} - set(stored))
+            if missing:
+                raise ConfigError(f"teacher cache {cfg.teacher_cache.dir} holds teacher layers {stored}, but the layer "
+                                  f"map needs {missing} too; rebuild it with teacher_cache.hidden=all (or with those "
+                                  "layers) or change kd.hidden_layers")
+            hidden_columns = [stored.index(t) for _, t in hidden_pairs]
         print(f"[kdflow] hidden-state term: weight {cfg.kd.hidden_weight}, {cfg.kd.hidden_loss}, layer pairs "
               f"(student:teacher) {', '.join(f'{a}:{b}' for a, b in hidden_pairs)}"
               + (f"; a learned projection {student.config.hidden_size} -> {teacher_width} per pair (not saved with the "
@@ -766,6 +803,7 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
         hidden_pairs=hidden_pairs,
         teacher_width=teacher_width,
         slots=slots,
+        hidden_columns=hidden_columns,
     )
     place(trainer.model, role="student", move=False)  # the Trainer placed it (records where)
     if getattr(trainer, "is_fsdp_enabled", False) and cfg.student.lora.enabled:
