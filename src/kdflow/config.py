@@ -373,7 +373,7 @@ class KDConfig:
                                      "each kept block to the block it came from, any other uniformly), uniform (student "
                                      "block i to teacher block round(i L_t / L_s)), or student:teacher pairs such as "
                                      "2:6,4:12 (output_hidden_states indices: 0 the embeddings, i the output of block i)",
-                             check=_hidden_layers)
+                             check=_hidden_layers, range=">= 0")
     hidden_embeddings: bool = opt(False, "with hidden_layers auto/uniform, also pair the embedding outputs")
 
 
@@ -389,7 +389,8 @@ class TeacherCacheConfig:
     batch_size: int = opt(16, "sequences per teacher forward while caching", range=">= 1")
     hidden: str | int = opt("none", "also store the teacher's hidden states at the KD positions, for kd.hidden_weight: none, "
                               "all (every block), or output_hidden_states indices such as 3,6,9 (large: 2 bytes x "
-                              "hidden size x layers per position; cache-teacher prints it)", check=_cache_hidden)
+                              "hidden size x layers per position; cache-teacher prints it)", check=_cache_hidden,
+                            range=">= 0")
 
 
 @dataclass
@@ -920,7 +921,7 @@ def validate(cfg: Any) -> None:
                     walk(item, f"{key}[{i}].")
                 continue
             spec = f.metadata.get("range")
-            if spec is not None and v is not None:
+            if spec is not None and v is not None and not isinstance(v, str):  # (the text arm of `str | int`)
                 for i, x in enumerate(v) if isinstance(v, list) else [(None, v)]:
                     if not in_range(x, spec):
                         where = key if i is None else f"{key}[{i}]"
