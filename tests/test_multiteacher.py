@@ -149,6 +149,7 @@ def test_mixed_tokenizers_online_and_from_caches(tmp_path, tiny_dirs, tiny_data,
         assert set(m["answer_nll_per_char"]) == {"same", "other"}
     evals = json.loads((out / "metrics.json").read_text())["eval"]
     assert {"teacher same", "teacher other", "student (after)"} <= set(evals)  # each teacher's own scores
+    assert "chosen for" in (out / "report.md").read_text()
 
     # one cache per teacher, named in its entry; training from them reads no teacher
     cached = f"teachers=[{{name: {tiny_dirs['teacher']}, label: same, cache: {tmp_path / 'c1'}}}, " \

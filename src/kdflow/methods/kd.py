@@ -960,6 +960,14 @@ def _report(cfg: DistillConfig, metrics: dict[str, Any], results: dict[str, Eval
     if cfg.method == "kd":
         lines.append(f"- loss: {cfg.kd.kd_weight} · τ² · {cfg.kd.divergence}(p_τ‖q_τ) + {1 - cfg.kd.kd_weight:g} · CE, "
                      f"τ = {cfg.kd.temperature}, KD tokens: {cfg.kd.token_scope}")
+    mt = metrics.get("teachers")
+    if mt:
+        share = ", ".join(f"{k} {v:.1%}" for k, v in mt["weight_share_in_training"].items())
+        chosen = mt.get("selected_share")
+        lines.append(f"- teachers: {', '.join(t['label'] + ' `' + t['teacher'] + '`' for t in mt['teachers'])}; rule "
+                     f"{mt['rule']} ({mt['combination']}); share of the KD weight in training: {share}"
+                     + (f"; chosen for " + ", ".join(f"{k} {v:.1%}" for k, v in chosen.items()) + " of the training rows"
+                        if chosen else ""))
     hd = metrics.get("hidden")
     if hd:
         lines.append(f"- hidden-state term: + {hd['weight']} · mean over layer pairs (student:teacher "
