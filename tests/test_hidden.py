@@ -64,7 +64,15 @@ def test_hidden_term_equals_a_direct_computation(tmp_path, bpe_tok, tiny_data, k
     want = torch.stack(per_pair).mean(0).sum()
     assert n == int(kd_mask.sum()) > 0
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), (float(got), float(want))
-    assert float(got) > 0
+    assert float(got.detach()) > 0
+    # the chunked (recomputed in backward) term gives the direct computation's gradients too
+    grads = []
+    for value in (got, want):
+        student.zero_grad()
+        tr.projection.zero_grad()
+        value.backward(retain_graph=True)
+        grads.append([p.grad.clone() for p in (*tr.projection.parameters(), student.model.layers[0].mlp.up_proj.weight)])
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(*grads))
 
 
 def test_projection_is_trained_and_kept_out_of_the_student(tmp_path, bpe_tok, tiny_data):

@@ -112,16 +112,26 @@ def hidden_sum(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor],
     student[j], teacher[j]: [N, H_s] and [N, H_t] states of pair j at the same N positions. Chunks of
     `chunk_tokens` rows bound the float32 copies to chunk x width per pair.
     """
+    from torch.utils.checkpoint import checkpoint
+
     n = student[0].shape[0] if student else 0
     if n == 0:
         return (student[0].sum() * 0.0 if student else torch.zeros(())), 0
+
+    def chunk(j: int, hs: torch.Tensor, ht: torch.Tensor) -> torch.Tensor:
+        if projection is not None:
+            hs = projection(j, hs)
+        return distance(hs, ht, kind).sum()
+
     step = chunk_tokens if chunk_tokens > 0 else n
     total = student[0].new_zeros((), dtype=torch.float32)
     for start in range(0, n, step):
         sl = slice(start, start + step)
         for j, (s, t) in enumerate(zip(student, teacher)):
-            hs = s[sl]
-            if projection is not None:
-                hs = projection(j, hs)
-            total = total + distance(hs, t[sl].to(hs.device).detach(), kind).sum()
+            args = (j, s[sl], t[sl].to(s.device).detach())
+            if chunk_tokens > 0 and torch.is_grad_enabled() and s.requires_grad:
+                # like the logit losses: the float32 copies of a chunk are recomputed in backward
+                total = total + checkpoint(chunk, *args, use_reentrant=False)
+            else:
+                total = total + chunk(*args)
     return total / len(student), n
