@@ -229,6 +229,8 @@ def test_bad_peer_settings_are_clear_errors(tmp_path, tiny_dirs, tiny_data, caps
     assert "peer names must be unique; repeated: full" in capsys.readouterr().err
     assert main(["codistill", *args, "peers[2].learning_rate=-1"]) == 2
     assert "'peers[2].learning_rate' must be > 0" in capsys.readouterr().err
+    assert main(["codistill", *args, "kd.hidden_weight=1.0"]) == 2  # shared kd.* key, not wired between peers
+    assert "codistill does not implement the hidden-state term" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------

@@ -130,3 +130,23 @@ def test_teacher_check_warns_or_stops_before_training(tmp_path, tiny_dirs, tiny_
     assert not (tmp_path / "err" / "student").exists()  # nothing was trained
     # sft never consults the teacher's answers
     assert main(["distill", *args, f"output_dir={tmp_path / 'sft'}", "method=sft", "teacher.check.mode=error"]) == 0
+
+
+def test_hidden_and_several_teacher_variants_in_compare(tmp_path, tiny_dirs, tiny_data):
+    """Both run with their own teachers (online), not from the shared top-k cache, and reach the board."""
+    out = tmp_path / "cmp"
+    two = f"teachers=[{{name: {tiny_dirs['teacher']}, label: a}}, {{name: {tiny_dirs['student']}, label: b}}]"
+    args = [f"teacher.name={tiny_dirs['teacher']}", "student.init=prune_teacher", "student.keep_layers=[0, 2]",
+            f"data.train={tiny_data['train']}", f"data.test={tiny_data['test']}", f"output_dir={out}",
+            "train.batch_size=4", "train.max_steps=2", "train.report_to=[none]", "train.save_steps=0",
+            "eval.max_new_tokens=3", "eval.batch_size=8", "eval.bootstrap_resamples=100", "data.max_train_rows=8",
+            "seeds=[0]", "metrics=[exact_match, answer_nll]",
+            "variants=[{name: sft, method: sft}, {name: hid, method: kd, overrides: ['kd.hidden_weight=1.0']}, "
+            f"{{name: mt, method: kd, overrides: ['{two}', 'multi_teacher.rule=min_ce']}}]"]
+    assert main(["compare", *args]) == 0
+    assert not [p for p in (out / "shared").iterdir() if p.name.startswith("teacher-cache-")]
+    board = json.loads((out / "leaderboard.json").read_text())
+    assert {"sft", "hid", "mt"} <= set(board["variants"])
+    assert json.loads((out / "hid" / "seed-0" / "metrics.json").read_text())["hidden"]["pairs"] == [[1, 1], [2, 3]]
+    mt = json.loads((out / "mt" / "seed-0" / "metrics.json").read_text())["teachers"]
+    assert set(mt["selected_share"]) == {"a", "b"}

@@ -164,7 +164,9 @@ def _share_caches(cfg: CompareConfig, plans: list[Planned], build: Callable[[Dis
             p.cfg = dataclasses.replace(c, seqkd=dataclasses.replace(
                 c.seqkd, cache_file=c.seqkd.cache_file or str(out / "shared" / f"seqkd-{_digest(gen)}.jsonl")))
         elif (cfg.share_teacher_cache and c.method in ("kd", "hard_token") and c.kd.kd_weight > 0
-              and not c.teacher_cache.dir):
+              and not c.teacher_cache.dir and c.kd.hidden_weight <= 0 and not c.teachers):
+            # (a hidden-state variant runs its teacher online: the cache holds no hidden states; several teachers
+            # use their own `cache` entries)
             temp = 1.0 if c.method == "hard_token" else c.kd.temperature
             key = {"t": temp, "scope": c.kd.token_scope, "cache": {k: v for k, v in to_dict(c.teacher_cache).items()
                                                                   if k != "dir"}}

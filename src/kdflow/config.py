@@ -99,6 +99,21 @@ def _report_targets(value: list[str], key: str) -> None:
                           f"or leave it out ({key}=[none] logs nowhere)")
 
 
+def _hidden_layers(value: str | int, key: str) -> None:
+    from kdflow.hidden import check_hidden_layers
+
+    if isinstance(value, int):  # YAML 1.1 reads one pair such as 2:6 as a base-60 number
+        raise ConfigError(f"setting '{key}': YAML read {value} as a number (a single pair such as 2:6 reads as base 60); "
+                          "quote it: '2:6'")
+    check_hidden_layers(value, key)
+
+
+def _cache_hidden(value: str | int, key: str) -> None:
+    value = str(value)
+    if value not in ("none", "all") and not re.fullmatch(r"\d+(\s*,\s*\d+)*", value.strip()):
+        raise ConfigError(f"setting '{key}': {value!r}; give none, all, or layer indices such as 3,6,9")
+
+
 def _did_you_mean(value: str, names: list[str]) -> str:
     import difflib
 
@@ -250,6 +265,26 @@ class TeacherSpec(ModelSpec):
 
 
 @dataclass
+class TeacherEntry(TeacherSpec):
+    label: str = opt("", "the teacher's label in logs, metrics and the report (default: teacher<i>, from 1)")
+    weight: float = opt(1.0, "fixed weight of this teacher (multi_teacher.rule=fixed); weights are normalised to sum 1",
+                        range="> 0")
+    cache: str | None = opt(None, "this teacher's own cache folder: `kdflow cache-teacher` fills it, `kdflow distill` "
+                                  "trains from it (teacher_cache.k and the other cache settings apply)")
+
+
+@dataclass
+class MultiTeacherConfig:
+    rule: Literal["fixed", "min_ce", "confidence"] = opt(
+        "fixed", "how the teachers of `teachers` combine, always as a weighted sum of their divergences "
+                 "sum_j w_j D(p_j || q) (methods/README): fixed: w_j the entries' weights; min_ce: per sample the teacher "
+                 "with the lowest answer NLL per character of the reference answer (kdflow.selection); confidence: per "
+                 "token w_j = softmax_j(-entropy_j / confidence_temperature)")
+    confidence_temperature: float = opt(1.0, "temperature of the confidence rule's softmax over negative entropies (nats)",
+                                        range="> 0")
+
+
+@dataclass
 class DataConfig:
     train: str | None = opt(None, "training rows: .jsonl/.json/.csv/.parquet file, a datasets folder, or hf:<id>[#config]@<split>")
     validation: str | None = opt(None, "validation rows (same forms as `train`); used for eval during training when eval_steps > 0")
@@ -344,6 +379,18 @@ class KDConfig:
     sparse_mode: Literal["tail", "renorm"] = opt(
         "tail", "a top-k teacher (cache, cross-tokenizer): tail keeps its leftover mass as one bucket against the student's "
                 "mass outside the k ids; renorm renormalises the teacher over its k ids")
+    hidden_weight: float = opt(0.0, "weight of the hidden-state term (0: off), added to the loss: per mapped layer pair "
+                                    "the distance between the student's (projected) and the teacher's hidden states at the "
+                                    "KD positions, averaged over pairs; needs a teacher with the student's tokenizer",
+                               range=">= 0")
+    hidden_loss: Literal["mse", "cosine"] = opt("mse", "hidden-state distance: mse of the layer-normalised states, or "
+                                                       "1 - cosine")
+    hidden_layers: str | int = opt("auto", "layer pairs of the hidden-state term: auto (a student pruned from the teacher maps "
+                                     "each kept block to the block it came from, any other uniformly), uniform (student "
+                                     "block i to teacher block round(i L_t / L_s)), or student:teacher pairs such as "
+                                     "2:6,4:12 (output_hidden_states indices: 0 the embeddings, i the output of block i)",
+                             check=_hidden_layers, range=">= 0")
+    hidden_embeddings: bool = opt(False, "with hidden_layers auto/uniform, also pair the embedding outputs")
 
 
 @dataclass
@@ -356,6 +403,10 @@ class TeacherCacheConfig:
     shard_size: int = opt(512, "examples per shard file (an interrupted build resumes after the last complete shard)",
                           range=">= 1")
     batch_size: int = opt(16, "sequences per teacher forward while caching", range=">= 1")
+    hidden: str | int = opt("none", "also store the teacher's hidden states at the KD positions, for kd.hidden_weight: none, "
+                              "all (every block), or output_hidden_states indices such as 3,6,9 (large: 2 bytes x "
+                              "hidden size x layers per position; cache-teacher prints it)", check=_cache_hidden,
+                            range=">= 0")
 
 
 @dataclass
@@ -430,6 +481,11 @@ class DistillConfig:
     output_dir: str = opt("runs/distill", "run folder: checkpoints, resolved config, metrics, report")
     seed: int = opt(0, "random seed", range="[0, 4294967295]")
     teacher: TeacherSpec = opt(factory=lambda: TeacherSpec(name="bundled:smollm2-135m-instruct"), help="the frozen teacher")
+    teachers: list[TeacherEntry] = opt(factory=list, help="several teachers for method kd (each with its own model, "
+                                                        "tokenizer, adapter, adapt, cache and weight): KD targets come "
+                                                        "from these, combined by multi_teacher.rule; `teacher` then only "
+                                                        "names the model a pruned student starts from")
+    multi_teacher: MultiTeacherConfig = opt(factory=MultiTeacherConfig, help="how several `teachers` combine")
     student: StudentSpec = opt(factory=StudentSpec, help="the model being trained")
     data: DataConfig = opt(factory=DataConfig, help="rows and how they become tokens")
     kd: KDConfig = opt(factory=KDConfig, help="soft- and hard-label KD settings")
@@ -917,7 +973,7 @@ def validate(cfg: Any) -> None:
                     walk(item, f"{key}[{i}].")
                 continue
             spec = f.metadata.get("range")
-            if spec is not None and v is not None:
+            if spec is not None and v is not None and not isinstance(v, str):  # (the text arm of `str | int`)
                 for i, x in enumerate(v) if isinstance(v, list) else [(None, v)]:
                     if not in_range(x, spec):
                         where = key if i is None else f"{key}[{i}]"

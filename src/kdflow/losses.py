@@ -302,6 +302,7 @@ class DenseTeacher:
 
     hidden: torch.Tensor  # [N_kd, H_teacher]
     head: Callable[[torch.Tensor], torch.Tensor]  # models.output_head, or an identity over logits
+    row_weight: torch.Tensor | None = None  # [N_kd] weight of each row's divergence (several teachers)
 
     def logits(self, index: torch.Tensor) -> torch.Tensor:
         # the teacher may sit on another device than the student: its rows go there and come back
@@ -399,6 +400,8 @@ def head_losses(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tenso
                 raise ValueError(f"teacher and student heads differ in width ({t_logits.shape[-1]} vs "
                                  f"{s_logp.shape[-1]}); pass vocab_size=len(tokenizer)")
             per_row = spec.divergence(F.log_softmax(t_logits / T, -1), s_logp)
+            if teacher.row_weight is not None:
+                per_row = per_row * teacher.row_weight[idx]
         return ce, per_row.sum() * T ** 2
 
     step = spec.chunk_tokens if spec.chunk_tokens > 0 else max(n, 1)

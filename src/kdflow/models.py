@@ -911,3 +911,29 @@ def selected_hidden(model: Any, input_ids: Any, attention_mask: Any, positions: 
     out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, logits_to_keep=1)
     hidden = out.hidden_states[-1][:, :-1]
     return hidden[positions.to(hidden.device)], head
+
+
+def selected_states(model: Any, input_ids: Any, attention_mask: Any, positions: Any, layers: Any,
+                    layer_positions: Any = None) -> tuple[Any, Any, list[Any]]:
+    """`selected_hidden` plus the hidden states of `layers` (output_hidden_states indices) at
+    `layer_positions` (default `positions`), [N', H] each, from the same forward. Only the selected
+    rows are copied; the full-sequence states stay what the forward keeps for backward anyway."""
+    import torch.nn as nn
+
+    head = output_head(model)
+    device = input_device(model)
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    where = positions if layer_positions is None else layer_positions
+    if head is None:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        logits = out.logits[:, :-1]
+        final, head = logits[positions.to(logits.device)], nn.Identity()
+    else:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, logits_to_keep=1)
+        h = out.hidden_states[-1][:, :-1]
+        final = h[positions.to(h.device)]
+    states = []
+    for i in layers:
+        h = out.hidden_states[i][:, :-1]
+        states.append(h[where.to(h.device)])
+    return final, head, states

@@ -7,6 +7,8 @@ Layout of a cache folder:
                              logp [P, k] (float16 or bfloat16), tail_logp [P] (float32, optional),
                              offsets [M + 1] (int64: example m owns rows offsets[m]:offsets[m+1]),
                              row_index [M] (int64: the example's row in the dataset)
+                             hidden [P, layers, H] (the logp dtype; only with teacher_cache.hidden: the
+                             teacher's hidden states at the layers the manifest's key lists)
 
 Rows are the KD positions of each example (response tokens, or all tokens for
 token_scope=all), in order. Log-probs are taken after the teacher's temperature, which the
@@ -47,7 +49,7 @@ def _store_ids(ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def manifest_key(*, teacher: str, teacher_tokenizer: str, student_tokenizer: str, data: str, data_settings: dict,
                  k: int, temperature: float, token_scope: str, logp_dtype: str, store_tail: bool,
-                 alignment: dict | None = None) -> dict[str, Any]:
+                 alignment: dict | None = None, hidden_layers: list[int] | None = None) -> dict[str, Any]:
     """Everything a cached target depends on. Two runs may share a cache only if these are equal."""
     return {
         "format_version": FORMAT_VERSION,
@@ -62,6 +64,8 @@ def manifest_key(*, teacher: str, teacher_tokenizer: str, student_tokenizer: str
         "logp_dtype": logp_dtype,
         "store_tail": store_tail,
         "alignment": alignment,
+        # only present when hidden states are stored, so caches built before this key still match
+        **({"hidden_layers": hidden_layers} if hidden_layers else {}),
     }
 
 
@@ -104,14 +108,22 @@ def topk_from_logits(logits: torch.Tensor, k: int, temperature: float, chunk: in
     return torch.cat(ids), torch.cat(lps), torch.cat(tails)
 
 
-def same_tokenizer_targets(teacher: Any, vocab_size: int, k: int, temperature: float, token_scope: str) -> Callable:
-    """Per-batch function computing the teacher's top-k at each example's KD positions."""
-    from kdflow.models import selected_hidden
+def same_tokenizer_targets(teacher: Any, vocab_size: int, k: int, temperature: float, token_scope: str,
+                           hidden_layers: list[int] | None = None) -> Callable:
+    """Per-batch function computing the teacher's top-k at each example's KD positions (and its hidden
+    states at `hidden_layers`, [n, layers, H], when asked)."""
+    from kdflow.models import selected_hidden, selected_states
 
     @torch.no_grad()
     def targets(batch: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
         _, kd_mask = shifted_masks(batch["labels"], batch["attention_mask"], token_scope)
-        hidden, head = selected_hidden(teacher, batch["input_ids"], batch["attention_mask"], kd_mask)
+        states = None
+        if hidden_layers:
+            hidden, head, layers = selected_states(teacher, batch["input_ids"], batch["attention_mask"], kd_mask,
+                                                   hidden_layers)
+            states = torch.stack(layers, 1).cpu()
+        else:
+            hidden, head = selected_hidden(teacher, batch["input_ids"], batch["attention_mask"], kd_mask)
         logits = torch.cat([head(hidden[s:s + 512])[..., :vocab_size].float() for s in range(0, hidden.shape[0], 512)]) \
             if hidden.shape[0] else hidden.new_zeros((0, vocab_size))
         # top-k where the teacher runs (its device); the k columns come back to be stored
@@ -119,6 +131,8 @@ def same_tokenizer_targets(teacher: Any, vocab_size: int, k: int, temperature: f
         out, start = [], 0
         for n in kd_mask.sum(-1).tolist():
             out.append({"ids": ids[start:start + n], "logp": lp[start:start + n], "tail_logp": tail[start:start + n]})
+            if states is not None:
+                out[-1]["hidden"] = states[start:start + n]
             start += n
         return out
 
@@ -208,6 +222,8 @@ def _write_shard(folder: Path, j: int, shard: list[dict[str, Any]], pad_id: int,
     }
     if key["store_tail"]:
         tensors["tail_logp"] = torch.cat([t["tail_logp"] for t in per_example]).float()
+    if key.get("hidden_layers"):
+        tensors["hidden"] = torch.cat([t["hidden"] for t in per_example]).to(lp_dtype)
     if key.get("alignment") is not None:
         tensors["valid"] = torch.cat([t["valid"] for t in per_example]).to(torch.uint8)
     name = f"shard-{j:05d}.safetensors"
@@ -304,6 +320,8 @@ class TeacherCache:
                     entry["tail_logp"] = t["tail_logp"][a:b]
                 if "valid" in t:
                     entry["valid"] = t["valid"][a:b].bool()
+                if "hidden" in t:
+                    entry["hidden"] = t["hidden"][a:b]
                 out[row] = entry
         return out
 
@@ -338,6 +356,13 @@ class TeacherCache:
         if bool((wide < -1).any()) or (limit is not None and bool((wide >= limit).any())):
             worst = int(wide.max()) if limit is not None and bool((wide >= limit).any()) else int(wide.min())
             return f"token id {worst} is outside the student's vocabulary (0..{(limit or 0) - 1})"
+        stored = self.manifest["key"].get("hidden_layers")
+        if stored:
+            h = t.get("hidden")
+            if h is None or h.dim() != 3 or h.shape[0] != n or h.shape[1] != len(stored):
+                return "the hidden states are missing or have the wrong shape"
+            if not bool(torch.isfinite(h.float()).all()):
+                return "the hidden states hold a NaN or infinite value"
         if "valid" in t and bool((t["valid"] > 1).any()):
             return "the 'valid' flags are not 0 or 1"
         return None

@@ -32,7 +32,7 @@ from kdflow.config import AlignConfig, DataConfig, FedMKTConfig, ModelSpec, Part
 from kdflow.data import Rows
 from kdflow.errors import ConfigError
 from kdflow.federated import payload as wire
-from kdflow.federated.selection import OWN, SELECTIONS, SKIP, weighted
+from kdflow.selection import OWN, SELECTIONS, SKIP, weighted
 from kdflow.losses import HeadLossSpec, get_divergence, head_losses, shifted_masks
 from kdflow.models import (apply_lora, build_student, freeze, input_device, load_model, load_tokenizer, place, run_device,
                            selected_hidden, to_device, tokenizer_fingerprint)

@@ -466,6 +466,10 @@ def _check(cfg: CoDistillConfig) -> None:
 
     if len(cfg.peers) < 2:
         raise ConfigError(f"codistill needs at least 2 peers under `peers`, got {len(cfg.peers)}")
+    if cfg.kd.hidden_weight > 0:
+        # kd.* is shared with `kdflow distill`; the hidden-state term is not wired between peers yet
+        raise ConfigError("kd.hidden_weight applies to `kdflow distill` (method kd/hard_token); codistill does not "
+                          "implement the hidden-state term between peers yet: set kd.hidden_weight=0")
     names = [p.name for p in cfg.peers]
     for i, n in enumerate(names):
         if not re.fullmatch(r"[A-Za-z0-9][\w.\-]*", n or ""):

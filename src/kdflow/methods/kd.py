@@ -22,17 +22,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from kdflow import processes
+from kdflow import multiteacher, processes
 from kdflow.config import DistillConfig, ModelSpec, to_dict
 from kdflow.data import Collator, ListDataset, Rows, encode_rows, prompts_of, read_rows, rows_fingerprint, row_turns
 from kdflow.diagnostics import find_stall, make_stall_watch, stall_advice, stall_message
 from kdflow.errors import ConfigError, DataError
 from kdflow.evaluate import EvalResult, differences_markdown, evaluate_cached, format_table, generate, scoring_rule
-from kdflow.losses import DenseTeacher, HeadLossSpec, get_divergence, head_losses, shifted_masks
+from kdflow.hidden import hidden_sum, layer_map
+from kdflow.losses import DenseTeacher, HeadLossSpec, TopKTargets, get_divergence, head_losses, shifted_masks
 from kdflow.models import (apply_lora, build_student, check_student, count_parameters, load_model, load_tokenizer,
-                           place, require_same_tokenizer, run_device, save_model, selected_hidden, tokenizer_fingerprint)
+                           place, require_same_tokenizer, run_device, save_model, selected_hidden, selected_states,
+                           tokenizer_fingerprint)
 from kdflow.teachers import check_teacher, check_teacher_settings, get_teacher, is_served, teacher_identity
 from kdflow.teacher_cache import TeacherCache, batch_targets, build_cache, manifest_key, same_tokenizer_targets
 from kdflow.report import examples_markdown, loss_series, plot_curves, write_atomic, write_json
@@ -51,14 +54,36 @@ def make_distill_trainer_class() -> type:
         into aligned top-k targets in the student's vocabulary."""
 
         def __init__(self, *args: Any, cfg: DistillConfig, teacher: Any | None, vocab_size: int,
-                     cross: Any | None = None, **kwargs: Any):
+                     cross: Any | None = None, hidden_pairs: list[tuple[int, int]] | None = None,
+                     teacher_width: int | None = None, slots: list["TeacherSlot"] | None = None,
+                     hidden_columns: list[int] | None = None, **kwargs: Any):
             super().__init__(*args, **kwargs)
             self.cfg = cfg
             self.teacher = teacher
             self.cross = cross
+            self.slots = slots or None  # several teachers (cfg.teachers): they replace `teacher` and `cross`
+            self.teacher_weight_sums = [0.0] * len(slots or [])  # per teacher, its weights summed over KD rows
+            self.teacher_rows = 0
             uses_teacher = cfg.method in ("kd", "hard_token", "gkd")
             w = cfg.kd.kd_weight if uses_teacher else 0.0
             self.term_weights = {"ce": 1.0 - w, "kd": w}
+            # Hidden-state term (methods.md §10): the layer pairs, and a projection when widths differ.
+            # The projection is trained with the student (an extra optimizer group) and saved in
+            # checkpoints only, never in the student folder.
+            self.hidden_pairs = hidden_pairs if (uses_teacher and cfg.kd.hidden_weight > 0 and hidden_pairs) else None
+            self.projection = None
+            self.hidden_columns = hidden_columns  # per pair, its column among the layers a teacher cache holds
+            if self.hidden_pairs:
+                self.term_weights["hidden"] = cfg.kd.hidden_weight
+                width = int(self.model.config.hidden_size)
+                if teacher_width is not None and teacher_width != width:
+                    from kdflow.hidden import HiddenProjection
+
+                    if processes.world() > 1:
+                        raise ConfigError("kd.hidden_weight with a student narrower than the teacher trains a projection "
+                                          "that data-parallel processes would not keep in step; run it in one process")
+                    self.projection = HiddenProjection(self.hidden_pairs, width, teacher_width,
+                                                       seed=cfg.seed).to(self.args.device)
             self.spec = HeadLossSpec(
                 kind={"kd": "soft", "gkd": "soft", "hard_token": "hard"}.get(cfg.method, "none") if w > 0 else "none",
                 divergence=get_divergence(cfg.kd.divergence, cfg.kd.jsd_beta, cfg.kd.skew_alpha),
@@ -66,6 +91,34 @@ def make_distill_trainer_class() -> type:
                 chunk_tokens=cfg.kd.chunk_tokens)
             # The teacher stays where teachers.load_teacher placed it (its own device, or spread over
             # several): selected_hidden feeds it there and DenseTeacher brings its logits back.
+
+        def create_optimizer(self, *args: Any, **kwargs: Any) -> Any:
+            opt = super().create_optimizer(*args, **kwargs)
+            if self.projection is not None and not getattr(self, "_projection_in_optimizer", False):
+                # before the scheduler is made, so the group follows the same schedule
+                opt.add_param_group({"params": list(self.projection.parameters()), "weight_decay": 0.0})
+                self._projection_in_optimizer = True
+            return opt
+
+        def _save_checkpoint(self, model: Any, trial: Any) -> None:
+            super()._save_checkpoint(model, trial)
+            if self.projection is not None and self.args.should_save:
+                from safetensors.torch import save_file
+
+                folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+                save_file({k: v.detach().cpu().contiguous() for k, v in self.projection.state_dict().items()},
+                          str(folder / PROJECTION_FILE))
+
+        def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            path = Path(resume_from_checkpoint) / PROJECTION_FILE
+            if self.projection is not None:
+                if not path.is_file():
+                    raise DataError(f"{resume_from_checkpoint} has no {PROJECTION_FILE} (the hidden-state projection); "
+                                    "it was saved by a run without kd.hidden_weight: start the run afresh")
+                from safetensors.torch import load_file
+
+                self.projection.load_state_dict(load_file(str(path), device=str(self.args.device)))
 
         def count_tokens(self, batch: dict[str, Any]) -> dict[str, int]:
             ce_mask, kd_mask = shifted_masks(batch["labels"], batch["attention_mask"], self.cfg.kd.token_scope)
@@ -75,9 +128,76 @@ def make_distill_trainer_class() -> type:
                     counts["kd"] = int(sum(int(v.sum()) for v in batch["teacher_valid"]))
                 else:
                     counts["kd"] = int(kd_mask.sum())
+            if self.hidden_pairs:
+                counts["hidden"] = int(kd_mask.sum())
+            if self.slots and self.spec.kind != "none":
+                coverage, choice = self._coverage(batch, kd_mask)
+                counts["kd"] = int(multiteacher.support(self.cfg.multi_teacher.rule, coverage, choice).any(0).sum())
             return counts
 
+        def _coverage(self, batch: dict[str, Any], kd_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+            """Per teacher, the KD rows it has a target for [m, N]; per row, its sample's chosen teacher."""
+            n = int(kd_mask.sum())
+            rows = []
+            for slot in self.slots:
+                v = batch.get(slot.prefix + "valid")
+                rows.append(torch.cat([x.cpu().bool() for x in v]) if v is not None else torch.ones(n, dtype=torch.bool))
+            choice = None
+            if "teacher_choice" in batch:
+                per_sample = torch.stack([c.cpu().long().reshape(()) for c in batch["teacher_choice"]])
+                choice = torch.repeat_interleave(per_sample, kd_mask.sum(-1).cpu())
+            return torch.stack(rows), choice
+
+        def _multi_loss_sums(self, model: Any, inputs: dict[str, Any]) -> dict[str, tuple[torch.Tensor, int]]:
+            """CE plus sum_j w_j D(p_j || q) over the teachers of cfg.teachers (kdflow.multiteacher)."""
+            input_ids, attention, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
+            ce_mask, kd_mask = shifted_masks(labels, attention, self.cfg.kd.token_scope)
+            use_kd = self.spec.kind != "none" and all(s.model is not None or (s.prefix + "ids") in inputs
+                                                      for s in self.slots)
+            positions = (kd_mask | ce_mask) if use_kd else ce_mask
+            hidden, head = selected_hidden(model, input_ids, attention, positions)
+            ce_targets = labels[:, 1:][positions].masked_fill(~ce_mask[positions], -100)
+            if not use_kd:  # validation batches without cached targets score CE only
+                return head_losses(hidden, head, ce_targets, kd_mask[positions], None,
+                                   HeadLossSpec(vocab_size=self.spec.vocab_size, chunk_tokens=self.spec.chunk_tokens))
+            T = self.cfg.kd.temperature
+            targets = []
+            for slot in self.slots:
+                view = _view(inputs, slot.prefix)
+                if slot.model is None:
+                    targets.append(batch_targets(view))
+                elif slot.cross is not None:
+                    targets.append(slot.cross.targets(slot.model, view, self.cfg.align.top_k, T))
+                else:
+                    with torch.no_grad():
+                        t_hidden, t_head = selected_hidden(slot.model, input_ids, attention, kd_mask)
+                    targets.append(DenseTeacher(t_hidden, t_head))
+            coverage, choice = self._coverage(inputs, kd_mask)
+            device = hidden.device
+            rule = self.cfg.multi_teacher.rule
+            entropy = None
+            if rule == "confidence":
+                entropy = torch.stack([_target_entropy(t, T, self.spec.vocab_size).to(device) for t in targets])
+            w = multiteacher.row_weights(rule, coverage.to(device), [s.weight for s in self.slots], entropy,
+                                         None if choice is None else choice.to(device),
+                                         self.cfg.multi_teacher.confidence_temperature)
+            sums: dict[str, tuple[torch.Tensor, int]] = {}
+            kd_total = hidden.new_zeros((), dtype=torch.float32)
+            for j, t in enumerate(targets):
+                t.row_weight = w[j].to(t.logp.device if isinstance(t, TopKTargets) else device)
+                part = head_losses(hidden, head, ce_targets, kd_mask[positions], t, self.spec)
+                sums.setdefault("ce", part["ce"])
+                kd_total = kd_total + part["kd"][0]
+            if model.training:
+                for j in range(len(self.slots)):
+                    self.teacher_weight_sums[j] += float(w[j].sum())
+                self.teacher_rows += int((w.sum(0) > 0).sum())
+            sums["kd"] = (kd_total, int((w.sum(0) > 0).sum()))
+            return sums
+
         def loss_sums(self, model: Any, inputs: dict[str, Any]) -> dict[str, tuple[torch.Tensor, int]]:
+            if self.slots:
+                return self._multi_loss_sums(model, inputs)
             input_ids, attention = inputs["input_ids"], inputs["attention_mask"]
             labels = inputs["labels"]
             ce_mask, kd_mask = shifted_masks(labels, attention, self.cfg.kd.token_scope)
@@ -85,7 +205,14 @@ def make_distill_trainer_class() -> type:
             use_kd = self.spec.kind != "none" and (online or "teacher_ids" in inputs)
             # One set of positions serves both terms: response tokens (and all tokens for token_scope=all).
             positions = (kd_mask | ce_mask) if use_kd else ce_mask
-            hidden, head = selected_hidden(model, input_ids, attention, positions)
+            pairs = self.hidden_pairs if use_kd else None
+            s_layers: list[torch.Tensor] = []
+            t_layers: list[torch.Tensor] = []
+            if pairs:
+                hidden, head, s_layers = selected_states(model, input_ids, attention, positions,
+                                                         [s for s, _ in pairs], kd_mask)
+            else:
+                hidden, head = selected_hidden(model, input_ids, attention, positions)
             ce_targets = labels[:, 1:][positions].masked_fill(~ce_mask[positions], -100)
             teacher = None
             if use_kd:
@@ -97,16 +224,73 @@ def make_distill_trainer_class() -> type:
                     teacher = served_targets(self.teacher, inputs, kd_mask, self.cfg.align.top_k)
                 elif self.teacher is not None:
                     with torch.no_grad():
-                        t_hidden, t_head = selected_hidden(self.teacher, input_ids, attention, kd_mask)
+                        if pairs:
+                            t_hidden, t_head, t_layers = selected_states(self.teacher, input_ids, attention, kd_mask,
+                                                                         [t for _, t in pairs])
+                        else:
+                            t_hidden, t_head = selected_hidden(self.teacher, input_ids, attention, kd_mask)
                     teacher = DenseTeacher(t_hidden, t_head)
                 else:
                     teacher = batch_targets(inputs)
+                    if pairs:  # [N_kd, pairs, H_t] cached beside the top-k
+                        cached = torch.cat(inputs["teacher_hidden"]).to(hidden.device)
+                        cols = self.hidden_columns or list(range(len(pairs)))
+                        t_layers = [cached[:, c] for c in cols]
             spec = self.spec if use_kd else HeadLossSpec(vocab_size=self.spec.vocab_size,
                                                          chunk_tokens=self.spec.chunk_tokens)
             # Validation batches without cached targets score CE only.
-            return head_losses(hidden, head, ce_targets, kd_mask[positions], teacher, spec)
+            sums = head_losses(hidden, head, ce_targets, kd_mask[positions], teacher, spec)
+            if pairs:
+                sums["hidden"] = hidden_sum(s_layers, t_layers, self.cfg.kd.hidden_loss, self.projection,
+                                            self.cfg.kd.chunk_tokens)
+            return sums
 
     return DistillTrainer
+
+
+PROJECTION_FILE = "hidden_projection.safetensors"  # in checkpoints only: the student folder never holds it
+
+# Per-example fields a teacher's alignment or cache attaches; with several teachers each teacher keeps
+# its own under "teacher_<j>_" (the collator keeps every "teacher_*" field as a list).
+_TEACHER_FIELDS = ("teacher_input_ids", "teacher_src", "teacher_valid", "teacher_ids", "teacher_logp",
+                   "teacher_tail_logp")
+
+
+@dataclasses.dataclass
+class TeacherSlot:
+    """One teacher of cfg.teachers as the trainer sees it."""
+
+    label: str
+    prefix: str  # "teacher_<j>_": where its per-example fields live
+    weight: float
+    model: Any = None  # None: its targets come from its cache
+    cross: Any = None  # its alignment when its tokenizer differs from the student's
+
+
+def _move_fields(examples: list[dict[str, Any]], prefix: str) -> None:
+    for e in examples:
+        for key in _TEACHER_FIELDS:
+            if key in e:
+                e[prefix + key[len("teacher_"):]] = e.pop(key)
+
+
+def _view(inputs: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """The batch as one teacher's single-teacher code expects it: its fields under plain teacher_* names."""
+    view = {k: v for k, v in inputs.items() if not k.startswith("teacher_")}
+    view.update({"teacher_" + k[len(prefix):]: v for k, v in inputs.items() if k.startswith(prefix)})
+    return view
+
+
+def _target_entropy(t: Any, temperature: float, vocab_size: int | None) -> torch.Tensor:
+    """Entropy per KD row of a teacher's target at the KD temperature (what it teaches)."""
+    if isinstance(t, TopKTargets):
+        return multiteacher.entropy_topk(t.logp, t.ids, t.tail_logp)
+    n = t.count()
+    out = []
+    for start in range(0, n, 512):
+        logits = t.logits(torch.arange(start, min(start + 512, n), device=t.hidden.device))
+        out.append(multiteacher.entropy_dense(logits[..., :vocab_size] if vocab_size else logits, temperature))
+    return torch.cat(out) if out else torch.zeros(0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,7 +442,23 @@ def _cache_key(cfg: DistillConfig, train_rows: Rows, teacher_tok: Any, tok: Any,
                         data_settings=_data_settings(cfg), k=c.k,
                         temperature=_target_temperature(cfg) if cross is not None else cfg.kd.temperature,
                         token_scope=cfg.kd.token_scope, logp_dtype=c.logp_dtype, store_tail=c.store_tail,
-                        alignment=cross.key() if cross is not None else None)
+                        alignment=cross.key() if cross is not None else None,
+                        hidden_layers=_cache_hidden_layers(cfg))
+
+
+def _cache_hidden_layers(cfg: DistillConfig) -> list[int] | None:
+    """The teacher layers (output_hidden_states indices) teacher_cache.hidden asks the cache to hold."""
+    h = str(cfg.teacher_cache.hidden)
+    if h == "none":
+        return None
+    from kdflow.models import _read_config
+
+    t_config = _read_config(cfg.teacher)
+    n = int((getattr(t_config, "text_config", None) or t_config).num_hidden_layers)
+    layers = list(range(1, n + 1)) if h == "all" else sorted({int(x) for x in h.split(",")})
+    if max(layers) > n:
+        raise ConfigError(f"teacher_cache.hidden={h}: the teacher has output_hidden_states indices 0..{n}")
+    return layers
 
 
 def _target_temperature(cfg: DistillConfig) -> float:
@@ -266,6 +466,120 @@ def _target_temperature(cfg: DistillConfig) -> float:
     at temperature 1 (probabilities of teacher tokens that land on one student token are added, so
     the temperature could change which one wins)."""
     return 1.0 if cfg.method == "hard_token" else cfg.kd.temperature
+
+
+def _check_teachers(cfg: DistillConfig) -> None:
+    """`teachers` settings that cannot work, refused before anything loads."""
+    if not cfg.teachers:
+        return
+    if cfg.method != "kd":
+        raise ConfigError(f"teachers: several teachers combine soft targets, which method {cfg.method} does not use; "
+                          "use method kd, or keep one teacher in `teacher`")
+    if cfg.kd.kd_weight <= 0:
+        raise ConfigError("teachers: with kd.kd_weight=0 no teacher teaches; give kd.kd_weight > 0")
+    if cfg.teacher_cache.dir:
+        raise ConfigError("teachers: teacher_cache.dir names one cache; give each entry of `teachers` its own `cache`")
+    if cfg.kd.hidden_weight > 0:
+        raise ConfigError("kd.hidden_weight with several teachers is not supported; set kd.hidden_weight=0 or keep one "
+                          "teacher")
+    labels = [_label(e, i) for i, e in enumerate(cfg.teachers)]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"teachers: labels {labels} repeat; give each entry its own `label`")
+    for i, e in enumerate(cfg.teachers):
+        if not e.name:
+            raise ConfigError(f"teachers[{i}].name is not set: give the teacher's model")
+        check_teacher_settings(e, f"teachers[{i}]")
+
+
+def _label(entry: Any, i: int) -> str:
+    return entry.label or f"teacher{i + 1}"
+
+
+def _entry_spec(entry: Any) -> Any:
+    """An entry of `teachers` as the TeacherSpec every single-teacher function takes."""
+    from kdflow.config import TeacherSpec
+
+    return TeacherSpec(**{f.name: getattr(entry, f.name) for f in dataclasses.fields(TeacherSpec)})
+
+
+def _setup_teachers(cfg: DistillConfig, train_rows: Rows, val_rows: Rows | None, train_examples: list[dict[str, Any]],
+                    val_examples: list[dict[str, Any]] | None, tok: Any) -> tuple[list[TeacherSlot], dict[str, Any]]:
+    """Every teacher of cfg.teachers ready to teach: adapted if asked, checked, aligned when its tokenizer
+    differs, or read from its cache; for rule min_ce, each sample's chosen teacher."""
+    slots, entries = [], []
+    total = sum(e.weight for e in cfg.teachers)
+    scores = []
+    for j, entry in enumerate(cfg.teachers):
+        label, prefix = _label(entry, j), f"teacher_{j + 1}_"
+        ready = get_teacher(_entry_spec(entry), cfg.data, train_rows)
+        t_cfg = dataclasses.replace(cfg, teacher=ready.spec)
+        check = check_teacher(ready.spec, lambda: (ready.model(), ready.tokenizer), val_rows, cfg.data, cfg.eval)
+        cross = None
+        if tokenizer_fingerprint(ready.tokenizer) != tokenizer_fingerprint(tok):
+            cross = _cross_tokenizer(t_cfg, ready.tokenizer, tok)
+        slot = TeacherSlot(label=label, prefix=prefix, weight=entry.weight / total, cross=cross)
+        if entry.cache:
+            cache = TeacherCache(entry.cache, _cache_key(t_cfg, train_rows, ready.tokenizer, tok, cross), len(tok))
+            cache.attach(train_examples, cfg.kd.token_scope)
+            _move_fields(train_examples, prefix)
+            print(f"[kdflow] teacher {label}: training from its cache {entry.cache} (k={cfg.teacher_cache.k})")
+        else:
+            slot.model = ready.model()
+            if cross is not None:
+                print(f"[kdflow] teacher {label} alignment: {cross.prepare(train_examples, train_rows).summary()}")
+                _move_fields(train_examples, prefix)
+                if val_examples is not None:
+                    cross.prepare(val_examples, val_rows)
+                    _move_fields(val_examples, prefix)
+        if cfg.multi_teacher.rule == "min_ce":
+            scores.append(multiteacher.answer_scores(ready.model(), ready.tokenizer, train_rows, cfg.data))
+        if slot.model is None:
+            ready.release()
+        slots.append(slot)
+        entries.append({"label": label, "teacher": teacher_identity(ready.spec), "weight": slot.weight,
+                        "cache": entry.cache, "cross_tokenizer": cross is not None, "check": check, "_ready": ready})
+    multi: dict[str, Any] = {"rule": cfg.multi_teacher.rule, "entries": entries}
+    if scores:
+        choice = multiteacher.choose_per_sample(np.stack(scores))
+        for e in train_examples:
+            e["teacher_choice"] = torch.tensor(int(choice[e["row_index"]]))
+        counts = np.bincount(choice, minlength=len(slots))
+        multi["selected_share"] = {s.label: float(c) / len(choice) for s, c in zip(slots, counts)}
+        multi["answer_nll_per_char"] = {s.label: float(np.mean(x)) for s, x in zip(slots, scores)}
+        print("[kdflow] min_ce selection over the training rows: " + ", ".join(
+            f"{k} {v:.1%}" for k, v in multi["selected_share"].items()))
+    return slots, multi
+
+
+def _teachers_metrics(cfg: DistillConfig, slots: list[TeacherSlot], multi: dict[str, Any], trainer: Any) -> dict[str, Any]:
+    rows = max(trainer.teacher_rows, 1)
+    out = {"rule": multi["rule"], "confidence_temperature": cfg.multi_teacher.confidence_temperature
+           if multi["rule"] == "confidence" else None,
+           "combination": "weighted sum of divergences, sum_j w_j D(p_j || q)",
+           "teachers": [{k: v for k, v in e.items() if not k.startswith("_")} for e in multi["entries"]],
+           # the mean weight each teacher had over the KD rows trained on (for min_ce: its share of rows)
+           "weight_share_in_training": {s.label: w / rows for s, w in zip(slots, trainer.teacher_weight_sums)}}
+    for key in ("selected_share", "answer_nll_per_char"):
+        if key in multi:
+            out[key] = multi[key]
+    return out
+
+
+def _check_hidden(cfg: DistillConfig, use_cache: bool) -> None:
+    """kd.hidden_weight settings that cannot work, refused before anything loads."""
+    if cfg.kd.hidden_weight <= 0:
+        return
+    if cfg.method not in ("kd", "hard_token"):
+        raise ConfigError(f"kd.hidden_weight > 0 adds a term to the teacher's KD term; method {cfg.method} has none "
+                          "(use method kd or hard_token, or set kd.hidden_weight=0)")
+    if cfg.kd.kd_weight <= 0:
+        raise ConfigError("kd.hidden_weight > 0 with kd.kd_weight=0: the hidden-state term covers the KD term's "
+                          "positions; give kd.kd_weight > 0")
+    if use_cache and cfg.teacher_cache.hidden == "none":
+        raise ConfigError(f"kd.hidden_weight > 0 with teacher_cache.dir={cfg.teacher_cache.dir}: the cache holds the "
+                          "teacher's top-k log-probs, not its hidden states; build it with teacher_cache.hidden=all (or "
+                          "the teacher layers the map uses, e.g. 3,6,9; large: cache-teacher prints the bytes per "
+                          "token), or train with the teacher online (teacher_cache.dir=null)")
 
 
 def _cross_tokenizer(cfg: DistillConfig, teacher_tok: Any, tok: Any) -> Any:
@@ -341,7 +655,19 @@ def _check_served_tokenizers(cross: Any) -> None:
 
 
 def run_cache_teacher(cfg: DistillConfig) -> dict[str, Any]:
-    """`kdflow cache-teacher`: run the teacher once over data.train, store its top-k per KD position."""
+    """`kdflow cache-teacher`: run the teacher once over data.train, store its top-k per KD position.
+    With `teachers`, every entry that names a `cache` gets its own."""
+    if cfg.teachers:
+        done = [e for e in cfg.teachers if e.cache]
+        if not done:
+            raise ConfigError("teachers: no entry names a `cache` folder; give the entries to cache a `cache`")
+        manifests = {}
+        for i, e in enumerate(cfg.teachers):
+            if e.cache:
+                one = dataclasses.replace(cfg, teachers=[], teacher=_entry_spec(e),
+                                          teacher_cache=dataclasses.replace(cfg.teacher_cache, dir=e.cache))
+                manifests[_label(e, i)] = run_cache_teacher(one)
+        return manifests
     if not cfg.teacher_cache.dir:
         raise ConfigError("teacher_cache.dir is not set: say where the cache should be written")
     if not cfg.teacher.name:
@@ -363,13 +689,25 @@ def run_cache_teacher(cfg: DistillConfig) -> dict[str, Any]:
     if ready.served:
         from kdflow.serving import cache_compute
 
+        if c.hidden != "none":
+            raise ConfigError("teacher_cache.hidden with a served teacher: the server answers log-probs only; "
+                              "set teacher_cache.hidden=none or load the teacher locally")
         _check_served_tokenizers(cross)
         compute = cache_compute(teacher, c.k, cfg.kd.token_scope)
     elif cross is not None:  # targets in the student's vocabulary, at the student's positions
+        if c.hidden != "none":
+            raise ConfigError("teacher_cache.hidden with a teacher of another tokenizer: hidden states of two "
+                              "tokenizations do not pair position by position; set teacher_cache.hidden=none")
         print(f"[kdflow] alignment: {cross.prepare(examples, train_rows).summary()}")
         compute = cross.cache_compute(teacher, c.k, _target_temperature(cfg))
     else:
-        compute = same_tokenizer_targets(teacher, len(tok), c.k, cfg.kd.temperature, cfg.kd.token_scope)
+        hidden_layers = _cache_hidden_layers(cfg)
+        if hidden_layers:
+            width = int((getattr(teacher.config, "text_config", None) or teacher.config).hidden_size)
+            bytes_per = 2 * width * len(hidden_layers)
+            print(f"[kdflow] teacher cache: also storing the hidden states of {len(hidden_layers)} teacher layers, "
+                  f"{bytes_per} bytes per position on top of the top-k")
+        compute = same_tokenizer_targets(teacher, len(tok), c.k, cfg.kd.temperature, cfg.kd.token_scope, hidden_layers)
     manifest = build_cache(c.dir, _cache_key(cfg, train_rows, teacher_tok, tok, cross), examples, tok.pad_token_id,
                            compute, batch_size=c.batch_size, shard_size=c.shard_size, vocab_size=len(tok))
     print(f"[kdflow] teacher cache {c.dir}: {manifest['examples']} examples, {manifest['positions']} positions, "
@@ -391,6 +729,8 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
 
         check_gkd(cfg, None)
     _check_served(cfg)
+    _check_hidden(cfg, use_cache)
+    _check_teachers(cfg)
     if cfg.teacher.name:
         check_teacher_settings(cfg.teacher)
     # The folder is touched only now: a run refused above leaves an earlier run's folder as it was.
@@ -401,25 +741,29 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
         cfg = dataclasses.replace(cfg, teacher=ready.spec)
     teacher_tok = ready.tokenizer if ready is not None else None
     tok = _student_tokenizer(cfg, teacher_tok)
-    cross = _cross_tokenizer(cfg, teacher_tok, tok) if cfg.method in ("kd", "hard_token", "gkd") else None
+    cross = (_cross_tokenizer(cfg, teacher_tok, tok) if cfg.method in ("kd", "hard_token", "gkd") and not cfg.teachers
+             else None)
     if ready is not None and ready.served:
         _check_served_tokenizers(cross)
     if cfg.method == "gkd":
         from kdflow.methods.gkd import check_gkd
 
         check_gkd(cfg, cross)
+    if cross is not None and cfg.kd.hidden_weight > 0:
+        raise ConfigError("kd.hidden_weight > 0 needs a teacher with the student's tokenizer: hidden states of two "
+                          "tokenizations do not pair position by position; set kd.hidden_weight=0")
     vocab_size = len(tok)
     cache = (TeacherCache(cfg.teacher_cache.dir, _cache_key(cfg, train_rows, teacher_tok, tok, cross), vocab_size)
              if use_cache else None)
 
     # The teacher's weights are loaded only when something needs them: online KD, generation,
     # a student pruned from it, or its own evaluation. With a teacher cache, training never does.
-    needs_teacher = ((cfg.method in ("kd", "hard_token", "gkd") and not use_cache) or cfg.method == "seqkd"
+    needs_teacher = ((cfg.method in ("kd", "hard_token", "gkd") and not use_cache and not cfg.teachers) or cfg.method == "seqkd"
                      or cfg.student.init == "prune_teacher"
                      or ((cfg.evaluate_teacher or cfg.eval.exposure_bias) and test_rows is not None))
     teacher = ready.model() if (needs_teacher and ready is not None) else None
     teacher_check = None
-    if cfg.method != "sft":
+    if cfg.method != "sft" and not cfg.teachers:  # several teachers: each is checked in _setup_teachers
         teacher_check = check_teacher(cfg.teacher, lambda: (ready.model(), teacher_tok), val_rows, cfg.data, cfg.eval)
         if teacher is None:
             ready.release()  # loaded for the check only (training reads the teacher cache)
@@ -460,6 +804,32 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
         if val_examples is not None:
             cross.prepare(val_examples, val_rows)
 
+    slots, multi = None, None
+    if cfg.teachers:
+        slots, multi = _setup_teachers(cfg, train_rows, val_rows, train_examples, val_examples, tok)
+
+    hidden_pairs, teacher_width, hidden_columns = None, None, None
+    if cfg.kd.hidden_weight > 0:
+        from kdflow.models import _read_config
+
+        t_config = teacher.config if teacher is not None else _read_config(cfg.teacher)
+        t_config = getattr(t_config, "text_config", None) or t_config
+        hidden_pairs = layer_map(cfg.kd.hidden_layers, student.config, int(t_config.num_hidden_layers),
+                                 cfg.kd.hidden_embeddings)
+        teacher_width = int(t_config.hidden_size)
+        if cache is not None:  # the cached layers must include every teacher layer of the map
+            stored = cache.manifest["key"].get("hidden_layers") or []
+            missing = sorted({t for _, t in hidden_pairs} - set(stored))
+            if missing:
+                raise ConfigError(f"teacher cache {cfg.teacher_cache.dir} holds teacher layers {stored}, but the layer "
+                                  f"map needs {missing} too; rebuild it with teacher_cache.hidden=all (or with those "
+                                  "layers) or change kd.hidden_layers")
+            hidden_columns = [stored.index(t) for _, t in hidden_pairs]
+        print(f"[kdflow] hidden-state term: weight {cfg.kd.hidden_weight}, {cfg.kd.hidden_loss}, layer pairs "
+              f"(student:teacher) {', '.join(f'{a}:{b}' for a, b in hidden_pairs)}"
+              + (f"; a learned projection {student.config.hidden_size} -> {teacher_width} per pair (not saved with the "
+                 "student)" if teacher_width != student.config.hidden_size else ""))
+
     total, _ = count_parameters(student)
     print(f"[kdflow] method={cfg.method} student={total / 1e6:.1f}M params, teacher="
           f"{_teacher_size(teacher)}, train rows={len(train_examples)}")
@@ -496,6 +866,10 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
         cross=cross if not use_cache else None,
         callbacks=[make_stall_watch(stall_advice(cfg.method, cfg.kd.divergence, cfg.kd.kd_weight))],
         **extra,
+        hidden_pairs=hidden_pairs,
+        teacher_width=teacher_width,
+        slots=slots,
+        hidden_columns=hidden_columns,
     )
     place(trainer.model, role="student", move=False)  # the Trainer placed it (records where)
     if getattr(trainer, "is_fsdp_enabled", False) and cfg.student.lora.enabled:
@@ -544,6 +918,15 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
         if cfg.evaluate_teacher and teacher is not None and not is_served(teacher):
             results["teacher"] = _eval_cached(out, "teacher", teacher, teacher_tok, test_rows, cfg)
             results = {"teacher": results.pop("teacher"), **results}
+        if cfg.evaluate_teacher and slots:  # every teacher's own zero-shot scores
+            own = {}
+            for slot, entry in zip(slots, multi["entries"]):
+                ready_j = entry.pop("_ready")
+                own[f"teacher {slot.label}"] = _eval_cached(out, f"teacher_{slot.label}", ready_j.model(),
+                                                            ready_j.tokenizer, test_rows, cfg)
+                if slot.model is None:
+                    ready_j.release()
+            results = {**own, **results}
 
     history = trainer.state.log_history
     metrics = {
@@ -559,6 +942,10 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
         "teacher": cfg.teacher.name,
         "teacher_check": teacher_check,
         "scoring": scoring_rule(cfg.data, cfg.eval),
+        "teachers": None if not slots else _teachers_metrics(cfg, slots, multi, trainer),
+        "hidden": None if not hidden_pairs else {
+            "weight": cfg.kd.hidden_weight, "loss": cfg.kd.hidden_loss, "layers": cfg.kd.hidden_layers,
+            "pairs": [list(p) for p in hidden_pairs], "projection": teacher_width != student.config.hidden_size},
         "cross_tokenizer": None if cross is None else {
             "sequence": cfg.align.sequence, "unpaired": cfg.align.unpaired, "vocab_maps": cross.maps.info,
             "alignment": None if align_stats is None else dataclasses.asdict(align_stats)},
@@ -659,7 +1046,21 @@ def _report(cfg: DistillConfig, metrics: dict[str, Any], results: dict[str, Eval
                      f"{st['student']} student / {st['teacher']} teacher / {st['data']} dataset micro-batches, "
                      f"{st['sampled_answers']} sampled answers of which {st['cut_answers']} cut at max_new_tokens "
                      "(no EOS target)")
-    elif cfg.method == "hard_token":
+    mt = metrics.get("teachers")
+    if mt:
+        share = ", ".join(f"{k} {v:.1%}" for k, v in mt["weight_share_in_training"].items())
+        chosen = mt.get("selected_share")
+        lines.append(f"- teachers: {', '.join(t['label'] + ' `' + t['teacher'] + '`' for t in mt['teachers'])}; rule "
+                     f"{mt['rule']} ({mt['combination']}); share of the KD weight in training: {share}"
+                     + (f"; chosen for " + ", ".join(f"{k} {v:.1%}" for k, v in chosen.items()) + " of the training rows"
+                        if chosen else ""))
+    hd = metrics.get("hidden")
+    if hd:
+        lines.append(f"- hidden-state term: + {hd['weight']} · mean over layer pairs (student:teacher "
+                     f"{', '.join(f'{a}:{b}' for a, b in hd['pairs'])}) of "
+                     f"{'MSE of layer-normalised states' if hd['loss'] == 'mse' else '1 − cosine'}"
+                     f"{' after a learned projection (not saved)' if hd['projection'] else ''}")
+    if cfg.method == "hard_token":
         lines.append(f"- loss: {cfg.kd.kd_weight} · CE(teacher argmax) + {1 - cfg.kd.kd_weight:g} · CE, tokens: {cfg.kd.token_scope}")
     elif cfg.method == "seqkd" and metrics.get("seqkd"):
         q = metrics["seqkd"]
