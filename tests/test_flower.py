@@ -580,6 +580,57 @@ def test_too_few_clients_stop_the_run_with_a_clear_error(tiny_dirs, tmp_path):
         run_server(LocalTransport(cfg, 2, silent={1: {1}}), cfg)
 
 
+class NodeConfigTransport(LocalTransport):
+    """LocalTransport whose nodes get extra node config (partition -> dict)."""
+
+    def __init__(self, cfg, clients, node_config):
+        super().__init__(cfg, clients)
+        self.node_config = node_config
+
+    def ask(self, requests, timeout, group):
+        handlers = dict(HANDLERS)
+        try:
+            for kind, fn in handlers.items():
+                HANDLERS[kind] = (lambda fn: lambda content, cfg, nc: fn(
+                    content, cfg, {**nc, **self.node_config.get(nc["partition-id"], {})}))(fn)
+            return super().ask(requests, timeout, group)
+        finally:
+            HANDLERS.update(handlers)
+
+
+def test_a_failed_flower_run_prints_the_servers_reason_naming_the_client(tiny_dirs, tmp_path, monkeypatch, capsys):
+    """c2's private file is broken and min_clients=2: the ServerApp stops, leaving its reason (c2 and
+    the generic stage it failed in, not its file or row) for `kdflow fedmkt-flower`, which prints it
+    and exits non-zero instead of only "ended 'finished:failed'"."""
+    from kdflow.federated.flower_server import FAILURE_FILE, serve
+
+    out = tmp_path / "failing"
+    secret = tmp_path / "bobs-ledger.jsonl"
+    secret.write_text(json.dumps({"prompt": "a", "salary": 1}) + "\n")
+    cfg = fed_cfg(tiny_dirs, out, 2, 1, "flower.min_clients=2")
+    yaml_path = tmp_path / "failing.yaml"
+    from kdflow.config import dump_yaml
+
+    yaml_path.write_text(dump_yaml(cfg))
+
+    def fake_submit(app_dir, toml, env, fed=None):  # the ServerApp runs here, its clients in-process
+        with pytest.raises(FlowerRunError):
+            serve(NodeConfigTransport(cfg, 2, {1: {"private-data": str(secret)}}), cfg)
+        return 7
+
+    monkeypatch.setattr(launch, "start_superlink", lambda *a, **k: "127.0.0.1:1")
+    monkeypatch.setattr(launch, "submit", fake_submit)
+    monkeypatch.setattr(launch, "wait_for_run", lambda *a, **k: "finished:failed")
+    monkeypatch.setattr(launch, "run_logs", lambda *a, **k: "ServerApp log\n")
+    assert main(["fedmkt-flower", "--config", str(yaml_path)]) == 2
+    err = capsys.readouterr().err
+    line = next(ln for ln in err.splitlines() if ln.startswith("kdflow: error:"))
+    assert "Flower run 7 ended 'finished:failed': round 1 (local): 1 of 2 clients remain" in line
+    assert "client 'c2' failed while reading its private data" in line
+    assert "bobs-ledger" not in line and "salary" not in line
+    assert json.loads((out / FAILURE_FILE).read_text())["reason"] in line
+
+
 # ----------------------------------------------------------------------------------------------
 # Real Flower runs
 

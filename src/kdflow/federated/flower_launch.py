@@ -31,6 +31,7 @@ from typing import Any
 
 from kdflow.config import FedMKTConfig
 from kdflow.errors import KDFlowError
+from kdflow.federated.flower_server import FAILURE_FILE
 
 CONNECTION = "kdflow"
 
@@ -207,6 +208,22 @@ def run_logs(run_id: int, env: dict[str, str]) -> str:
     return res.stdout + res.stderr
 
 
+def failure_text(failure_file: Path, old_signature: tuple[int, int] | None, log_file: Path) -> str:
+    """Why a run failed: the reason the ServerApp left (its own error, or the clients it had to leave
+    out with the generic reasons they sent), else the last error line of its log."""
+    if failure_file.is_file() and _signature(failure_file) != old_signature:
+        try:
+            return str(json.loads(failure_file.read_text())["reason"])
+        except (ValueError, KeyError, TypeError, OSError):
+            pass
+    try:
+        lines = [ln.strip() for ln in log_file.read_text(errors="replace").splitlines()
+                 if "Error" in ln or "ERROR" in ln or "failed" in ln]
+    except OSError:
+        lines = []
+    return lines[-1][-500:] if lines else "the ServerApp gave no reason"
+
+
 def run_fedmkt_flower(cfg: FedMKTConfig) -> dict[str, Any]:
     """The verb: FedMKT over Flower, simulated locally or on a running SuperLink."""
     import importlib.util
@@ -230,6 +247,8 @@ def run_fedmkt_flower(cfg: FedMKTConfig) -> dict[str, Any]:
     # The ServerApp replaces metrics.json when the run ends; the earlier one stays until then, and a
     # file still carrying its old signature afterwards is not this run's.
     old_metrics = _signature(out / "metrics.json")
+    failure_file = out / FAILURE_FILE
+    old_failure = _signature(failure_file)
     app_dir = write_app(out / "flower-app")
     toml = write_run_config(out / "flower-run-config.toml", run_config_from_config(cfg))
     logs = out / "flower-logs"
@@ -257,7 +276,9 @@ def run_fedmkt_flower(cfg: FedMKTConfig) -> dict[str, Any]:
         finally:
             procs.stop_all()
     if status != "finished:completed":
-        raise FlowerLaunchError(f"Flower run {run_id} ended '{status}'; the ServerApp's log is {logs / f'run-{run_id}.log'}")
+        log_file = logs / f"run-{run_id}.log"
+        reason = failure_text(failure_file, old_failure, log_file)
+        raise FlowerLaunchError(f"Flower run {run_id} ended '{status}': {reason} (the ServerApp's log is {log_file})")
     metrics_path = out / "metrics.json"
     fresh = metrics_path.is_file() and _signature(metrics_path) != old_metrics
     metrics = json.loads(metrics_path.read_text()) if fresh else {}

@@ -453,6 +453,35 @@ def run_server(transport: Transport, cfg: FedMKTConfig) -> dict[str, Any]:
     return metrics
 
 
+FAILURE_FILE = "flower-failure.json"
+
+
+def failure_reason(err: BaseException, cfg: FedMKTConfig) -> str:
+    """What a failed run tells its launcher: the server's own error, or (too few clients) the clients
+    left out with the generic reasons they sent, each named. The clients' details stay in their logs."""
+    if isinstance(err, FlowerRunError):
+        return str(err)
+    return f"the server '{cfg.server.name}' failed: {type(err).__name__}: {err}"
+
+
+def serve(transport: Transport, cfg: FedMKTConfig) -> dict[str, Any]:
+    """`run_server`; a run that fails leaves its reason in <output_dir>/flower-failure.json, which
+    `kdflow fedmkt-flower` prints (Flower itself only reports 'finished:failed')."""
+    from kdflow.report import write_json
+
+    try:
+        return run_server(transport, cfg)
+    except Exception as e:
+        reason = failure_reason(e, cfg)
+        log(f"fedmkt-flower failed: {reason}")
+        try:
+            Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+            write_json(Path(cfg.output_dir) / FAILURE_FILE, {"reason": reason})
+        except OSError as w:
+            log(f"could not write {FAILURE_FILE}: {w}")
+        raise
+
+
 def _fedavg(transport: Transport, cfg: FedMKTConfig, r: int, done: dict[int, tuple[Member, dict[str, Any]]],
             evaluate: bool, left: dict[str, str]) -> dict[str, dict[str, float]]:
     """FedAvg of the adapters the clients sent with their update replies, sent back to them."""
