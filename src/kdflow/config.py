@@ -604,6 +604,8 @@ class FedMKTSection:
     fedavg: bool = opt(False, "homogeneous clients: average client adapters (FedAvg) after each round")
     reset_optimizer: bool = opt(False, "start every phase with a fresh optimizer, as the reference code does")
     eval_every: int = opt(1, "evaluate every party on the test split every N rounds (and after the last)", range=">= 1")
+    save_merged: bool = opt(False, "also write each party's final model with its LoRA merged (final/<name>/merged/, a "
+                                   "plain model folder) beside the adapter (final/<name>/adapter/)")
 
 
 @dataclass

@@ -487,6 +487,55 @@ def fedavg(clients: list[Party]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# The final models: folders every verb loads
+
+
+def base_location(spec: PartyConfig, data: DataConfig | None = None, public_rows: Rows | None = None) -> str | None:
+    """Where a party's base model lives (a local folder or Hub id; a bundled or GGUF model's converted
+    folder; an adapted server's adapted folder), or None when it exists only in memory (pruned or
+    built from a config), so that an adapter alone could not be loaded onto it."""
+    from kdflow.models import _load_location
+
+    m = adapted_base(spec, data, public_rows)
+    return _load_location(m)[0] if m.init == "pretrained" else None
+
+
+def save_final(party: Party, base: str | None, folder: Path, merged: bool) -> dict[str, str]:
+    """The party's final model in `folder`: `adapter/` (peft's adapter_model.safetensors and
+    adapter_config.json, naming its base, plus the tokenizer) that PeftModel, `kdflow eval
+    lora_adapter=` and `kdflow distill teacher.lora_adapter=` load onto the base; `base/` beside it
+    when the base exists only in memory (pruned or config-built parties); and, with `merged`,
+    `merged/`: the LoRA merged into a plain model folder. Returns folder kind -> path."""
+    from kdflow.models import save_model
+    from kdflow.report import atomic_folder, write_json
+
+    cfg_peft = party.model.peft_config["default"]
+    with atomic_folder(folder) as tmp:
+        if base is None:
+            save_model(copy.deepcopy(party.model).unload(), party.tok, tmp / "base")
+            base = str(folder / "base")
+        old, cfg_peft.base_model_name_or_path = cfg_peft.base_model_name_or_path, base
+        try:
+            party.model.save_pretrained(tmp / "adapter")
+        finally:
+            cfg_peft.base_model_name_or_path = old
+        party.tok.save_pretrained(tmp / "adapter")
+        if merged:
+            save_model(party.model, party.tok, tmp / "merged")
+        written = {"base": base, "adapter": str(folder / "adapter"), **({"merged": str(folder / "merged")} if merged else {})}
+        write_json(tmp / "final.json", {"party": party.name, **written})
+    return written
+
+
+def final_commands(name: str, written: dict[str, str]) -> list[str]:
+    """How to use a final model (for the report)."""
+    lines = [f"`kdflow eval model.name={written['base']} lora_adapter={written['adapter']}`"]
+    if "merged" in written:
+        lines.append(f"`kdflow eval model.name={written['merged']}`")
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------
 # A party's trainable state on disk (round checkpoints; a Flower client between messages)
 
 
