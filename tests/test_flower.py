@@ -400,6 +400,20 @@ def assert_same_adapters(a: dict, b: dict, atol: float = 0.0):
         assert (a[key] - b[key]).abs().max().item() <= atol, key
 
 
+def assert_same_finals(ref_out: Path, out: Path, clients, server: str = "server"):
+    """The final adapters: the server's in its run folder, each client's on its node (state folder),
+    equal to the in-process runner's final/<name>/adapter."""
+    from safetensors.torch import load_file
+
+    def final(folder: Path) -> dict:
+        assert json.loads((folder / "adapter_config.json").read_text())["peft_type"] == "LORA"
+        return load_file(str(folder / "adapter_model.safetensors"))
+
+    assert_same_adapters(final(ref_out / "final" / server / "adapter"), final(out / "final" / server / "adapter"))
+    for c in clients:
+        assert_same_adapters(final(ref_out / "final" / c / "adapter"), final(out / "flower-clients" / c / "final" / "adapter"))
+
+
 def assert_same_evals(ha: dict, hb: dict, atol: float = 1e-6):
     assert ha.keys() == hb.keys()
     for who in ha:
@@ -435,6 +449,9 @@ def test_flower_server_and_clients_equal_the_in_process_runner(reference, tiny_d
     state = json.loads((client_state_dir(out, "c1") / "state.json").read_text())
     assert state["local_round"] == 2 and state["update_round"] == 2
     assert (out / "report.md").is_file() and not metrics["left_out"]
+    assert_same_finals(ref_out, out, ("c1", "c2"))
+    assert set(metrics["final_models"]) == {"server", "c1", "c2"} and "own node" in metrics["final_models"]["c1"]["node"]
+    assert "## Final models" in (out / "report.md").read_text()
 
 
 def test_fedavg_over_flower_equals_in_process(tiny_dirs, tmp_path):
@@ -455,6 +472,7 @@ def test_fedavg_over_flower_equals_in_process(tiny_dirs, tmp_path):
     a1, a2 = (adapters(client_state_dir(Path(cfg.output_dir), c), c) for c in ("c1", "c2"))
     assert_same_adapters(a1, a2)  # both hold the average
     assert_same_adapters(adapters(Path(ref.output_dir) / "rounds/round-001", "c1"), a1)
+    assert_same_finals(Path(ref.output_dir), Path(cfg.output_dir), ("c1", "c2"))
 
 
 @pytest.fixture(scope="module")
@@ -707,6 +725,7 @@ def test_deployment_superlink_and_two_supernodes_two_rounds(reference, tiny_dirs
     assert_same_adapters(adapters(ref_out / "rounds/round-002", "server"), adapters(out / "rounds/round-002", "server"))
     for c in ("c1", "c2"):
         assert_same_adapters(adapters(ref_out / "rounds/round-002", c), adapters(client_state_dir(out, c), c))
+    assert_same_finals(ref_out, out, ("c1", "c2"))
     # the processes are gone
     assert all(p.poll() is not None for _, p in dep.procs.procs)
 

@@ -389,8 +389,11 @@ def handle_update(content: Any, cfg: FedMKTConfig, node_config: Mapping[str, Any
         res = client_update_step(party, own, server, received, cfg, r)
     with _stage(node.name, "saving its state"):
         state.save(party, {**info, "update_round": r})
+    final = r == cfg.fedmkt.rounds and not cfg.fedmkt.fedavg
+    if final:
+        _save_final(party, cfg, node)
     reply = app.RecordDict({
-        "client": _client_record(node, round=r),
+        "client": _client_record(node, round=r, **({"final": True} if final else {})),
         "metrics": _metrics({"loss.public": res["logs"][-1]["loss"] if res["logs"] else None,
                              "private_rows": len(party.private)}),
         "selected": _metrics(res["selected"]),
@@ -417,10 +420,28 @@ def handle_fedavg(content: Any, cfg: FedMKTConfig, node_config: Mapping[str, Any
         set_peft_model_state_dict(party.model, {k: torch.from_numpy(v) for k, v in avg.items()})
     with _stage(node.name, "saving its state"):
         state.save(party, {**info, "fedavg_round": r})
-    reply = app.RecordDict({"client": _client_record(node, round=r)})
+    final = r == cfg.fedmkt.rounds
+    if final:
+        _save_final(party, cfg, node)
+    reply = app.RecordDict({"client": _client_record(node, round=r, **({"final": True} if final else {}))})
     if task.get("evaluate"):
         reply["eval"] = _evaluate(party, cfg, node)
     return reply
+
+
+def final_dir(node: Node) -> Path:
+    return node.state_dir / "final"
+
+
+def _save_final(party: Any, cfg: FedMKTConfig, node: Node) -> None:
+    """After the last round, the client's final model on its own node (`<state-dir>/final/`): the
+    server is told only that it was written, not where (paths stay on the client's side)."""
+    from kdflow.federated.fedmkt import base_location, save_final
+
+    with _stage(node.name, "writing its final model"):
+        written = save_final(party, base_location(node.spec), final_dir(node), cfg.fedmkt.save_merged)
+    print(f"[kdflow] client '{node.name}': final model written to {written['adapter']}"
+          + (f" and {written['merged']}" if "merged" in written else ""), file=sys.stderr, flush=True)
 
 
 def adapter_layout(state: Mapping[str, Any]) -> dict[str, tuple[str, tuple[int, ...]]]:

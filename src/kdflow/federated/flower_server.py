@@ -192,6 +192,7 @@ def check_update(reply: Any, m: Member, cfg: FedMKTConfig) -> dict[str, Any]:
     if unknown:
         raise BadReply(f"'selected' names {unknown[:3]}, expected skipped, own, {m.facts.server}")
     out = {"loss": _number(metrics, "loss.public", 0.0, required=False),
+           "final": dict(reply.config_records["client"]).get("final") is True,
            "selected": {k: _number(sel, k, 0.0, 1.0) for k in sel.keys()}, "eval": _eval_record(reply, "eval")}
     if cfg.fedmkt.fedavg:
         from kdflow.federated.flower_client import adapter_layout
@@ -207,7 +208,7 @@ def check_update(reply: Any, m: Member, cfg: FedMKTConfig) -> dict[str, Any]:
 def check_fedavg(reply: Any, m: Member, cfg: FedMKTConfig) -> dict[str, Any]:
     _size(reply, cfg)
     _same_client(reply, m)
-    return {"eval": _eval_record(reply, "eval")}
+    return {"eval": _eval_record(reply, "eval"), "final": dict(reply.config_records["client"]).get("final") is True}
 
 
 def checked(check: Any, reply: Any, m: Member, cfg: FedMKTConfig) -> dict[str, Any]:
@@ -385,6 +386,7 @@ def run_server(transport: Transport, cfg: FedMKTConfig) -> dict[str, Any]:
         history.append({"round": 0, "eval": {server.name: evaluate_party(server, test_rows, cfg)}})
     wait_for_nodes(transport, cfg)
     f, timeout = cfg.flower, cfg.flower.reply_timeout
+    final_clients: list[str] = []  # clients that said they wrote their final model (after the last round)
     refused: dict[int, str] = {}  # nodes that are no client of this run
     known: dict[int, Member] = {}  # node -> the client it was accepted as
     for r in range(start + 1, cfg.fedmkt.rounds + 1):
@@ -426,12 +428,14 @@ def run_server(transport: Transport, cfg: FedMKTConfig) -> dict[str, Any]:
             rec["bytes_down"][m.name] = wire.record_nbytes(payload)
             rec["selected"][m.name] = c["selected"]
             rec["loss"][f"{m.name}/public"] = c["loss"]
+            if c["final"]:
+                final_clients.append(m.name)
             if c["eval"] is not None:
                 evals[m.name] = c["eval"]
         _need(len(done), cfg, r, "update", left)
 
         if cfg.fedmkt.fedavg:
-            evals.update(_fedavg(transport, cfg, r, done, evaluate, left))
+            evals.update(_fedavg(transport, cfg, r, done, evaluate, left, final_clients))
         if evaluate:
             rec["eval"] = {server.name: evaluate_party(server, test_rows, cfg), **evals}
         rec["clients"] = [m.name for m, _ in done.values() if m.name not in left]
@@ -443,7 +447,14 @@ def run_server(transport: Transport, cfg: FedMKTConfig) -> dict[str, Any]:
         log(f"fedmkt-flower round {r}/{cfg.fedmkt.rounds}: {rec['seconds']:.0f} s, clients {rec['clients']}"
             + (f", left out {left}" if left else "")
             + f", up {sum(rec['bytes_up'].values()) / 1e6:.2f} MB, down {sum(rec['bytes_down'].values()) / 1e6:.2f} MB")
-    metrics = {"transport": "flower", "rounds": history, "seconds": time.time() - t_start,
+    from kdflow.federated.fedmkt import base_location, save_final
+
+    finals: dict[str, Any] = {server.name: save_final(server, base_location(cfg.server, cfg.data, public_rows),
+                                                      out_dir / "final" / server.name, cfg.fedmkt.save_merged)}
+    for name in final_clients:
+        finals[name] = {"node": f"on client '{name}'s own node, in <state-dir>/final/ (node config state-dir; default "
+                                f"{Path(cfg.flower.state_dir or Path(cfg.output_dir) / 'flower-clients') / name}/final)"}
+    metrics = {"transport": "flower", "rounds": history, "seconds": time.time() - t_start, "final_models": finals,
                "bytes_per_round": [{"round": h["round"], "up": sum(h["bytes_up"].values()),
                                     "down": sum(h["bytes_down"].values())} for h in history if "bytes_up" in h],
                "left_out": {str(h["round"]): h["left_out"] for h in history if h.get("left_out")}}
@@ -483,7 +494,7 @@ def serve(transport: Transport, cfg: FedMKTConfig) -> dict[str, Any]:
 
 
 def _fedavg(transport: Transport, cfg: FedMKTConfig, r: int, done: dict[int, tuple[Member, dict[str, Any]]],
-            evaluate: bool, left: dict[str, str]) -> dict[str, dict[str, float]]:
+            evaluate: bool, left: dict[str, str], final_clients: list[str]) -> dict[str, dict[str, float]]:
     """FedAvg of the adapters the clients sent with their update replies, sent back to them."""
     import torch
     from flwr.app import Array, ArrayRecord, RecordDict
@@ -515,17 +526,20 @@ def _fedavg(transport: Transport, cfg: FedMKTConfig, r: int, done: dict[int, tup
         try:
             if problem:
                 raise BadReply(problem)
-            ev = checked(check_fedavg, rep, m, cfg)["eval"]
+            got = checked(check_fedavg, rep, m, cfg)
         except BadReply as e:
             leave_out(left, m.name, str(e), r, "fedavg")
             continue
+        ev = got["eval"]
+        if got["final"]:
+            final_clients.append(m.name)
         if ev is not None:
             evals[m.name] = ev
     return evals
 
 
 def _write_report(out: Path, cfg: FedMKTConfig, metrics: dict[str, Any]) -> None:
-    from kdflow.federated.simulation import _plots, _table
+    from kdflow.federated.simulation import _plots, _table, final_lines
     from kdflow.report import write_atomic
 
     names = [cfg.server.name] + [c.name for c in cfg.clients]
@@ -545,5 +559,8 @@ def _write_report(out: Path, cfg: FedMKTConfig, metrics: dict[str, Any]) -> None
         lines.append(f"| {h['round']} | {', '.join(h['clients'])} | "
                      + ("; ".join(f"{k}: {v}" for k, v in h["left_out"].items()) or "—")
                      + f" | {sum(h['bytes_up'].values()):,} | {sum(h['bytes_down'].values()):,} | {h['seconds']:.0f} |")
+    lines += ["", "## Final models", ""]
+    for name, w in metrics.get("final_models", {}).items():
+        lines.append(f"- `{name}`: {w['node']}" if "node" in w else final_lines({name: w})[0])
     _plots(out, metrics["rounds"], names)
     write_atomic(out / "report.md", "\n".join(lines) + "\n")
