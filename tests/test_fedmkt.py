@@ -14,17 +14,7 @@ from kdflow.federated import payload as wire
 from kdflow.federated.fedmkt import client_local_step, make_party, public_outputs, select_targets
 from kdflow.federated.selection import OWN, SKIP, dualmince, no_selection, reference_rule, weighted
 
-from conftest import DATA, tiny_llama, train_tokenizer
-
-
-@pytest.fixture(scope="module")
-def unigram_dir(tmp_path_factory):
-    """A tiny client whose tokenizer (Unigram, SentencePiece-style) differs from the server's BPE."""
-    tok = train_tokenizer("unigram", vocab_size=500)
-    d = tmp_path_factory.mktemp("unigram_client")
-    tiny_llama(tok, layers=2, hidden=32, seed=21).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+from conftest import DATA, tiny_llama
 
 
 # ----------------------------------------------------------------------------------------------

@@ -475,6 +475,63 @@ def test_fedavg_over_flower_equals_in_process(tiny_dirs, tmp_path):
     assert_same_finals(Path(ref.output_dir), Path(cfg.output_dir), ("c1", "c2"))
 
 
+def hetero_cfg(tiny_dirs, unigram_dir, out: Path, rounds: int = 2, *extra: str) -> FedMKTConfig:
+    """3 clients, two tokenizers: c1 shares the server's BPE tokenizer, c2 and c3 bring a Unigram one."""
+    clients = (f"clients=[{{name: c1, model: {{name: {tiny_dirs['student']}, lora: {{enabled: true, r: 8}}}}}}, "
+               f"{{name: c2, model: {{name: {unigram_dir}, lora: {{enabled: true, r: 4}}}}}}, "
+               f"{{name: c3, model: {{name: {unigram_dir}, lora: {{enabled: true, r: 8}}}}}}]")
+    return fed_cfg(tiny_dirs, out, 3, rounds, clients, *extra)
+
+
+@pytest.fixture(scope="module")
+def hetero_reference(tiny_dirs, unigram_dir, tmp_path_factory):
+    """The in-process runner on the heterogeneous config: 2 rounds."""
+    from kdflow.federated.simulation import World, run_rounds
+    from kdflow.training import setup_run
+
+    out = tmp_path_factory.mktemp("hetero_inproc")
+    cfg = hetero_cfg(tiny_dirs, unigram_dir, out)
+    setup_run(cfg.output_dir, cfg, cfg.seed)
+    world = World(cfg)
+    assert world.setting == "heterogeneous"
+    return out, run_rounds(world, out)
+
+
+def assert_same_run(ref_out: Path, ref_hist: list, out: Path, hist: list, clients, rounds: int):
+    """Same evaluations, bytes, selection shares and losses per round; same adapters and final models."""
+    assert [h["round"] for h in hist] == list(range(rounds + 1))
+    for ha, hb in zip(ref_hist, hist):
+        assert_same_evals(ha["eval"], hb["eval"])
+        assert ha.get("bytes_up") == hb.get("bytes_up") and ha.get("bytes_down") == hb.get("bytes_down")
+        assert ha.get("selected") == hb.get("selected")
+        assert hb.get("loss", {}) == pytest.approx(ha.get("loss", {}), abs=1e-6)
+    last = f"rounds/round-{rounds:03d}"
+    assert_same_adapters(adapters(ref_out / last, "server"), adapters(out / last, "server"))
+    for c in clients:
+        assert_same_adapters(adapters(ref_out / last, c), adapters(client_state_dir(out, c), c))
+    assert_same_finals(ref_out, out, clients)
+
+
+def test_clients_with_their_own_tokenizers_over_flower_equal_the_in_process_runner(hetero_reference, tiny_dirs,
+                                                                                   unigram_dir, tmp_path):
+    """c2 and c3 use another tokenizer than the server: each sends its tokenizer files once, the server
+    sends its own once to each of them, both sides build the MinED maps and pair positions as
+    in-process, and the run equals `kdflow fedmkt` on the same config."""
+    ref_out, ref_hist = hetero_reference
+    out = tmp_path / "flower"
+    cfg = hetero_cfg(tiny_dirs, unigram_dir, out)
+    metrics = run_server(LocalTransport(cfg, 3), cfg)
+    assert not metrics["left_out"]
+    assert_same_run(ref_out, ref_hist, out, metrics["rounds"], ("c1", "c2", "c3"), 2)
+    r1, r2 = metrics["rounds"][1], metrics["rounds"][2]
+    # tokenizers travel in round 1 only: both unigram clients send theirs (neither knew the other
+    # would), the server sends its own to each; c1 shares the server's and sends nothing
+    assert set(r1["bytes_tokenizer_up"]) == {"c2", "c3"} and set(r1["bytes_tokenizer_down"]) == {"c2", "c3"}
+    assert "bytes_tokenizer_up" not in r2 and "bytes_tokenizer_down" not in r2
+    assert r1["selected"]["server"]["c2"] + r1["selected"]["server"]["c3"] > 0  # the server learned across tokenizers
+    assert (client_state_dir(out, "c2").parent / "peer-tokenizers").is_dir()
+
+
 @pytest.fixture(scope="module")
 def faulty(tiny_dirs, tmp_path_factory):
     """3 clients, 3 rounds: c3 is silent in round 2 (its node died) and back in round 3 on a new node."""

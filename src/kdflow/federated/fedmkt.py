@@ -82,6 +82,18 @@ class Peer:
     fingerprint: str
 
 
+def remote_party(name: str, tok: Any, public_rows: Rows, data_cfg: DataConfig) -> Party:
+    """A party known through its tokenizer only (the other side of a Flower link, with another
+    tokenizer): what carrying its payloads across tokenizers needs — its tokenization of the shared
+    public set — and no model."""
+    from kdflow.data import encode_rows
+
+    party = Party(name, None, tok, 0.0)
+    party.public = encode_rows(public_rows, tok, data_cfg)
+    party.public_rows = public_rows
+    return party
+
+
 def _first_difference(a: Any, b: Any, prefix: str) -> str | None:
     """The first setting (dotted key: a vs b) where two nested dicts of settings differ."""
     for key in list(a) + [k for k in b if k not in a]:
@@ -309,7 +321,10 @@ def selection_scores(receiver: Party, receiver_out: wire.PublicOutputs, senders:
         if s.fingerprint != receiver.fingerprint:
             _check_cross(s, receiver, bridges)
 
-    def per_char(party: Party, out: wire.PublicOutputs) -> np.ndarray:
+    def per_char(party: Party | Peer, out: wire.PublicOutputs) -> np.ndarray:
+        # A sender with the receiver's tokenizer covers the characters the receiver's tokens do (the
+        # same tokenization of the same public set): a Peer known only by its messages needs no more.
+        party = receiver if party.fingerprint == receiver.fingerprint else party
         if party.public_rows is None:
             raise ConfigError(f"party '{party.name}': pass the public rows to compare answer NLL across tokenizers")
         nll = out.ce.astype(np.float64) * np.diff(out.offsets)

@@ -53,14 +53,52 @@ class Transport(Protocol):
 @dataclass
 class Facts:
     """What the server knows itself, against which every reply is checked (never the sender's claims):
-    over Flower every party shares the server's tokenizer, so a client's ids must fit the server's
-    vocabulary and its answer positions must be the server's own tokenization of the public set."""
+    a client's ids must fit the vocabulary of its tokenizer and its answer positions must be that
+    tokenizer's tokenization of the public set — the server's own, or (a client with another
+    tokenizer) the one the server computed itself with the client's tokenizer (`party`, a
+    `fedmkt.remote_party`). `tokenizers` holds the clients' tokenizers received so far."""
 
     server: str
     public_fp: str
     vocab_size: int
     fingerprint: str
     positions: list[int]
+    party: Any = None
+    tokenizers: "TokenizerBook | None" = None
+
+
+class TokenizerBook:
+    """The server's copies of its clients' tokenizers (received once each, by fingerprint), with the
+    facts every reply from a client using one of them is checked against."""
+
+    def __init__(self, cfg: FedMKTConfig, public_rows: Any):
+        self.cfg, self.public_rows = cfg, public_rows
+        self.facts: dict[str, Facts] = {}
+        self.received: dict[str, int] = {}  # client name -> bytes of the tokenizer it sent
+
+    def known(self) -> list[str]:
+        return sorted(self.facts)
+
+    def facts_for(self, reply: Any, m: "Member", server: Facts) -> Facts:
+        from kdflow.federated.fedmkt import remote_party
+        from kdflow.federated.tokenizers import read_tokenizer
+        from kdflow.models import tokenizer_fingerprint
+
+        fp = dict(reply.config_records["client"]).get("fingerprint")
+        if not isinstance(fp, str):
+            raise BadReply(f"client '{m.name}' sent no tokenizer fingerprint")
+        if fp not in self.facts:
+            if "tokenizer" not in reply.array_records:
+                raise BadReply(f"client '{m.name}' uses another tokenizer than the server (fingerprint {fp[:40]}) "
+                               "but sent none")
+            record = reply.array_records["tokenizer"]
+            tok = read_tokenizer(record, f"client '{m.name}'", fp)
+            party = remote_party(m.name, tok, self.public_rows, self.cfg.data)
+            self.facts[tokenizer_fingerprint(tok)] = Facts(server.server, server.public_fp, len(tok), fp,
+                                                           party.positions(), party, self)
+            self.received[m.name] = wire.record_nbytes(record)
+            log(f"client '{m.name}': tokenizer received ({len(tok)} tokens, {self.received[m.name]} bytes)")
+        return self.facts[fp]
 
 
 @dataclass
@@ -73,8 +111,12 @@ class Member:
     facts: Facts
 
     def peer(self) -> Any:
+        from dataclasses import replace
+
         from kdflow.federated.fedmkt import Peer
 
+        if self.facts.party is not None:  # another tokenizer: the server's copy of it, under this client's name
+            return replace(self.facts.party, name=self.name)
         return Peer(self.name, self.facts.vocab_size, self.facts.fingerprint)
 
 
@@ -162,6 +204,8 @@ def check_local(reply: Any, m: Member, cfg: FedMKTConfig) -> dict[str, Any]:
     if c.get("public") != f.public_fp:
         raise BadReply(f"client '{m.name}' holds a different public set (fingerprint {str(c.get('public'))[:40]}, "
                        f"expected {f.public_fp}): every party needs the same data.train and data settings")
+    if c.get("fingerprint") != f.fingerprint and f.tokenizers is not None:
+        f = m.facts = f.tokenizers.facts_for(reply, m, f)
     if c.get("fingerprint") != f.fingerprint or c.get("vocab-size") != f.vocab_size:
         raise BadReply(f"client '{m.name}' uses another tokenizer than the server ({c.get('vocab-size')!r} tokens, "
                        f"fingerprint {str(c.get('fingerprint'))[:40]}): over Flower every party must share the server's "
@@ -178,7 +222,8 @@ def check_local(reply: Any, m: Member, cfg: FedMKTConfig) -> dict[str, Any]:
                                  finite_support=cfg.fedmkt.divergence == "rkl")
     metrics = reply.metric_records["metrics"]
     return {"payload": out, "loss": _number(metrics, "loss.private", 0.0, required=False),
-            "eval-before": _eval_record(reply, "eval-before")}
+            "eval-before": _eval_record(reply, "eval-before"),
+            "needs-server-tokenizer": f.party is not None and c.get("has-server-tokenizer") is not True}
 
 
 def check_update(reply: Any, m: Member, cfg: FedMKTConfig) -> dict[str, Any]:
@@ -302,6 +347,8 @@ def local_phase(replies: dict[int, Any], nodes: list[int], cfg: FedMKTConfig, fa
         got[pid] = (m, content)
         left.pop(name, None)  # its earlier node failed this round, but its new node answered
         rec["bytes_up"][name] = wire.record_nbytes(replies[node].array_records["payload"])
+        if "tokenizer" in replies[node].array_records:
+            rec.setdefault("bytes_tokenizer_up", {})[name] = wire.record_nbytes(replies[node].array_records["tokenizer"])
         rec["loss"][f"{name}/private"] = content["loss"]
     errors = "; ".join(f"node {n}: {e}" for n, e in rec["node_errors"].items())
     for pid, spec in enumerate(cfg.clients):
@@ -351,8 +398,9 @@ def run_server(transport: Transport, cfg: FedMKTConfig) -> dict[str, Any]:
     """The FedMKT rounds over `transport`; writes the run folder and returns the metrics."""
     from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
+    from kdflow.federated.tokenizers import tokenizer_record
     from kdflow.data import encode_rows, partition_rows, read_rows, rows_fingerprint
-    from kdflow.federated.fedmkt import check_config, load_base, make_party, public_outputs, server_step
+    from kdflow.federated.fedmkt import Bridges, check_config, load_base, make_party, public_outputs, server_step
     from kdflow.federated.simulation import _load_round, _save_round, evaluate_party
     from kdflow.report import write_json
     from kdflow.training import setup_run
@@ -381,12 +429,18 @@ def run_server(transport: Transport, cfg: FedMKTConfig) -> dict[str, Any]:
         log(f"fedmkt-flower: resuming after round {start}")
     if server_out is None:
         server_out = public_outputs(server, cfg.fedmkt.top_k, cfg.fedmkt.temperature, cfg.eval.batch_size)
-    facts = Facts(server.name, rows_fingerprint(public_rows), server.vocab_size, server.fingerprint, server.positions())
+    server.public_rows = public_rows
+    book = TokenizerBook(cfg, public_rows)
+    bridges = Bridges(cfg.data, cfg.align)
+    server_record = {"name": server.name, "vocab-size": server.vocab_size, "fingerprint": server.fingerprint}
+    facts = Facts(server.name, rows_fingerprint(public_rows), server.vocab_size, server.fingerprint, server.positions(),
+                  tokenizers=book)
     if not history:
         history.append({"round": 0, "eval": {server.name: evaluate_party(server, test_rows, cfg)}})
     wait_for_nodes(transport, cfg)
     f, timeout = cfg.flower, cfg.flower.reply_timeout
     final_clients: list[str] = []  # clients that said they wrote their final model (after the last round)
+    server_tokenizer = None  # its files as a record, built when a client with another tokenizer first needs them
     refused: dict[int, str] = {}  # nodes that are no client of this run
     known: dict[int, Member] = {}  # node -> the client it was accepted as
     for r in range(start + 1, cfg.fedmkt.rounds + 1):
@@ -398,7 +452,8 @@ def run_server(transport: Transport, cfg: FedMKTConfig) -> dict[str, Any]:
         # Steps 1-2 on every connected node; who is who comes with the replies.
         nodes = [n for n in transport.nodes() if n not in refused]
         first = len(history) == 1  # round 0 still lacks the clients' own evaluation
-        request = RecordDict({"task": _task(round=r, **{"evaluate-before": first})})
+        request = RecordDict({"task": _task(round=r, **{"evaluate-before": first}),
+                              "server": ConfigRecord({**server_record, "known-tokenizers": " ".join(book.known())})})
         replies = transport.ask({n: ("train", request) for n in nodes}, timeout, f"{r}.local")
         outs = local_phase(replies, nodes, cfg, facts, refused, left, rec, known)
         if first:
@@ -408,19 +463,28 @@ def run_server(transport: Transport, cfg: FedMKTConfig) -> dict[str, Any]:
         # Steps 4-7, the clients in the config's order.
         order = sorted(outs)
         server_out, info = server_step(server, server_out, [outs[p][0].peer() for p in order],
-                                       [outs[p][1]["payload"] for p in order], cfg, r)
+                                       [outs[p][1]["payload"] for p in order], cfg, r, bridges=bridges)
         rec["selected"][server.name] = info["selected"]
         rec["loss"][f"{server.name}/public"] = info["logs"][-1]["loss"] if info["logs"] else None
 
         # Steps 8-11.
         evaluate = r % cfg.fedmkt.eval_every == 0 or r == cfg.fedmkt.rounds
         payload = wire.to_array_record(wire.encode(server_out, server.vocab_size), f.chunk_bytes)
-        request = RecordDict({
+        parts = {
             "task": _task(round=r, evaluate=evaluate and not cfg.fedmkt.fedavg, **{"send-adapter": cfg.fedmkt.fedavg}),
-            "server": ConfigRecord({"name": server.name, "vocab-size": server.vocab_size, "fingerprint": server.fingerprint}),
+            "server": ConfigRecord(server_record),
             "server-positions": ArrayRecord({"positions": Array(np.asarray(server.positions(), dtype=np.int64))}),
-            "payload": payload})
-        requests = {outs[p][0].node: ("train.update", request) for p in order}
+            "payload": payload}
+        requests = {}
+        for p in order:
+            m, content = outs[p]
+            if content["needs-server-tokenizer"]:  # once per client: it keeps the server's tokenizer
+                if server_tokenizer is None:
+                    server_tokenizer = tokenizer_record(server.tok)
+                requests[m.node] = ("train.update", RecordDict({**parts, "server-tokenizer": server_tokenizer}))
+                rec.setdefault("bytes_tokenizer_down", {})[m.name] = wire.record_nbytes(server_tokenizer)
+            else:
+                requests[m.node] = ("train.update", RecordDict(parts))
         replies = transport.ask(requests, timeout, f"{r}.update")
         done = update_phase(replies, [outs[p][0] for p in order], cfg, left, r)
         evals: dict[str, dict[str, float]] = {}
