@@ -730,19 +730,83 @@ def test_simulation_two_clients_one_round_equals_in_process(reference, tiny_dirs
         assert_same_adapters(adapters(ref_out / "rounds/round-001", c), adapters(client_state_dir(out, c), c))
 
 
-class Deployment:
-    """flower-superlink and one flower-supernode per client on 127.0.0.1, free ports, a private FLWR_HOME."""
+def make_certificates(folder: Path) -> launch.TLS:
+    """A CA and a SuperLink certificate for 127.0.0.1 signed by it, made for the test (cryptography)."""
+    import datetime
+    import ipaddress
 
-    def __init__(self, root: Path, clients: int):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    folder.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def cert(subject, issuer, key, signer, ca, san=None):
+        b = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+             .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)])).public_key(key.public_key())
+             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+             .not_valid_after(now + datetime.timedelta(days=1))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if san:
+            b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
+        return b.sign(signer, hashes.SHA256())
+
+    def write(path, data):
+        path.write_bytes(data)
+        return path
+
+    ca_key, key = ec.generate_private_key(ec.SECP384R1()), ec.generate_private_key(ec.SECP384R1())
+    ca = cert("kdflow test CA", "kdflow test CA", ca_key, ca_key, True)
+    server = cert("127.0.0.1", "kdflow test CA", key, ca_key, False,
+                  [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")])
+    pem = serialization.Encoding.PEM
+    return launch.TLS(write(folder / "ca.crt", ca.public_bytes(pem)), write(folder / "server.pem", server.public_bytes(pem)),
+                      write(folder / "server.key", key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                                                     serialization.NoEncryption())))
+
+
+def make_node_key(folder: Path, name: str) -> tuple[Path, Path]:
+    """A SuperNode's key pair as Flower reads them: ECDSA P-384 in OpenSSH format (private, public)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    private, public = folder / name, folder / f"{name}.pub"
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                          serialization.NoEncryption()))
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+    private.chmod(0o600)
+    return private, public
+
+
+class Deployment:
+    """flower-superlink and one flower-supernode per client on 127.0.0.1, free ports, a private FLWR_HOME.
+    `secure`: TLS (certificates made for the test) and SuperNode authentication: the first `clients`
+    SuperNodes' public keys are registered; `unregistered` more SuperNodes start with keys that are not."""
+
+    def __init__(self, root: Path, clients: int, secure: bool = False, unregistered: int = 0):
         self.root, self.procs = root, launch.Processes()
         self.home = Path(tempfile.mkdtemp(prefix="flwr-home-"))
         self.env = launch.flower_env(self.home)
         self.logs = root / "logs"
+        tls = make_certificates(root / "certs") if secure else None
         try:
-            self.address = launch.start_superlink(self.procs, self.env, self.logs, simulation=False)
-            launch.write_connection(self.home, self.address, insecure=True)
-            self.nodes = [launch.start_supernode(self.procs, self.env, self.logs, self.address, f"partition-id={p}",
-                                                 f"supernode-{p}") for p in range(clients)]
+            self.address = launch.start_superlink(self.procs, self.env, self.logs, simulation=False, tls=tls,
+                                                  node_auth=secure)
+            launch.write_connection(self.home, self.address, insecure=not secure,
+                                    root_certificates=str(tls.ca_cert) if tls else None)
+            self.nodes = []
+            for p in range(clients + unregistered):
+                key = None
+                if secure:
+                    key, public = make_node_key(root / "certs", f"supernode-{p}")
+                    if p < clients:
+                        launch.register_supernode(public, self.env)
+                self.nodes.append(launch.start_supernode(
+                    self.procs, self.env, self.logs, self.address, f"partition-id={p % clients}", f"supernode-{p}",
+                    root_certificates=tls.ca_cert if tls else None, auth_private_key=key))
         except BaseException:
             self.close()
             raise
@@ -758,11 +822,16 @@ class Deployment:
         shutil.rmtree(self.home, ignore_errors=True)
 
 
-def test_deployment_superlink_and_two_supernodes_two_rounds(reference, tiny_dirs, tmp_path):
-    ref_out, ref_hist = reference
+def test_secure_deployment_with_two_tokenizers_equals_in_process_and_refuses_an_unregistered_supernode(
+        hetero_reference, tiny_dirs, unigram_dir, tmp_path):
+    """flower-superlink over TLS with SuperNode authentication (certificates and keys made here), three
+    registered SuperNodes for c1 (the server's tokenizer), c2 and c3 (their own), and a fourth whose
+    key is not registered: Flower refuses it, the run completes with the three and equals the
+    in-process runner (adapters, final models, per-round metrics)."""
+    ref_out, ref_hist = hetero_reference
     out = tmp_path / "deploy"
-    cfg = fed_cfg(tiny_dirs, out, 2, 2, "flower.chunk_bytes=4096")  # payloads of ~12 kB go in chunks
-    dep = Deployment(tmp_path, 2)
+    cfg = hetero_cfg(tiny_dirs, unigram_dir, out, 2, "flower.chunk_bytes=4096")  # payloads of ~12 kB go in chunks
+    dep = Deployment(tmp_path, 3, secure=True, unregistered=1)
     try:
         t0 = time.time()
         run_id = dep.submit(cfg)
@@ -773,16 +842,17 @@ def test_deployment_superlink_and_two_supernodes_two_rounds(reference, tiny_dirs
         dep.close()
     assert status == "finished:completed", log[-3000:]
     m = json.loads((out / "metrics.json").read_text())
-    print(f"deployment run: {seconds:.0f} s wall from flwr run to completion; rounds "
-          + ", ".join(f"{h['seconds']:.0f} s" for h in m["rounds"][1:]))
-    assert [h["round"] for h in m["rounds"]] == [0, 1, 2] and all(h["clients"] == ["c1", "c2"] for h in m["rounds"][1:])
-    for ha, hb in zip(ref_hist, m["rounds"]):
-        assert_same_evals(ha["eval"], hb["eval"])
-        assert ha.get("bytes_up") == hb.get("bytes_up")
-    assert_same_adapters(adapters(ref_out / "rounds/round-002", "server"), adapters(out / "rounds/round-002", "server"))
-    for c in ("c1", "c2"):
-        assert_same_adapters(adapters(ref_out / "rounds/round-002", c), adapters(client_state_dir(out, c), c))
-    assert_same_finals(ref_out, out, ("c1", "c2"))
+    print(f"secure deployment: {seconds:.0f} s wall from flwr run to completion; rounds "
+          + ", ".join(f"{h['seconds']:.0f} s" for h in m["rounds"][1:]) + "; bytes per round "
+          + str(m["bytes_per_round"]))
+    assert all(h["clients"] == ["c1", "c2", "c3"] for h in m["rounds"][1:]) and not m["left_out"]
+    assert not any(h.get("node_errors") for h in m["rounds"][1:])  # the unregistered node never took part
+    assert_same_run(ref_out, ref_hist, out, m["rounds"], ("c1", "c2", "c3"), 2)
+    intruder = (dep.logs / "supernode-3.log").read_text()
+    print("unregistered SuperNode:", [ln for ln in intruder.splitlines() if ln.strip()][-3:])
+    assert re.search(r"UNAUTHENTICATED|PERMISSION_DENIED|not registered|[Aa]uthenticat", intruder), intruder[-2000:]
+    superlink = (dep.logs / "superlink.log").read_text()
+    assert "--insecure" not in " ".join(dep.procs.procs[0][1].args) and "SSL" not in superlink.split("\n")[0]
     # the processes are gone
     assert all(p.poll() is not None for _, p in dep.procs.procs)
 
