@@ -329,6 +329,39 @@ def test_node_config_errors_name_the_key():
         node_from_config(cfg, {})
 
 
+def _tokenizer_record(tok, **change):
+    from kdflow.federated.tokenizers import tokenizer_files
+
+    files = tokenizer_files(tok)
+    for name, data in change.items():
+        name = name.replace("__", ".")
+        if data is None:
+            files.pop(name, None)
+        else:
+            files[name] = data
+    return ArrayRecord({n: Array(np.frombuffer(d, dtype=np.uint8).copy()) for n, d in files.items()})
+
+
+@pytest.mark.parametrize("change,fingerprint,match", [
+    ({}, "wrong", "do not match the fingerprint"),
+    ({"tokenizer__json": None}, None, "no tokenizer.json"),
+    ({"tokenizer__json": b"{not json"}, None, "is not valid UTF-8 JSON"),
+    ({"tokenizer_config__json": json.dumps({"auto_map": {"AutoTokenizer": ["evil.Tok", None]}}).encode()}, None,
+     "names code to load"),
+    ({"modeling_evil__py": b"import os"}, None, "is not one of"),
+])
+def test_a_tokenizer_on_the_wire_is_checked_before_use(bpe_tok, change, fingerprint, match):
+    from kdflow.federated.tokenizers import read_tokenizer
+    from kdflow.models import tokenizer_fingerprint
+
+    good = read_tokenizer(_tokenizer_record(bpe_tok), "client 'c2'", tokenizer_fingerprint(bpe_tok))
+    assert good(["the opposite of hot"])["input_ids"] == bpe_tok(["the opposite of hot"])["input_ids"]
+    with pytest.raises(wire.PayloadError, match=match):
+        read_tokenizer(_tokenizer_record(bpe_tok, **change), "client 'c2'", fingerprint)
+    with pytest.raises(wire.PayloadError, match="over the limit"):
+        read_tokenizer(_tokenizer_record(bpe_tok), "client 'c2'", max_bytes=100)
+
+
 # ----------------------------------------------------------------------------------------------
 # Runs on tiny models
 
