@@ -743,23 +743,24 @@ def test_a_failed_flower_run_prints_the_servers_reason_naming_the_client(tiny_di
 # Real Flower runs
 
 
-def test_simulation_two_clients_one_round_equals_in_process(reference, tiny_dirs, tmp_path):
-    """`kdflow fedmkt-flower` without a SuperLink: Flower's simulation runtime (Ray), 2 clients x 1 round."""
-    ref_out, ref_hist = reference
+def test_simulation_with_two_tokenizers_one_round_equals_in_process(hetero_reference, tiny_dirs, unigram_dir, tmp_path):
+    """`kdflow fedmkt-flower` without a SuperLink: Flower's simulation runtime (Ray), the 3-client
+    config with two tokenizers, 1 round, equal to round 1 of the in-process runner."""
+    ref_out, ref_hist = hetero_reference
     out = tmp_path / "sim"
-    cfg = fed_cfg(tiny_dirs, out, 2, 1)
+    cfg = hetero_cfg(tiny_dirs, unigram_dir, out, 1)
     yaml_path = tmp_path / "sim.yaml"
     from kdflow.config import dump_yaml
 
     yaml_path.write_text(dump_yaml(cfg))
     assert main(["fedmkt-flower", "--config", str(yaml_path)]) == 0
     m = json.loads((out / "metrics.json").read_text())
-    assert [h["round"] for h in m["rounds"]] == [0, 1] and m["rounds"][1]["clients"] == ["c1", "c2"]
+    assert [h["round"] for h in m["rounds"]] == [0, 1] and m["rounds"][1]["clients"] == ["c1", "c2", "c3"]
     for r in (0, 1):
         assert_same_evals(ref_hist[r]["eval"], m["rounds"][r]["eval"])
-    assert m["rounds"][1]["bytes_up"] == ref_hist[1]["bytes_up"]
+    assert m["rounds"][1]["bytes_up"] == ref_hist[1]["bytes_up"] and m["rounds"][1]["selected"] == ref_hist[1]["selected"]
     assert_same_adapters(adapters(ref_out / "rounds/round-001", "server"), adapters(out / "rounds/round-001", "server"))
-    for c in ("c1", "c2"):
+    for c in ("c1", "c2", "c3"):
         assert_same_adapters(adapters(ref_out / "rounds/round-001", c), adapters(client_state_dir(out, c), c))
 
 
