@@ -69,6 +69,57 @@ def test_array_record_round_trip_in_chunks():
             assert np.array_equal(getattr(got, f), getattr(ref, f))
 
 
+def realistic_outputs(n: int = 40, k: int = 128, vocab: int = 49152, seed: int = 0):
+    """Top-k of peaked next-token distributions over a SmolLM2-sized vocabulary, like a real model's."""
+    rng = np.random.default_rng(seed)
+    positions = rng.integers(3, 12, size=n).tolist()
+    rows = sum(positions)
+    logits = rng.standard_t(3, size=(rows, vocab)).astype(np.float32) * 2.5
+    logp = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+    ids = np.argsort(-logp, axis=1)[:, :k]
+    top = np.take_along_axis(logp, ids, axis=1)
+    tail = np.log1p(-np.minimum(np.exp(np.logaddexp.reduce(top.astype(np.float64), axis=1)), 1 - 1e-12))
+    return wire.PublicOutputs(ids.astype(np.int64), top, tail.astype(np.float32),
+                              np.concatenate([[0], np.cumsum(positions)]).astype(np.int64),
+                              rng.uniform(0.5, 3, size=n).astype(np.float32)), positions
+
+
+def test_uint8_log_prob_codes_round_trip_within_a_level_and_are_8x_smaller_than_the_reference():
+    out, positions = realistic_outputs()
+    out.logp[0, -3:] = -np.inf  # probability 0 survives as its own code
+    out.logp[0, :-3] -= np.log(np.exp(out.logp[0, :-3].astype(np.float64)).sum() + np.exp(out.tail_logp[0]))
+    arrays = wire.encode(out, 49152, "uint8")
+    assert arrays["logp"].dtype == np.uint8 and set(arrays) == set(wire.fields("uint8"))
+    record = wire.to_array_record(arrays, chunk_bytes=2048)
+    back = wire.from_array_record(record, sender="c1", vocab_size=49152, k=128, positions=positions, logp_format="uint8")
+    assert np.array_equal(back.ids, out.ids) and np.isneginf(back.logp[0, -3:]).all()
+    finite = np.isfinite(out.logp)
+    err = np.abs(back.logp[finite] - out.logp[finite])
+    # half a level, plus the shift that makes each position sum to 1 again (at most another half)
+    level = np.broadcast_to(arrays["logp_scale"][:, None], out.logp.shape)[finite]
+    assert (err <= level + 1e-4).all() and np.median(err / level) < 0.5
+    print(f"uint8 codes: level {np.median(arrays['logp_scale']):.3f} nats (median), |error| median {np.median(err):.3f}, "
+          f"max {err.max():.3f} nats")
+    mass = np.logaddexp(np.logaddexp.reduce(back.logp, axis=1), back.tail_logp)
+    assert np.abs(mass).max() < 1e-4
+    # bytes per position at k = 128: 396 against float16's 516; against the reference nested lists
+    per_pos16 = wire.nbytes(wire.encode(out, 49152)) / sum(positions)
+    per_pos8 = wire.nbytes(arrays) / sum(positions)
+    ref = wire.reference_format_bytes(out)
+    print(f"k=128: float16 {per_pos16:.0f} B/position ({ref / wire.nbytes(wire.encode(out, 49152)):.1f}x smaller than "
+          f"the reference), uint8 {per_pos8:.0f} B/position ({ref / wire.nbytes(arrays):.1f}x)")
+    assert per_pos8 < 400 and ref / wire.nbytes(arrays) >= 8
+    # the receiver reads the format it is configured for, not what a sender chose
+    with pytest.raises(wire.PayloadError, match="unexpected array 'logp_top"):
+        wire.from_array_record(record, sender="c1", vocab_size=49152, k=128, positions=positions)
+    with pytest.raises(wire.PayloadError, match="missing"):
+        wire.from_array_record(wire.to_array_record(wire.encode(out, 49152)), sender="c1", vocab_size=49152, k=128,
+                               positions=positions, logp_format="uint8")
+    bad = dict(arrays, logp_scale=-arrays["logp_scale"])
+    with pytest.raises(wire.PayloadError, match="scales >= 0"):
+        wire.decode(bad, sender="c1", vocab_size=49152, k=128, positions=positions, logp_format="uint8")
+
+
 def _set(record, key, a):
     record[key] = Array(a)
 
@@ -563,6 +614,23 @@ def test_clients_with_their_own_tokenizers_over_flower_equal_the_in_process_runn
     assert "bytes_tokenizer_up" not in r2 and "bytes_tokenizer_down" not in r2
     assert r1["selected"]["server"]["c2"] + r1["selected"]["server"]["c3"] > 0  # the server learned across tokenizers
     assert (client_state_dir(out, "c2").parent / "peer-tokenizers").is_dir()
+
+
+def test_uint8_wire_over_flower_equals_in_process(reference, tiny_dirs, tmp_path):
+    """fedmkt.wire_logprobs=uint8: the in-process runner and the Flower server read the same codes;
+    printed: how far the parties' final held-out NLL moves from the float16 run (`reference`)."""
+    from kdflow.federated.simulation import World, run_rounds
+    from kdflow.training import setup_run
+
+    ref = fed_cfg(tiny_dirs, tmp_path / "inproc", 2, 2, "fedmkt.wire_logprobs=uint8")
+    setup_run(ref.output_dir, ref, ref.seed)
+    ref_hist = run_rounds(World(ref), Path(ref.output_dir))
+    cfg = replace(ref, output_dir=str(tmp_path / "flower"))
+    metrics = run_server(LocalTransport(cfg, 2), cfg)
+    assert_same_run(Path(ref.output_dir), ref_hist, Path(cfg.output_dir), metrics["rounds"], ("c1", "c2"), 2)
+    fp16 = reference[1][-1]["eval"]
+    print("answer NLL after 2 rounds, float16 -> uint8 wire: " + ", ".join(
+        f"{p} {fp16[p]['answer_nll']:.4f} -> {ref_hist[-1]['eval'][p]['answer_nll']:.4f}" for p in fp16))
 
 
 @pytest.fixture(scope="module")

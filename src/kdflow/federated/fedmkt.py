@@ -241,12 +241,12 @@ def public_outputs(party: Party, k: int, temperature: float, batch_size: int = 1
 
 
 def send(out: wire.PublicOutputs, sender: Party, receiver_expects: list[int], k: int,
-         divergence: str = "fkl") -> tuple[wire.PublicOutputs, int]:
+         divergence: str = "fkl", logp_format: str = "float16") -> tuple[wire.PublicOutputs, int]:
     """Encode, count the bytes, and decode with the receiver's checks: the in-process runner uses the
     same wire format (and the same validation) as the Flower app."""
-    arrays = wire.encode(out, sender.vocab_size)
+    arrays = wire.encode(out, sender.vocab_size, logp_format)
     decoded = wire.decode(arrays, sender=sender.name, vocab_size=sender.vocab_size, k=k, positions=receiver_expects,
-                          finite_support=divergence == "rkl")
+                          finite_support=divergence == "rkl", logp_format=logp_format)
     return decoded, wire.nbytes(arrays)
 
 

@@ -236,7 +236,7 @@ class ClientState:
         with np.load(d / "own_outputs.npz", allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
         return wire.decode(arrays, sender=f"{d}/own_outputs.npz", vocab_size=party.vocab_size, k=cfg.fedmkt.top_k,
-                           positions=party.positions())
+                           positions=party.positions(), logp_format="float32")
 
     def save(self, party: Any, info: dict[str, Any], own: wire.PublicOutputs | None = None) -> None:
         from kdflow.federated.fedmkt import save_party_state
@@ -247,7 +247,7 @@ class ClientState:
         new = Path(tempfile.mkdtemp(prefix="state-", dir=self.folder))
         save_party_state(party, new)
         if own is not None:
-            np.savez(new / "own_outputs.npz", **wire.encode(own, party.vocab_size))
+            np.savez(new / "own_outputs.npz", **wire.encode(own, party.vocab_size, "float32"))
         elif old is not None and (old / "own_outputs.npz").is_file():
             shutil.copy2(old / "own_outputs.npz", new / "own_outputs.npz")
         write_json(new / "state.json", info)
@@ -347,14 +347,15 @@ def handle_local(content: Any, cfg: FedMKTConfig, node_config: Mapping[str, Any]
         # rather than training twice.
         with _stage(node.name, "loading its saved outputs"):
             own, logs = state.own_outputs(party, cfg), []
-            arrays = wire.encode(own, party.vocab_size)
+            arrays = wire.encode(own, party.vocab_size, cfg.fedmkt.wire_logprobs)
     else:
         with _stage(node.name, "training on its private data"):
             out, logs = client_local_step(party, cfg, r)
-            arrays = wire.encode(out, party.vocab_size)
-            # Keep what the server sees (fp16 log-probs): the update step selects against it, as in-process.
+            arrays = wire.encode(out, party.vocab_size, cfg.fedmkt.wire_logprobs)
+            # Keep what the server sees (its log-probs as they travel): the update step selects against it, as in-process.
             own = wire.decode(arrays, sender=node.name, vocab_size=party.vocab_size, k=cfg.fedmkt.top_k,
-                              positions=party.positions(), finite_support=cfg.fedmkt.divergence == "rkl")
+                              positions=party.positions(), finite_support=cfg.fedmkt.divergence == "rkl",
+                              logp_format=cfg.fedmkt.wire_logprobs)
         with _stage(node.name, "saving its state"):
             state.save(party, {**info, "local_round": r}, own)
     server = dict(content.config_records["server"]) if "server" in content.config_records else {}
@@ -420,7 +421,8 @@ def handle_update(content: Any, cfg: FedMKTConfig, node_config: Mapping[str, Any
         received = wire.from_array_record(content.array_records["payload"], sender=server.name,
                                           vocab_size=server.vocab_size, k=cfg.fedmkt.top_k, positions=positions,
                                           max_bytes=cfg.flower.max_payload_bytes,
-                                          finite_support=cfg.fedmkt.divergence == "rkl")
+                                          finite_support=cfg.fedmkt.divergence == "rkl",
+                                          logp_format=cfg.fedmkt.wire_logprobs)
     with _stage(node.name, "learning from the server"):
         from kdflow.federated.fedmkt import Bridges
 

@@ -219,7 +219,7 @@ def check_local(reply: Any, m: Member, cfg: FedMKTConfig) -> dict[str, Any]:
                        "data settings")
     out = wire.from_array_record(reply.array_records["payload"], sender=m.name, vocab_size=f.vocab_size,
                                  k=cfg.fedmkt.top_k, positions=f.positions, max_bytes=cfg.flower.max_payload_bytes,
-                                 finite_support=cfg.fedmkt.divergence == "rkl")
+                                 finite_support=cfg.fedmkt.divergence == "rkl", logp_format=cfg.fedmkt.wire_logprobs)
     metrics = reply.metric_records["metrics"]
     return {"payload": out, "loss": _number(metrics, "loss.private", 0.0, required=False),
             "eval-before": _eval_record(reply, "eval-before"),
@@ -469,7 +469,7 @@ def run_server(transport: Transport, cfg: FedMKTConfig) -> dict[str, Any]:
 
         # Steps 8-11.
         evaluate = r % cfg.fedmkt.eval_every == 0 or r == cfg.fedmkt.rounds
-        payload = wire.to_array_record(wire.encode(server_out, server.vocab_size), f.chunk_bytes)
+        payload = wire.to_array_record(wire.encode(server_out, server.vocab_size, cfg.fedmkt.wire_logprobs), f.chunk_bytes)
         parts = {
             "task": _task(round=r, evaluate=evaluate and not cfg.fedmkt.fedavg, **{"send-adapter": cfg.fedmkt.fedavg}),
             "server": ConfigRecord(server_record),

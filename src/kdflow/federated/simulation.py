@@ -145,7 +145,8 @@ def run_rounds(world: World, out_dir: Path, label: str = "fedmkt", train_server:
         client_outs = []
         for c in clients:
             out, logs = client_local_step(c, cfg, r)
-            out, nbytes = send(out, c, c.positions(), cfg.fedmkt.top_k, cfg.fedmkt.divergence)  # client -> server
+            out, nbytes = send(out, c, c.positions(), cfg.fedmkt.top_k, cfg.fedmkt.divergence,
+                                cfg.fedmkt.wire_logprobs)  # client -> server
             rec["bytes_up"][c.name] = nbytes
             rec["loss"][f"{c.name}/private"] = logs[-1]["loss"] if logs else None
             client_outs.append(out)
@@ -155,7 +156,8 @@ def run_rounds(world: World, out_dir: Path, label: str = "fedmkt", train_server:
             rec["selected"][server.name] = info["selected"]
             rec["loss"][f"{server.name}/public"] = info["logs"][-1]["loss"] if info["logs"] else None
         for c, c_out in zip(clients, client_outs):
-            received, nbytes = send(server_out, server, server.positions(), cfg.fedmkt.top_k, cfg.fedmkt.divergence)  # server -> client
+            received, nbytes = send(server_out, server, server.positions(), cfg.fedmkt.top_k, cfg.fedmkt.divergence,
+                                    cfg.fedmkt.wire_logprobs)  # server -> client
             rec["bytes_down"][c.name] = nbytes
             info_c = client_update_step(c, c_out, server, received, cfg, r, bridges=world.bridges)
             rec["selected"][c.name] = info_c["selected"]
