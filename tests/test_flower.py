@@ -27,7 +27,8 @@ from kdflow.federated import payload as wire  # noqa: E402
 from kdflow.federated.flower_app import (APP_PYPROJECT, RUN_CONFIG_KEYS, config_from_run_config,  # noqa: E402
                                          run_config_from_yaml, write_app, write_run_config)
 from kdflow.federated.flower_client import HANDLERS, ClientState, node_from_config  # noqa: E402
-from kdflow.federated.flower_server import Facts, FlowerRunError, Member, local_phase, run_server  # noqa: E402
+from kdflow.federated.flower_server import (Facts, FlowerRunError, Member, TokenizerBook, local_phase,  # noqa: E402
+                                           run_server)
 
 from conftest import DATA, ROOT  # noqa: E402
 
@@ -221,6 +222,10 @@ def _forge(case: str, out, positions) -> RecordDict:
         return forged_reply(1, "c2", _with(out, ids=ids), positions, vocab=70000)
     if case == "other tokenizer":
         return forged_reply(1, "c2", out, positions, fingerprint="g")
+    if case == "broken tokenizer":
+        rep = forged_reply(1, "c2", out, positions, fingerprint="g")
+        rep["tokenizer"] = ArrayRecord({"tokenizer.json": Array(np.frombuffer(b"{oops", dtype=np.uint8).copy())})
+        return rep
     if case == "shifted positions":
         return forged_reply(1, "c2", *_shift_positions(out, positions))
     if case == "zero mass":
@@ -245,7 +250,8 @@ def _forge(case: str, out, positions) -> RecordDict:
 
 @pytest.mark.parametrize("case,match", [
     ("vocabulary claim", r"uses another tokenizer than the server \(70000 tokens"),
-    ("other tokenizer", r"uses another tokenizer .*kdflow fedmkt"),
+    ("other tokenizer", r"uses another tokenizer than the server \(fingerprint g\) but sent none"),
+    ("broken tokenizer", r"payload rejected: tokenizer from client 'c2': 'tokenizer.json' is not valid UTF-8 JSON"),
     ("shifted positions", r"counts \d+ answer positions in public sample 0 where the server's tokenization has \d+"),
     ("no metrics", r"malformed reply: no 'metrics' record"),
     ("zero mass", r"payload rejected: .*position 4 sum to 0, not 1"),
@@ -262,7 +268,8 @@ def test_a_forged_local_reply_is_left_out_and_the_round_goes_on(case, match):
     out, positions = synthetic_outputs()
     replies = {1: forged_reply(0, "c1", out, positions), 2: _forge(case, out, positions)}
     refused, left, rec = {}, {}, {"round": 1, "bytes_up": {}, "loss": {}, "node_errors": {}}
-    got = local_phase(replies, [1, 2], cfg, Facts("server", "P", 300, "f", positions), refused, left, rec, {})
+    facts = Facts("server", "P", 300, "f", positions, tokenizers=TokenizerBook(cfg, None))
+    got = local_phase(replies, [1, 2], cfg, facts, refused, left, rec, {})
     assert list(got) == [0] and set(rec["bytes_up"]) == {"c1"}
     assert set(left) == {"c2"} and re.search(match, left["c2"]), left["c2"]
 

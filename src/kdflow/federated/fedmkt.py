@@ -273,8 +273,9 @@ class Bridges:
 def _check_cross(sender: Party | Peer, receiver: Party, bridges: Bridges | None) -> None:
     """Parties with different tokenizers: what carrying knowledge between them needs."""
     if isinstance(sender, Peer):
-        raise ConfigError(f"parties '{sender.name}' and '{receiver.name}' use different tokenizers: over Flower, parties "
-                          "must share one tokenizer for now; run heterogeneous tokenizers with `kdflow fedmkt`")
+        raise ConfigError(f"parties '{sender.name}' and '{receiver.name}' use different tokenizers, and '{sender.name}' is "
+                          "known only by its messages: carrying its distributions needs its tokenizer (over Flower it is "
+                          "exchanged once and the sender becomes a `remote_party`); in-process, run `kdflow fedmkt`")
     if bridges is None or receiver.public_rows is None or sender.public_rows is None:
         raise ConfigError(f"parties '{sender.name}' and '{receiver.name}' use different tokenizers: pass the public rows "
                           "and alignment settings (kdflow.align) to carry distributions between them")
