@@ -208,8 +208,8 @@ def check_local(reply: Any, m: Member, cfg: FedMKTConfig) -> dict[str, Any]:
         f = m.facts = f.tokenizers.facts_for(reply, m, f)
     if c.get("fingerprint") != f.fingerprint or c.get("vocab-size") != f.vocab_size:
         raise BadReply(f"client '{m.name}' uses another tokenizer than the server ({c.get('vocab-size')!r} tokens, "
-                       f"fingerprint {str(c.get('fingerprint'))[:40]}): over Flower every party must share the server's "
-                       "tokenizer; run heterogeneous tokenizers with `kdflow fedmkt`")
+                       f"fingerprint {str(c.get('fingerprint'))[:40]}) than the one the server checks it against "
+                       f"({f.vocab_size} tokens, fingerprint {f.fingerprint[:40]})")
     positions = wire.read_array(reply.array_records["positions"]["positions"], f"answer positions from '{m.name}'",
                                 ("int64",), (len(f.positions),))
     if positions.tolist() != f.positions:
