@@ -451,6 +451,7 @@ def run_server(transport: Transport, cfg: FedMKTConfig) -> dict[str, Any]:
 
         # Steps 1-2 on every connected node; who is who comes with the replies.
         nodes = [n for n in transport.nodes() if n not in refused]
+        rec["nodes"] = len(nodes)
         first = len(history) == 1  # round 0 still lacks the clients' own evaluation
         request = RecordDict({"task": _task(round=r, **{"evaluate-before": first}),
                               "server": ConfigRecord({**server_record, "known-tokenizers": " ".join(book.known())})})
@@ -519,6 +520,7 @@ def run_server(transport: Transport, cfg: FedMKTConfig) -> dict[str, Any]:
         finals[name] = {"node": f"on client '{name}'s own node, in <state-dir>/final/ (node config state-dir; default "
                                 f"{Path(cfg.flower.state_dir or Path(cfg.output_dir) / 'flower-clients') / name}/final)"}
     metrics = {"transport": "flower", "rounds": history, "seconds": time.time() - t_start, "final_models": finals,
+               "refused_nodes": {str(n): why for n, why in refused.items()},
                "bytes_per_round": [{"round": h["round"], "up": sum(h["bytes_up"].values()),
                                     "down": sum(h["bytes_down"].values())} for h in history if "bytes_up" in h],
                "left_out": {str(h["round"]): h["left_out"] for h in history if h.get("left_out")}}
