@@ -49,8 +49,8 @@ def main() -> None:
           f"({sum(positions) / len(positions):.1f} per row), vocabulary {client.vocab_size}")
     print()
     print("| k | kdflow arrays | in Flower records | reference (nested lists) | reference / kdflow | bytes per position "
-          "| encode + records + validate |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+          "| encode + records + validate | uint8 codes (fedmkt.wire_logprobs) | reference / uint8 |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     with Timer() as t_fwd:
         full = public_outputs(client, k=max(args.k), temperature=1.0, batch_size=16)
     wire.to_array_record(wire.encode(full, client.vocab_size))  # warm-up: imports Flower
@@ -71,8 +71,13 @@ def main() -> None:
         assert np.array_equal(back.ids, out.ids)
         err = float(np.abs(np.where(np.isfinite(out.logp), back.logp - out.logp, 0)).max())
         assert err < 1e-3 * max(1.0, float(-out.logp[np.isfinite(out.logp)].min())), err
+        coded = wire.encode(out, client.vocab_size, "uint8")
+        back8 = wire.decode(coded, sender="c1", vocab_size=client.vocab_size, k=k, positions=positions, logp_format="uint8")
+        fin = np.isfinite(out.logp)
+        p_err = float(np.abs(np.exp(back8.logp[fin]) - np.exp(out.logp[fin].astype(np.float32))).max())
         print(f"| {k} | {ours:,} B | {on_records:,} B | {ref:,} B | {ref / ours:.1f}x | {ours / sum(positions):.0f} "
-              f"| {t_wire.seconds * 1000:.0f} ms |")
+              f"| {t_wire.seconds * 1000:.0f} ms | {wire.nbytes(coded):,} B | {ref / wire.nbytes(coded):.1f}x |")
+        print(f"<!-- k={k}: uint8 codes: max |p - p_decoded| {p_err:.2e} -->")
         print(f"<!-- k={k}: reference serialisation {t_ref:.2f} s; max |fp16 - fp32| log-prob error {err:.2e} -->")
     print(f"<!-- client forward over the public set: {t_fwd.seconds:.1f} s -->")
     print()

@@ -114,6 +114,16 @@ def tiny_dirs(tmp_path_factory, bpe_tok):
     return out
 
 
+@pytest.fixture(scope="session")
+def unigram_dir(tmp_path_factory):
+    """A tiny client whose tokenizer (Unigram, SentencePiece-style) differs from the tiny_dirs BPE."""
+    tok = train_tokenizer("unigram", vocab_size=500)
+    d = tmp_path_factory.mktemp("unigram_client")
+    tiny_llama(tok, layers=2, hidden=32, seed=21).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path

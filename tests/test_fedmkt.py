@@ -14,17 +14,7 @@ from kdflow.federated import payload as wire
 from kdflow.federated.fedmkt import client_local_step, make_party, public_outputs, select_targets
 from kdflow.federated.selection import OWN, SKIP, dualmince, no_selection, reference_rule, weighted
 
-from conftest import DATA, tiny_llama, train_tokenizer
-
-
-@pytest.fixture(scope="module")
-def unigram_dir(tmp_path_factory):
-    """A tiny client whose tokenizer (Unigram, SentencePiece-style) differs from the server's BPE."""
-    tok = train_tokenizer("unigram", vocab_size=500)
-    d = tmp_path_factory.mktemp("unigram_client")
-    tiny_llama(tok, layers=2, hidden=32, seed=21).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+from conftest import DATA, tiny_llama
 
 
 # ----------------------------------------------------------------------------------------------
@@ -454,3 +444,59 @@ def test_the_server_is_adapted_on_the_public_set_only(tmp_path, tiny_dirs, monke
     assert main([*bad[:1], f"output_dir={tmp_path / 'other'}", *bad[2:]]) == 2
     err = capsys.readouterr().err
     assert "clients[0].adapt.method=sft: only the server is adapted" in err and not (tmp_path / "other").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Final models
+
+
+def _logits(model, tok):
+    ids = tok("the opposite of hot is", return_tensors="pt")
+    with torch.no_grad():
+        return model(**ids).logits.float()
+
+
+def test_final_models_load_in_peft_kdflow_eval_and_as_a_distill_teacher(tmp_path, tiny_dirs, tiny_data, capsys):
+    """After the rounds every party's model is written as folders others load: the server's adapter
+    (on its base folder), a pruned client's adapter with its in-memory base saved beside it, and
+    merged copies (fedmkt.save_merged). `kdflow eval` of the server's adapter reproduces the run's
+    own final evaluation; the adapter teaches in `kdflow distill`."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "fed"
+    assert main(["fedmkt", f"output_dir={out}", f"server.model.name={tiny_dirs['teacher']}",
+                 f"clients=[{{name: c1, prune_from: {tiny_dirs['teacher']}, model: {{init: prune_teacher, "
+                 "keep_layers: [0, 3], lora: {enabled: true}}}]",
+                 f"data.train={DATA / 'train.jsonl'}", f"data.test={DATA / 'test.jsonl'}", "data.public_rows=8",
+                 "data.private_rows=8", "fedmkt.rounds=1", "fedmkt.top_k=8", "eval.max_rows=3", "eval.max_new_tokens=3",
+                 "train.batch_size=4", "baselines=[]", "fedmkt.save_merged=true"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    finals = m["final_models"]
+    assert set(finals) == {"server", "c1"}
+    assert finals["server"]["base"] == str(tiny_dirs["teacher"]) and finals["c1"]["base"] == str(out / "final/c1/base")
+    assert "## Final models" in (out / "report.md").read_text() and finals["c1"]["adapter"] in (out / "report.md").read_text()
+    tok = AutoTokenizer.from_pretrained(tiny_dirs["teacher"])
+    for name, w in finals.items():
+        cfg = json.loads((out / "final" / name / "adapter" / "adapter_config.json").read_text())
+        assert cfg["base_model_name_or_path"] == w["base"]
+        peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(w["base"]), w["adapter"]).eval()
+        merged = AutoModelForCausalLM.from_pretrained(w["merged"]).eval()
+        base = AutoModelForCausalLM.from_pretrained(w["base"]).eval()
+        a, b = _logits(peft, tok), _logits(merged, tok)
+        assert (a - b).abs().max() < 1e-4 and (a - _logits(base, tok)).abs().max() > 1e-6  # the adapter is in there
+    assert len(AutoModelForCausalLM.from_pretrained(finals["c1"]["base"]).model.layers) == 2
+    # kdflow eval of the saved adapter gives the run's own final numbers for the server
+    capsys.readouterr()
+    ev = tmp_path / "eval.json"
+    assert main(["eval", f"model.name={finals['server']['base']}", f"lora_adapter={finals['server']['adapter']}",
+                 f"data.test={DATA / 'test.jsonl'}", "eval.max_rows=3", "eval.max_new_tokens=3", f"output={ev}"]) == 0
+    got = json.loads(ev.read_text())["metrics"]
+    assert got["answer_nll"] == pytest.approx(m["rounds"][-1]["eval"]["server"]["answer_nll"], abs=1e-5)
+    # and the server's final adapter teaches a student
+    assert main(["distill", f"teacher.name={finals['server']['base']}", f"teacher.lora_adapter={finals['server']['adapter']}",
+                 f"student.name={tiny_dirs['student']}", f"data.train={tiny_data['train']}", f"output_dir={tmp_path / 'kd'}",
+                 "train.max_steps=1", "train.batch_size=4", "train.report_to=[none]", "train.save_steps=0",
+                 "evaluate_before=false", "data.max_train_rows=8", f"data.test={tiny_data['test']}", "eval.max_rows=2",
+                 "eval.max_new_tokens=2"]) == 0
+    assert json.loads((tmp_path / "kd" / "metrics.json").read_text())["train"]["steps"] == 1

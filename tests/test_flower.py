@@ -27,7 +27,8 @@ from kdflow.federated import payload as wire  # noqa: E402
 from kdflow.federated.flower_app import (APP_PYPROJECT, RUN_CONFIG_KEYS, config_from_run_config,  # noqa: E402
                                          run_config_from_yaml, write_app, write_run_config)
 from kdflow.federated.flower_client import HANDLERS, ClientState, node_from_config  # noqa: E402
-from kdflow.federated.flower_server import Facts, FlowerRunError, Member, local_phase, run_server  # noqa: E402
+from kdflow.federated.flower_server import (Facts, FlowerRunError, Member, TokenizerBook, local_phase,  # noqa: E402
+                                           run_server)
 
 from conftest import DATA, ROOT  # noqa: E402
 
@@ -67,6 +68,57 @@ def test_array_record_round_trip_in_chunks():
         ref = wire.decode(arrays, sender="c1", vocab_size=300, k=5, positions=positions)
         for f in wire.FIELDS:
             assert np.array_equal(getattr(got, f), getattr(ref, f))
+
+
+def realistic_outputs(n: int = 40, k: int = 128, vocab: int = 49152, seed: int = 0):
+    """Top-k of peaked next-token distributions over a SmolLM2-sized vocabulary, like a real model's."""
+    rng = np.random.default_rng(seed)
+    positions = rng.integers(3, 12, size=n).tolist()
+    rows = sum(positions)
+    logits = rng.standard_t(3, size=(rows, vocab)).astype(np.float32) * 2.5
+    logp = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+    ids = np.argsort(-logp, axis=1)[:, :k]
+    top = np.take_along_axis(logp, ids, axis=1)
+    tail = np.log1p(-np.minimum(np.exp(np.logaddexp.reduce(top.astype(np.float64), axis=1)), 1 - 1e-12))
+    return wire.PublicOutputs(ids.astype(np.int64), top, tail.astype(np.float32),
+                              np.concatenate([[0], np.cumsum(positions)]).astype(np.int64),
+                              rng.uniform(0.5, 3, size=n).astype(np.float32)), positions
+
+
+def test_uint8_log_prob_codes_round_trip_within_a_level_and_are_8x_smaller_than_the_reference():
+    out, positions = realistic_outputs()
+    out.logp[0, -3:] = -np.inf  # probability 0 survives as its own code
+    out.logp[0, :-3] -= np.log(np.exp(out.logp[0, :-3].astype(np.float64)).sum() + np.exp(out.tail_logp[0]))
+    arrays = wire.encode(out, 49152, "uint8")
+    assert arrays["logp"].dtype == np.uint8 and set(arrays) == set(wire.fields("uint8"))
+    record = wire.to_array_record(arrays, chunk_bytes=2048)
+    back = wire.from_array_record(record, sender="c1", vocab_size=49152, k=128, positions=positions, logp_format="uint8")
+    assert np.array_equal(back.ids, out.ids) and np.isneginf(back.logp[0, -3:]).all()
+    finite = np.isfinite(out.logp)
+    err = np.abs(back.logp[finite] - out.logp[finite])
+    # half a level, plus the shift that makes each position sum to 1 again (at most another half)
+    level = np.broadcast_to(arrays["logp_scale"][:, None], out.logp.shape)[finite]
+    assert (err <= level + 1e-4).all() and np.median(err / level) < 0.5
+    print(f"uint8 codes: level {np.median(arrays['logp_scale']):.3f} nats (median), |error| median {np.median(err):.3f}, "
+          f"max {err.max():.3f} nats")
+    mass = np.logaddexp(np.logaddexp.reduce(back.logp, axis=1), back.tail_logp)
+    assert np.abs(mass).max() < 1e-4
+    # bytes per position at k = 128: 396 against float16's 516; against the reference nested lists
+    per_pos16 = wire.nbytes(wire.encode(out, 49152)) / sum(positions)
+    per_pos8 = wire.nbytes(arrays) / sum(positions)
+    ref = wire.reference_format_bytes(out)
+    print(f"k=128: float16 {per_pos16:.0f} B/position ({ref / wire.nbytes(wire.encode(out, 49152)):.1f}x smaller than "
+          f"the reference), uint8 {per_pos8:.0f} B/position ({ref / wire.nbytes(arrays):.1f}x)")
+    assert per_pos8 < 400 and ref / wire.nbytes(arrays) >= 8
+    # the receiver reads the format it is configured for, not what a sender chose
+    with pytest.raises(wire.PayloadError, match="unexpected array 'logp_top"):
+        wire.from_array_record(record, sender="c1", vocab_size=49152, k=128, positions=positions)
+    with pytest.raises(wire.PayloadError, match="missing"):
+        wire.from_array_record(wire.to_array_record(wire.encode(out, 49152)), sender="c1", vocab_size=49152, k=128,
+                               positions=positions, logp_format="uint8")
+    bad = dict(arrays, logp_scale=-arrays["logp_scale"])
+    with pytest.raises(wire.PayloadError, match="scales >= 0"):
+        wire.decode(bad, sender="c1", vocab_size=49152, k=128, positions=positions, logp_format="uint8")
 
 
 def _set(record, key, a):
@@ -170,6 +222,10 @@ def _forge(case: str, out, positions) -> RecordDict:
         return forged_reply(1, "c2", _with(out, ids=ids), positions, vocab=70000)
     if case == "other tokenizer":
         return forged_reply(1, "c2", out, positions, fingerprint="g")
+    if case == "broken tokenizer":
+        rep = forged_reply(1, "c2", out, positions, fingerprint="g")
+        rep["tokenizer"] = ArrayRecord({"tokenizer.json": Array(np.frombuffer(b"{oops", dtype=np.uint8).copy())})
+        return rep
     if case == "shifted positions":
         return forged_reply(1, "c2", *_shift_positions(out, positions))
     if case == "zero mass":
@@ -194,7 +250,8 @@ def _forge(case: str, out, positions) -> RecordDict:
 
 @pytest.mark.parametrize("case,match", [
     ("vocabulary claim", r"uses another tokenizer than the server \(70000 tokens"),
-    ("other tokenizer", r"uses another tokenizer .*kdflow fedmkt"),
+    ("other tokenizer", r"uses another tokenizer than the server \(fingerprint g\) but sent none"),
+    ("broken tokenizer", r"payload rejected: tokenizer from client 'c2': 'tokenizer.json' is not valid UTF-8 JSON"),
     ("shifted positions", r"counts \d+ answer positions in public sample 0 where the server's tokenization has \d+"),
     ("no metrics", r"malformed reply: no 'metrics' record"),
     ("zero mass", r"payload rejected: .*position 4 sum to 0, not 1"),
@@ -211,7 +268,8 @@ def test_a_forged_local_reply_is_left_out_and_the_round_goes_on(case, match):
     out, positions = synthetic_outputs()
     replies = {1: forged_reply(0, "c1", out, positions), 2: _forge(case, out, positions)}
     refused, left, rec = {}, {}, {"round": 1, "bytes_up": {}, "loss": {}, "node_errors": {}}
-    got = local_phase(replies, [1, 2], cfg, Facts("server", "P", 300, "f", positions), refused, left, rec, {})
+    facts = Facts("server", "P", 300, "f", positions, tokenizers=TokenizerBook(cfg, None))
+    got = local_phase(replies, [1, 2], cfg, facts, refused, left, rec, {})
     assert list(got) == [0] and set(rec["bytes_up"]) == {"c1"}
     assert set(left) == {"c2"} and re.search(match, left["c2"]), left["c2"]
 
@@ -329,6 +387,39 @@ def test_node_config_errors_name_the_key():
         node_from_config(cfg, {})
 
 
+def _tokenizer_record(tok, **change):
+    from kdflow.federated.tokenizers import tokenizer_files
+
+    files = tokenizer_files(tok)
+    for name, data in change.items():
+        name = name.replace("__", ".")
+        if data is None:
+            files.pop(name, None)
+        else:
+            files[name] = data
+    return ArrayRecord({n: Array(np.frombuffer(d, dtype=np.uint8).copy()) for n, d in files.items()})
+
+
+@pytest.mark.parametrize("change,fingerprint,match", [
+    ({}, "wrong", "do not match the fingerprint"),
+    ({"tokenizer__json": None}, None, "no tokenizer.json"),
+    ({"tokenizer__json": b"{not json"}, None, "is not valid UTF-8 JSON"),
+    ({"tokenizer_config__json": json.dumps({"auto_map": {"AutoTokenizer": ["evil.Tok", None]}}).encode()}, None,
+     "names code to load"),
+    ({"modeling_evil__py": b"import os"}, None, "is not one of"),
+])
+def test_a_tokenizer_on_the_wire_is_checked_before_use(bpe_tok, change, fingerprint, match):
+    from kdflow.federated.tokenizers import read_tokenizer
+    from kdflow.models import tokenizer_fingerprint
+
+    good = read_tokenizer(_tokenizer_record(bpe_tok), "client 'c2'", tokenizer_fingerprint(bpe_tok))
+    assert good(["the opposite of hot"])["input_ids"] == bpe_tok(["the opposite of hot"])["input_ids"]
+    with pytest.raises(wire.PayloadError, match=match):
+        read_tokenizer(_tokenizer_record(bpe_tok, **change), "client 'c2'", fingerprint)
+    with pytest.raises(wire.PayloadError, match="over the limit"):
+        read_tokenizer(_tokenizer_record(bpe_tok), "client 'c2'", max_bytes=100)
+
+
 # ----------------------------------------------------------------------------------------------
 # Runs on tiny models
 
@@ -400,6 +491,20 @@ def assert_same_adapters(a: dict, b: dict, atol: float = 0.0):
         assert (a[key] - b[key]).abs().max().item() <= atol, key
 
 
+def assert_same_finals(ref_out: Path, out: Path, clients, server: str = "server"):
+    """The final adapters: the server's in its run folder, each client's on its node (state folder),
+    equal to the in-process runner's final/<name>/adapter."""
+    from safetensors.torch import load_file
+
+    def final(folder: Path) -> dict:
+        assert json.loads((folder / "adapter_config.json").read_text())["peft_type"] == "LORA"
+        return load_file(str(folder / "adapter_model.safetensors"))
+
+    assert_same_adapters(final(ref_out / "final" / server / "adapter"), final(out / "final" / server / "adapter"))
+    for c in clients:
+        assert_same_adapters(final(ref_out / "final" / c / "adapter"), final(out / "flower-clients" / c / "final" / "adapter"))
+
+
 def assert_same_evals(ha: dict, hb: dict, atol: float = 1e-6):
     assert ha.keys() == hb.keys()
     for who in ha:
@@ -435,6 +540,9 @@ def test_flower_server_and_clients_equal_the_in_process_runner(reference, tiny_d
     state = json.loads((client_state_dir(out, "c1") / "state.json").read_text())
     assert state["local_round"] == 2 and state["update_round"] == 2
     assert (out / "report.md").is_file() and not metrics["left_out"]
+    assert_same_finals(ref_out, out, ("c1", "c2"))
+    assert set(metrics["final_models"]) == {"server", "c1", "c2"} and "own node" in metrics["final_models"]["c1"]["node"]
+    assert "## Final models" in (out / "report.md").read_text()
 
 
 def test_fedavg_over_flower_equals_in_process(tiny_dirs, tmp_path):
@@ -455,6 +563,81 @@ def test_fedavg_over_flower_equals_in_process(tiny_dirs, tmp_path):
     a1, a2 = (adapters(client_state_dir(Path(cfg.output_dir), c), c) for c in ("c1", "c2"))
     assert_same_adapters(a1, a2)  # both hold the average
     assert_same_adapters(adapters(Path(ref.output_dir) / "rounds/round-001", "c1"), a1)
+    assert_same_finals(Path(ref.output_dir), Path(cfg.output_dir), ("c1", "c2"))
+
+
+def hetero_cfg(tiny_dirs, unigram_dir, out: Path, rounds: int = 2, *extra: str) -> FedMKTConfig:
+    """3 clients, two tokenizers: c1 shares the server's BPE tokenizer, c2 and c3 bring a Unigram one."""
+    clients = (f"clients=[{{name: c1, model: {{name: {tiny_dirs['student']}, lora: {{enabled: true, r: 8}}}}}}, "
+               f"{{name: c2, model: {{name: {unigram_dir}, lora: {{enabled: true, r: 4}}}}}}, "
+               f"{{name: c3, model: {{name: {unigram_dir}, lora: {{enabled: true, r: 8}}}}}}]")
+    return fed_cfg(tiny_dirs, out, 3, rounds, clients, *extra)
+
+
+@pytest.fixture(scope="module")
+def hetero_reference(tiny_dirs, unigram_dir, tmp_path_factory):
+    """The in-process runner on the heterogeneous config: 2 rounds."""
+    from kdflow.federated.simulation import World, run_rounds
+    from kdflow.training import setup_run
+
+    out = tmp_path_factory.mktemp("hetero_inproc")
+    cfg = hetero_cfg(tiny_dirs, unigram_dir, out)
+    setup_run(cfg.output_dir, cfg, cfg.seed)
+    world = World(cfg)
+    assert world.setting == "heterogeneous"
+    return out, run_rounds(world, out)
+
+
+def assert_same_run(ref_out: Path, ref_hist: list, out: Path, hist: list, clients, rounds: int):
+    """Same evaluations, bytes, selection shares and losses per round; same adapters and final models."""
+    assert [h["round"] for h in hist] == list(range(rounds + 1))
+    for ha, hb in zip(ref_hist, hist):
+        assert_same_evals(ha["eval"], hb["eval"])
+        assert ha.get("bytes_up") == hb.get("bytes_up") and ha.get("bytes_down") == hb.get("bytes_down")
+        assert ha.get("selected") == hb.get("selected")
+        assert hb.get("loss", {}) == pytest.approx(ha.get("loss", {}), abs=1e-6)
+    last = f"rounds/round-{rounds:03d}"
+    assert_same_adapters(adapters(ref_out / last, "server"), adapters(out / last, "server"))
+    for c in clients:
+        assert_same_adapters(adapters(ref_out / last, c), adapters(client_state_dir(out, c), c))
+    assert_same_finals(ref_out, out, clients)
+
+
+def test_clients_with_their_own_tokenizers_over_flower_equal_the_in_process_runner(hetero_reference, tiny_dirs,
+                                                                                   unigram_dir, tmp_path):
+    """c2 and c3 use another tokenizer than the server: each sends its tokenizer files once, the server
+    sends its own once to each of them, both sides build the MinED maps and pair positions as
+    in-process, and the run equals `kdflow fedmkt` on the same config."""
+    ref_out, ref_hist = hetero_reference
+    out = tmp_path / "flower"
+    cfg = hetero_cfg(tiny_dirs, unigram_dir, out)
+    metrics = run_server(LocalTransport(cfg, 3), cfg)
+    assert not metrics["left_out"]
+    assert_same_run(ref_out, ref_hist, out, metrics["rounds"], ("c1", "c2", "c3"), 2)
+    r1, r2 = metrics["rounds"][1], metrics["rounds"][2]
+    # tokenizers travel in round 1 only: both unigram clients send theirs (neither knew the other
+    # would), the server sends its own to each; c1 shares the server's and sends nothing
+    assert set(r1["bytes_tokenizer_up"]) == {"c2", "c3"} and set(r1["bytes_tokenizer_down"]) == {"c2", "c3"}
+    assert "bytes_tokenizer_up" not in r2 and "bytes_tokenizer_down" not in r2
+    assert r1["selected"]["server"]["c2"] + r1["selected"]["server"]["c3"] > 0  # the server learned across tokenizers
+    assert (client_state_dir(out, "c2").parent / "peer-tokenizers").is_dir()
+
+
+def test_uint8_wire_over_flower_equals_in_process(reference, tiny_dirs, tmp_path):
+    """fedmkt.wire_logprobs=uint8: the in-process runner and the Flower server read the same codes;
+    printed: how far the parties' final held-out NLL moves from the float16 run (`reference`)."""
+    from kdflow.federated.simulation import World, run_rounds
+    from kdflow.training import setup_run
+
+    ref = fed_cfg(tiny_dirs, tmp_path / "inproc", 2, 2, "fedmkt.wire_logprobs=uint8")
+    setup_run(ref.output_dir, ref, ref.seed)
+    ref_hist = run_rounds(World(ref), Path(ref.output_dir))
+    cfg = replace(ref, output_dir=str(tmp_path / "flower"))
+    metrics = run_server(LocalTransport(cfg, 2), cfg)
+    assert_same_run(Path(ref.output_dir), ref_hist, Path(cfg.output_dir), metrics["rounds"], ("c1", "c2"), 2)
+    fp16 = reference[1][-1]["eval"]
+    print("answer NLL after 2 rounds, float16 -> uint8 wire: " + ", ".join(
+        f"{p} {fp16[p]['answer_nll']:.4f} -> {ref_hist[-1]['eval'][p]['answer_nll']:.4f}" for p in fp16))
 
 
 @pytest.fixture(scope="module")
@@ -580,43 +763,159 @@ def test_too_few_clients_stop_the_run_with_a_clear_error(tiny_dirs, tmp_path):
         run_server(LocalTransport(cfg, 2, silent={1: {1}}), cfg)
 
 
+class NodeConfigTransport(LocalTransport):
+    """LocalTransport whose nodes get extra node config (partition -> dict)."""
+
+    def __init__(self, cfg, clients, node_config):
+        super().__init__(cfg, clients)
+        self.node_config = node_config
+
+    def ask(self, requests, timeout, group):
+        handlers = dict(HANDLERS)
+        try:
+            for kind, fn in handlers.items():
+                HANDLERS[kind] = (lambda fn: lambda content, cfg, nc: fn(
+                    content, cfg, {**nc, **self.node_config.get(nc["partition-id"], {})}))(fn)
+            return super().ask(requests, timeout, group)
+        finally:
+            HANDLERS.update(handlers)
+
+
+def test_a_failed_flower_run_prints_the_servers_reason_naming_the_client(tiny_dirs, tmp_path, monkeypatch, capsys):
+    """c2's private file is broken and min_clients=2: the ServerApp stops, leaving its reason (c2 and
+    the generic stage it failed in, not its file or row) for `kdflow fedmkt-flower`, which prints it
+    and exits non-zero instead of only "ended 'finished:failed'"."""
+    from kdflow.federated.flower_server import FAILURE_FILE, serve
+
+    out = tmp_path / "failing"
+    secret = tmp_path / "bobs-ledger.jsonl"
+    secret.write_text(json.dumps({"prompt": "a", "salary": 1}) + "\n")
+    cfg = fed_cfg(tiny_dirs, out, 2, 1, "flower.min_clients=2")
+    yaml_path = tmp_path / "failing.yaml"
+    from kdflow.config import dump_yaml
+
+    yaml_path.write_text(dump_yaml(cfg))
+
+    def fake_submit(app_dir, toml, env, fed=None):  # the ServerApp runs here, its clients in-process
+        with pytest.raises(FlowerRunError):
+            serve(NodeConfigTransport(cfg, 2, {1: {"private-data": str(secret)}}), cfg)
+        return 7
+
+    monkeypatch.setattr(launch, "start_superlink", lambda *a, **k: "127.0.0.1:1")
+    monkeypatch.setattr(launch, "submit", fake_submit)
+    monkeypatch.setattr(launch, "wait_for_run", lambda *a, **k: "finished:failed")
+    monkeypatch.setattr(launch, "run_logs", lambda *a, **k: "ServerApp log\n")
+    assert main(["fedmkt-flower", "--config", str(yaml_path)]) == 2
+    err = capsys.readouterr().err
+    line = next(ln for ln in err.splitlines() if ln.startswith("kdflow: error:"))
+    assert "Flower run 7 ended 'finished:failed': round 1 (local): 1 of 2 clients remain" in line
+    assert "client 'c2' failed while reading its private data" in line
+    assert "bobs-ledger" not in line and "salary" not in line
+    assert json.loads((out / FAILURE_FILE).read_text())["reason"] in line
+
+
 # ----------------------------------------------------------------------------------------------
 # Real Flower runs
 
 
-def test_simulation_two_clients_one_round_equals_in_process(reference, tiny_dirs, tmp_path):
-    """`kdflow fedmkt-flower` without a SuperLink: Flower's simulation runtime (Ray), 2 clients x 1 round."""
-    ref_out, ref_hist = reference
+def test_simulation_with_two_tokenizers_one_round_equals_in_process(hetero_reference, tiny_dirs, unigram_dir, tmp_path):
+    """`kdflow fedmkt-flower` without a SuperLink: Flower's simulation runtime (Ray), the 3-client
+    config with two tokenizers, 1 round, equal to round 1 of the in-process runner."""
+    ref_out, ref_hist = hetero_reference
     out = tmp_path / "sim"
-    cfg = fed_cfg(tiny_dirs, out, 2, 1)
+    cfg = hetero_cfg(tiny_dirs, unigram_dir, out, 1)
     yaml_path = tmp_path / "sim.yaml"
     from kdflow.config import dump_yaml
 
     yaml_path.write_text(dump_yaml(cfg))
     assert main(["fedmkt-flower", "--config", str(yaml_path)]) == 0
     m = json.loads((out / "metrics.json").read_text())
-    assert [h["round"] for h in m["rounds"]] == [0, 1] and m["rounds"][1]["clients"] == ["c1", "c2"]
+    assert [h["round"] for h in m["rounds"]] == [0, 1] and m["rounds"][1]["clients"] == ["c1", "c2", "c3"]
     for r in (0, 1):
         assert_same_evals(ref_hist[r]["eval"], m["rounds"][r]["eval"])
-    assert m["rounds"][1]["bytes_up"] == ref_hist[1]["bytes_up"]
+    assert m["rounds"][1]["bytes_up"] == ref_hist[1]["bytes_up"] and m["rounds"][1]["selected"] == ref_hist[1]["selected"]
     assert_same_adapters(adapters(ref_out / "rounds/round-001", "server"), adapters(out / "rounds/round-001", "server"))
-    for c in ("c1", "c2"):
+    for c in ("c1", "c2", "c3"):
         assert_same_adapters(adapters(ref_out / "rounds/round-001", c), adapters(client_state_dir(out, c), c))
 
 
-class Deployment:
-    """flower-superlink and one flower-supernode per client on 127.0.0.1, free ports, a private FLWR_HOME."""
+def make_certificates(folder: Path) -> launch.TLS:
+    """A CA and a SuperLink certificate for 127.0.0.1 signed by it, made for the test (cryptography)."""
+    import datetime
+    import ipaddress
 
-    def __init__(self, root: Path, clients: int):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    folder.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def cert(subject, issuer, key, signer, ca, san=None):
+        b = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+             .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)])).public_key(key.public_key())
+             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+             .not_valid_after(now + datetime.timedelta(days=1))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if san:
+            b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
+        return b.sign(signer, hashes.SHA256())
+
+    def write(path, data):
+        path.write_bytes(data)
+        return path
+
+    ca_key, key = ec.generate_private_key(ec.SECP384R1()), ec.generate_private_key(ec.SECP384R1())
+    ca = cert("kdflow test CA", "kdflow test CA", ca_key, ca_key, True)
+    server = cert("127.0.0.1", "kdflow test CA", key, ca_key, False,
+                  [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")])
+    pem = serialization.Encoding.PEM
+    return launch.TLS(write(folder / "ca.crt", ca.public_bytes(pem)), write(folder / "server.pem", server.public_bytes(pem)),
+                      write(folder / "server.key", key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                                                     serialization.NoEncryption())))
+
+
+def make_node_key(folder: Path, name: str) -> tuple[Path, Path]:
+    """A SuperNode's key pair as Flower reads them: ECDSA P-384 in OpenSSH format (private, public)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    private, public = folder / name, folder / f"{name}.pub"
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                          serialization.NoEncryption()))
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+    private.chmod(0o600)
+    return private, public
+
+
+class Deployment:
+    """flower-superlink and one flower-supernode per client on 127.0.0.1, free ports, a private FLWR_HOME.
+    `secure`: TLS (certificates made for the test) and SuperNode authentication: the first `clients`
+    SuperNodes' public keys are registered; `unregistered` more SuperNodes start with keys that are not."""
+
+    def __init__(self, root: Path, clients: int, secure: bool = False, unregistered: int = 0):
         self.root, self.procs = root, launch.Processes()
         self.home = Path(tempfile.mkdtemp(prefix="flwr-home-"))
         self.env = launch.flower_env(self.home)
         self.logs = root / "logs"
+        tls = make_certificates(root / "certs") if secure else None
         try:
-            self.address = launch.start_superlink(self.procs, self.env, self.logs, simulation=False)
-            launch.write_connection(self.home, self.address, insecure=True)
-            self.nodes = [launch.start_supernode(self.procs, self.env, self.logs, self.address, f"partition-id={p}",
-                                                 f"supernode-{p}") for p in range(clients)]
+            self.address = launch.start_superlink(self.procs, self.env, self.logs, simulation=False, tls=tls,
+                                                  node_auth=secure)
+            launch.write_connection(self.home, self.address, insecure=not secure,
+                                    root_certificates=str(tls.ca_cert) if tls else None)
+            self.nodes = []
+            for p in range(clients + unregistered):
+                key = None
+                if secure:
+                    key, public = make_node_key(root / "certs", f"supernode-{p}")
+                    if p < clients:
+                        launch.register_supernode(public, self.env)
+                self.nodes.append(launch.start_supernode(
+                    self.procs, self.env, self.logs, self.address, f"partition-id={p % clients}", f"supernode-{p}",
+                    root_certificates=tls.ca_cert if tls else None, auth_private_key=key))
         except BaseException:
             self.close()
             raise
@@ -632,11 +931,16 @@ class Deployment:
         shutil.rmtree(self.home, ignore_errors=True)
 
 
-def test_deployment_superlink_and_two_supernodes_two_rounds(reference, tiny_dirs, tmp_path):
-    ref_out, ref_hist = reference
+def test_secure_deployment_with_two_tokenizers_equals_in_process_and_refuses_an_unregistered_supernode(
+        hetero_reference, tiny_dirs, unigram_dir, tmp_path):
+    """flower-superlink over TLS with SuperNode authentication (certificates and keys made here), three
+    registered SuperNodes for c1 (the server's tokenizer), c2 and c3 (their own), and a fourth whose
+    key is not registered: Flower refuses it, the run completes with the three and equals the
+    in-process runner (adapters, final models, per-round metrics)."""
+    ref_out, ref_hist = hetero_reference
     out = tmp_path / "deploy"
-    cfg = fed_cfg(tiny_dirs, out, 2, 2, "flower.chunk_bytes=4096")  # payloads of ~12 kB go in chunks
-    dep = Deployment(tmp_path, 2)
+    cfg = hetero_cfg(tiny_dirs, unigram_dir, out, 2, "flower.chunk_bytes=4096")  # payloads of ~12 kB go in chunks
+    dep = Deployment(tmp_path, 3, secure=True, unregistered=1)
     try:
         t0 = time.time()
         run_id = dep.submit(cfg)
@@ -647,15 +951,18 @@ def test_deployment_superlink_and_two_supernodes_two_rounds(reference, tiny_dirs
         dep.close()
     assert status == "finished:completed", log[-3000:]
     m = json.loads((out / "metrics.json").read_text())
-    print(f"deployment run: {seconds:.0f} s wall from flwr run to completion; rounds "
-          + ", ".join(f"{h['seconds']:.0f} s" for h in m["rounds"][1:]))
-    assert [h["round"] for h in m["rounds"]] == [0, 1, 2] and all(h["clients"] == ["c1", "c2"] for h in m["rounds"][1:])
-    for ha, hb in zip(ref_hist, m["rounds"]):
-        assert_same_evals(ha["eval"], hb["eval"])
-        assert ha.get("bytes_up") == hb.get("bytes_up")
-    assert_same_adapters(adapters(ref_out / "rounds/round-002", "server"), adapters(out / "rounds/round-002", "server"))
-    for c in ("c1", "c2"):
-        assert_same_adapters(adapters(ref_out / "rounds/round-002", c), adapters(client_state_dir(out, c), c))
+    print(f"secure deployment: {seconds:.0f} s wall from flwr run to completion; rounds "
+          + ", ".join(f"{h['seconds']:.0f} s" for h in m["rounds"][1:]) + "; bytes per round "
+          + str(m["bytes_per_round"]))
+    assert all(h["clients"] == ["c1", "c2", "c3"] for h in m["rounds"][1:]) and not m["left_out"]
+    assert not any(h.get("node_errors") for h in m["rounds"][1:])  # the unregistered node never took part
+    assert_same_run(ref_out, ref_hist, out, m["rounds"], ("c1", "c2", "c3"), 2)
+    # the unregistered SuperNode (it claims c1's partition) never reached the ServerApp: had it
+    # connected, the server would have asked it too and refused it for claiming c1's slot
+    assert [h["nodes"] for h in m["rounds"][1:]] == [3, 3] and not m["refused_nodes"]
+    intruder = (dep.logs / "supernode-3.log").read_text()
+    print("unregistered SuperNode's log:", [ln for ln in intruder.splitlines() if ln.strip()][-3:])
+    assert all("--insecure" not in p.args for _, p in dep.procs.procs)
     # the processes are gone
     assert all(p.poll() is not None for _, p in dep.procs.procs)
 

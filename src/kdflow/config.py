@@ -712,6 +712,11 @@ class FedMKTSection:
     fedavg: bool = opt(False, "homogeneous clients: average client adapters (FedAvg) after each round")
     reset_optimizer: bool = opt(False, "start every phase with a fresh optimizer, as the reference code does")
     eval_every: int = opt(1, "evaluate every party on the test split every N rounds (and after the last)", range=">= 1")
+    wire_logprobs: Literal["float16", "uint8"] = opt(
+        "float16", "how top-k log-probs travel between parties: float16, or uint8 codes with a per-position offset and "
+                   "scale (k=128: 396 instead of 516 bytes per position; error at most half a level, see payload.quantize)")
+    save_merged: bool = opt(False, "also write each party's final model with its LoRA merged (final/<name>/merged/, a "
+                                   "plain model folder) beside the adapter (final/<name>/adapter/)")
 
 
 @dataclass

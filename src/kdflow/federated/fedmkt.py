@@ -82,6 +82,18 @@ class Peer:
     fingerprint: str
 
 
+def remote_party(name: str, tok: Any, public_rows: Rows, data_cfg: DataConfig) -> Party:
+    """A party known through its tokenizer only (the other side of a Flower link, with another
+    tokenizer): what carrying its payloads across tokenizers needs — its tokenization of the shared
+    public set — and no model."""
+    from kdflow.data import encode_rows
+
+    party = Party(name, None, tok, 0.0)
+    party.public = encode_rows(public_rows, tok, data_cfg)
+    party.public_rows = public_rows
+    return party
+
+
 def _first_difference(a: Any, b: Any, prefix: str) -> str | None:
     """The first setting (dotted key: a vs b) where two nested dicts of settings differ."""
     for key in list(a) + [k for k in b if k not in a]:
@@ -229,12 +241,12 @@ def public_outputs(party: Party, k: int, temperature: float, batch_size: int = 1
 
 
 def send(out: wire.PublicOutputs, sender: Party, receiver_expects: list[int], k: int,
-         divergence: str = "fkl") -> tuple[wire.PublicOutputs, int]:
+         divergence: str = "fkl", logp_format: str = "float16") -> tuple[wire.PublicOutputs, int]:
     """Encode, count the bytes, and decode with the receiver's checks: the in-process runner uses the
     same wire format (and the same validation) as the Flower app."""
-    arrays = wire.encode(out, sender.vocab_size)
+    arrays = wire.encode(out, sender.vocab_size, logp_format)
     decoded = wire.decode(arrays, sender=sender.name, vocab_size=sender.vocab_size, k=k, positions=receiver_expects,
-                          finite_support=divergence == "rkl")
+                          finite_support=divergence == "rkl", logp_format=logp_format)
     return decoded, wire.nbytes(arrays)
 
 
@@ -261,8 +273,9 @@ class Bridges:
 def _check_cross(sender: Party | Peer, receiver: Party, bridges: Bridges | None) -> None:
     """Parties with different tokenizers: what carrying knowledge between them needs."""
     if isinstance(sender, Peer):
-        raise ConfigError(f"parties '{sender.name}' and '{receiver.name}' use different tokenizers: over Flower, parties "
-                          "must share one tokenizer for now; run heterogeneous tokenizers with `kdflow fedmkt`")
+        raise ConfigError(f"parties '{sender.name}' and '{receiver.name}' use different tokenizers, and '{sender.name}' is "
+                          "known only by its messages: carrying its distributions needs its tokenizer (over Flower it is "
+                          "exchanged once and the sender becomes a `remote_party`); in-process, run `kdflow fedmkt`")
     if bridges is None or receiver.public_rows is None or sender.public_rows is None:
         raise ConfigError(f"parties '{sender.name}' and '{receiver.name}' use different tokenizers: pass the public rows "
                           "and alignment settings (kdflow.align) to carry distributions between them")
@@ -309,7 +322,10 @@ def selection_scores(receiver: Party, receiver_out: wire.PublicOutputs, senders:
         if s.fingerprint != receiver.fingerprint:
             _check_cross(s, receiver, bridges)
 
-    def per_char(party: Party, out: wire.PublicOutputs) -> np.ndarray:
+    def per_char(party: Party | Peer, out: wire.PublicOutputs) -> np.ndarray:
+        # A sender with the receiver's tokenizer covers the characters the receiver's tokens do (the
+        # same tokenization of the same public set): a Peer known only by its messages needs no more.
+        party = receiver if party.fingerprint == receiver.fingerprint else party
         if party.public_rows is None:
             raise ConfigError(f"party '{party.name}': pass the public rows to compare answer NLL across tokenizers")
         nll = out.ce.astype(np.float64) * np.diff(out.offsets)
@@ -484,6 +500,55 @@ def fedavg(clients: list[Party]) -> None:
     avg = average_adapters([get_peft_model_state_dict(c.model) for c in clients], [len(c.private) for c in clients])
     for c in clients:
         set_peft_model_state_dict(c.model, avg)
+
+
+# ----------------------------------------------------------------------------------------------
+# The final models: folders every verb loads
+
+
+def base_location(spec: PartyConfig, data: DataConfig | None = None, public_rows: Rows | None = None) -> str | None:
+    """Where a party's base model lives (a local folder or Hub id; a bundled or GGUF model's converted
+    folder; an adapted server's adapted folder), or None when it exists only in memory (pruned or
+    built from a config), so that an adapter alone could not be loaded onto it."""
+    from kdflow.models import _load_location
+
+    m = adapted_base(spec, data, public_rows)
+    return _load_location(m)[0] if m.init == "pretrained" else None
+
+
+def save_final(party: Party, base: str | None, folder: Path, merged: bool) -> dict[str, str]:
+    """The party's final model in `folder`: `adapter/` (peft's adapter_model.safetensors and
+    adapter_config.json, naming its base, plus the tokenizer) that PeftModel, `kdflow eval
+    lora_adapter=` and `kdflow distill teacher.lora_adapter=` load onto the base; `base/` beside it
+    when the base exists only in memory (pruned or config-built parties); and, with `merged`,
+    `merged/`: the LoRA merged into a plain model folder. Returns folder kind -> path."""
+    from kdflow.models import save_model
+    from kdflow.report import atomic_folder, write_json
+
+    cfg_peft = party.model.peft_config["default"]
+    with atomic_folder(folder) as tmp:
+        if base is None:
+            save_model(copy.deepcopy(party.model).unload(), party.tok, tmp / "base")
+            base = str(folder / "base")
+        old, cfg_peft.base_model_name_or_path = cfg_peft.base_model_name_or_path, base
+        try:
+            party.model.save_pretrained(tmp / "adapter")
+        finally:
+            cfg_peft.base_model_name_or_path = old
+        party.tok.save_pretrained(tmp / "adapter")
+        if merged:
+            save_model(party.model, party.tok, tmp / "merged")
+        written = {"base": base, "adapter": str(folder / "adapter"), **({"merged": str(folder / "merged")} if merged else {})}
+        write_json(tmp / "final.json", {"party": party.name, **written})
+    return written
+
+
+def final_commands(name: str, written: dict[str, str]) -> list[str]:
+    """How to use a final model (for the report)."""
+    lines = [f"`kdflow eval model.name={written['base']} lora_adapter={written['adapter']}`"]
+    if "merged" in written:
+        lines.append(f"`kdflow eval model.name={written['merged']}`")
+    return lines
 
 
 # ----------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from flwr.serverapp import Grid, ServerApp
 from kdflow.config import FedMKTConfig, dump_yaml, load_config, load_config_text
 from kdflow.errors import ConfigError
 from kdflow.federated.flower_client import HANDLERS
-from kdflow.federated.flower_server import run_server
+from kdflow.federated.flower_server import serve
 
 RUN_CONFIG_KEYS = {
     "kdflow.config": "the resolved kdflow FedMKT config as YAML text, or the path of a YAML file every node can read",
@@ -201,4 +201,4 @@ def average(msg: Message, context: Context) -> Message:
 
 @server_app.main()
 def main(grid: Grid, context: Context) -> None:
-    run_server(GridTransport(grid), config_from_run_config(context.run_config))
+    serve(GridTransport(grid), config_from_run_config(context.run_config))

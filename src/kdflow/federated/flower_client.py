@@ -173,6 +173,7 @@ def build_client(cfg: FedMKTConfig, node: Node) -> Any:
     with _stage(node.name, "reading data.train (the public set and its partition)"):
         public = _partitions(cfg, node)[0]
         party.public = encode_rows(public, tok, cfg.data)
+        party.public_rows = public
     with _stage(node.name, "reading its private data"):
         party.private = encode_rows(split_rows(cfg, node)[1], tok, cfg.data)
     return party
@@ -235,7 +236,7 @@ class ClientState:
         with np.load(d / "own_outputs.npz", allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
         return wire.decode(arrays, sender=f"{d}/own_outputs.npz", vocab_size=party.vocab_size, k=cfg.fedmkt.top_k,
-                           positions=party.positions())
+                           positions=party.positions(), logp_format="float32")
 
     def save(self, party: Any, info: dict[str, Any], own: wire.PublicOutputs | None = None) -> None:
         from kdflow.federated.fedmkt import save_party_state
@@ -246,7 +247,7 @@ class ClientState:
         new = Path(tempfile.mkdtemp(prefix="state-", dir=self.folder))
         save_party_state(party, new)
         if own is not None:
-            np.savez(new / "own_outputs.npz", **wire.encode(own, party.vocab_size))
+            np.savez(new / "own_outputs.npz", **wire.encode(own, party.vocab_size, "float32"))
         elif old is not None and (old / "own_outputs.npz").is_file():
             shutil.copy2(old / "own_outputs.npz", new / "own_outputs.npz")
         write_json(new / "state.json", info)
@@ -294,14 +295,29 @@ def _evaluate(party: Any, cfg: FedMKTConfig, node: Node) -> Any:
 # Handlers
 
 
-def _identity(node: Node, party: Any, public_fp: str, r: int) -> dict[str, Any]:
-    """Who this node is, for the server to check before it reads the payload."""
+def _identity(node: Node, party: Any, public_fp: str, r: int, server: Mapping[str, Any]) -> dict[str, Any]:
+    """Who this node is, for the server to check before it reads the payload; with another tokenizer
+    than the server's, that tokenizer (once: unless the server lists it as known), and whether this
+    node already holds the server's."""
+    from kdflow.federated.tokenizers import tokenizer_record
+
     app = _records()
-    return {
+    server_fp = server.get("fingerprint")
+    foreign = isinstance(server_fp, str) and server_fp != party.fingerprint
+    out = {
         "client": _client_record(node, **{"round": r, "fingerprint": party.fingerprint, "vocab-size": party.vocab_size,
-                                          "public": public_fp}),
+                                          "public": public_fp, "has-server-tokenizer": not foreign or
+                                          _server_tokenizer_dir(node, server_fp).is_dir()}),
         "positions": app.ArrayRecord({"positions": app.Array(np.asarray(party.positions(), dtype=np.int64))}),
     }
+    if foreign and party.fingerprint not in str(server.get("known-tokenizers", "")).split():
+        with _stage(node.name, "sending its tokenizer"):
+            out["tokenizer"] = tokenizer_record(party.tok)
+    return out
+
+
+def _server_tokenizer_dir(node: Node, fingerprint: str) -> Path:
+    return node.state_dir / "peer-tokenizers" / "".join(ch for ch in fingerprint if ch.isalnum())[:64]
 
 
 def _open_client(content: Any, cfg: FedMKTConfig, node_config: Mapping[str, Any]) -> tuple[Any, ...]:
@@ -331,18 +347,20 @@ def handle_local(content: Any, cfg: FedMKTConfig, node_config: Mapping[str, Any]
         # rather than training twice.
         with _stage(node.name, "loading its saved outputs"):
             own, logs = state.own_outputs(party, cfg), []
-            arrays = wire.encode(own, party.vocab_size)
+            arrays = wire.encode(own, party.vocab_size, cfg.fedmkt.wire_logprobs)
     else:
         with _stage(node.name, "training on its private data"):
             out, logs = client_local_step(party, cfg, r)
-            arrays = wire.encode(out, party.vocab_size)
-            # Keep what the server sees (fp16 log-probs): the update step selects against it, as in-process.
+            arrays = wire.encode(out, party.vocab_size, cfg.fedmkt.wire_logprobs)
+            # Keep what the server sees (its log-probs as they travel): the update step selects against it, as in-process.
             own = wire.decode(arrays, sender=node.name, vocab_size=party.vocab_size, k=cfg.fedmkt.top_k,
-                              positions=party.positions(), finite_support=cfg.fedmkt.divergence == "rkl")
+                              positions=party.positions(), finite_support=cfg.fedmkt.divergence == "rkl",
+                              logp_format=cfg.fedmkt.wire_logprobs)
         with _stage(node.name, "saving its state"):
             state.save(party, {**info, "local_round": r}, own)
+    server = dict(content.config_records["server"]) if "server" in content.config_records else {}
     reply = app.RecordDict({
-        **_identity(node, party, rows_fingerprint(_partitions(cfg, node)[0]), r),
+        **_identity(node, party, rows_fingerprint(_partitions(cfg, node)[0]), r, server),
         "payload": wire.to_array_record(arrays, cfg.flower.chunk_bytes),
         "metrics": _metrics({"loss.private": logs[-1]["loss"] if logs else None, "private_rows": len(party.private)}),
     })
@@ -351,19 +369,38 @@ def handle_local(content: Any, cfg: FedMKTConfig, node_config: Mapping[str, Any]
     return reply
 
 
-def _server_peer(content: Any, party: Any) -> tuple[Any, list[int]]:
-    """The server's description sent with its payload; its answer positions checked against ours
-    where the tokenizers agree."""
-    from kdflow.federated.fedmkt import Peer
+def _server_peer(content: Any, party: Any, cfg: FedMKTConfig, node: Node) -> tuple[Any, list[int]]:
+    """The server as this client sees it: with the same tokenizer a `Peer` (name, vocabulary,
+    fingerprint); with another, a `fedmkt.remote_party` built from the server's tokenizer (received
+    once, kept in the state folder). Its answer positions are this client's own tokenization of the
+    public set with the server's tokenizer, and must equal the ones the server sent."""
+    from kdflow.federated.fedmkt import Peer, remote_party
+    from kdflow.federated.tokenizers import (load_saved_tokenizer, read_tokenizer_files, load_tokenizer_files,
+                                             save_tokenizer_files)
 
     s = dict(content.config_records["server"])
     arr = content.array_records["server-positions"]["positions"]
     positions = wire.read_array(arr, "the server's answer positions", ("int64",), (len(party.public),)).tolist()
     peer = Peer(str(s["name"]), int(s["vocab-size"]), str(s["fingerprint"]))
-    if peer.fingerprint == party.fingerprint and positions != party.positions():
-        raise wire.PayloadError("the server's answer positions differ from this client's for the same tokenizer: "
-                                "the parties do not share the public set or the data settings")
-    return peer, positions
+    if peer.fingerprint == party.fingerprint:
+        if positions != party.positions():
+            raise wire.PayloadError("the server's answer positions differ from this client's for the same tokenizer: "
+                                    "the parties do not share the public set or the data settings")
+        return peer, positions
+    folder = _server_tokenizer_dir(node, peer.fingerprint)
+    tok = load_saved_tokenizer(folder, "the server", peer.fingerprint)
+    if tok is None:
+        if "server-tokenizer" not in content.array_records:
+            raise wire.PayloadError("the server uses another tokenizer and sent none")
+        files = read_tokenizer_files(content.array_records["server-tokenizer"], "the server")
+        tok = load_tokenizer_files(files, "the server", peer.fingerprint)
+        save_tokenizer_files(files, folder)
+    server = remote_party(peer.name, tok, party.public_rows, cfg.data)
+    if positions != server.positions():
+        raise wire.PayloadError("the server's answer positions differ from this client's tokenization of the public "
+                                "set with the server's tokenizer: the parties do not share the public set or the data "
+                                "settings")
+    return server, positions
 
 
 def handle_update(content: Any, cfg: FedMKTConfig, node_config: Mapping[str, Any]) -> Any:
@@ -380,17 +417,23 @@ def handle_update(content: Any, cfg: FedMKTConfig, node_config: Mapping[str, Any
     with _stage(node.name, "loading its saved outputs"):
         own = state.own_outputs(party, cfg)
     with _stage(node.name, "reading the server's payload"):
-        server, positions = _server_peer(content, party)
+        server, positions = _server_peer(content, party, cfg, node)
         received = wire.from_array_record(content.array_records["payload"], sender=server.name,
                                           vocab_size=server.vocab_size, k=cfg.fedmkt.top_k, positions=positions,
                                           max_bytes=cfg.flower.max_payload_bytes,
-                                          finite_support=cfg.fedmkt.divergence == "rkl")
+                                          finite_support=cfg.fedmkt.divergence == "rkl",
+                                          logp_format=cfg.fedmkt.wire_logprobs)
     with _stage(node.name, "learning from the server"):
-        res = client_update_step(party, own, server, received, cfg, r)
+        from kdflow.federated.fedmkt import Bridges
+
+        res = client_update_step(party, own, server, received, cfg, r, bridges=Bridges(cfg.data, cfg.align))
     with _stage(node.name, "saving its state"):
         state.save(party, {**info, "update_round": r})
+    final = r == cfg.fedmkt.rounds and not cfg.fedmkt.fedavg
+    if final:
+        _save_final(party, cfg, node)
     reply = app.RecordDict({
-        "client": _client_record(node, round=r),
+        "client": _client_record(node, round=r, **({"final": True} if final else {})),
         "metrics": _metrics({"loss.public": res["logs"][-1]["loss"] if res["logs"] else None,
                              "private_rows": len(party.private)}),
         "selected": _metrics(res["selected"]),
@@ -417,10 +460,28 @@ def handle_fedavg(content: Any, cfg: FedMKTConfig, node_config: Mapping[str, Any
         set_peft_model_state_dict(party.model, {k: torch.from_numpy(v) for k, v in avg.items()})
     with _stage(node.name, "saving its state"):
         state.save(party, {**info, "fedavg_round": r})
-    reply = app.RecordDict({"client": _client_record(node, round=r)})
+    final = r == cfg.fedmkt.rounds
+    if final:
+        _save_final(party, cfg, node)
+    reply = app.RecordDict({"client": _client_record(node, round=r, **({"final": True} if final else {}))})
     if task.get("evaluate"):
         reply["eval"] = _evaluate(party, cfg, node)
     return reply
+
+
+def final_dir(node: Node) -> Path:
+    return node.state_dir / "final"
+
+
+def _save_final(party: Any, cfg: FedMKTConfig, node: Node) -> None:
+    """After the last round, the client's final model on its own node (`<state-dir>/final/`): the
+    server is told only that it was written, not where (paths stay on the client's side)."""
+    from kdflow.federated.fedmkt import base_location, save_final
+
+    with _stage(node.name, "writing its final model"):
+        written = save_final(party, base_location(node.spec), final_dir(node), cfg.fedmkt.save_merged)
+    print(f"[kdflow] client '{node.name}': final model written to {written['adapter']}"
+          + (f" and {written['merged']}" if "merged" in written else ""), file=sys.stderr, flush=True)
 
 
 def adapter_layout(state: Mapping[str, Any]) -> dict[str, tuple[str, tuple[int, ...]]]:

@@ -3,12 +3,17 @@
 With `flower.superlink` unset the verb starts its own SuperLink in simulation mode on a free
 loopback port (Flower's simulation runtime runs the ClientApps on Ray, one virtual SuperNode per
 client), submits the run, waits, and stops the SuperLink. With `flower.superlink: host:port` it
-submits the run to that SuperLink, whose SuperNodes were started by the clients' owners:
+submits the run to that SuperLink, whose SuperNodes were started by the clients' owners, over TLS
+and with SuperNode authentication (README, "Running over Flower"):
 
-    flower-superlink --insecure --host 127.0.0.1 --port 9093 --disable-runtime-dependency-installation
-    flower-supernode --insecure --superlink 127.0.0.1:9093 --port 9101 --node-config 'partition-id=0'
-    flower-supernode --insecure --superlink 127.0.0.1:9093 --port 9102 --node-config 'partition-id=1'
-    kdflow fedmkt-flower --config configs/fedmkt_tiny.yaml flower.superlink=127.0.0.1:9093 flower.insecure=true
+    flower-superlink --ssl-ca-certfile ca.crt --ssl-certfile server.pem --ssl-keyfile server.key \
+        --enable-supernode-auth --port 9093 --disable-runtime-dependency-installation
+    flwr supernode register c1_key.pub <connection>       # each client's public key, once
+    flower-supernode --root-certificates ca.crt --auth-supernode-private-key c1_key \
+        --superlink HOST:9093 --node-config 'partition-id=0'
+    kdflow fedmkt-flower --config configs/fedmkt_flower.yaml flower.superlink=HOST:9093 flower.root_certificates=ca.crt
+
+`--insecure` everywhere (and flower.insecure=true) is for local trials on loopback only.
 
 Everything goes through Flower's own command line (`flower-superlink`, `flwr run`, `flwr ls`,
 `flwr log`) with a private FLWR_HOME, so a user's Flower configuration is never touched. The
@@ -31,6 +36,7 @@ from typing import Any
 
 from kdflow.config import FedMKTConfig
 from kdflow.errors import KDFlowError
+from kdflow.federated.flower_server import FAILURE_FILE
 
 CONNECTION = "kdflow"
 
@@ -118,11 +124,30 @@ class Processes:
             self.stop(proc)
 
 
+@dataclass
+class TLS:
+    """The SuperLink's TLS files: the CA certificate every party verifies it with, its certificate and
+    private key (PEM)."""
+
+    ca_cert: Path
+    cert: Path
+    key: Path
+
+
 def start_superlink(procs: Processes, env: dict[str, str], logs: Path, simulation: bool, host: str = "127.0.0.1",
-                    port: int | None = None, timeout: float = 60.0) -> str:
-    """An insecure SuperLink on loopback (one HTTP port for the Fleet, Control and Runtime APIs)."""
+                    port: int | None = None, timeout: float = 60.0, tls: TLS | None = None,
+                    node_auth: bool = False) -> str:
+    """A SuperLink (one HTTP port for the Fleet, Control and Runtime APIs): with `tls`, encrypted
+    (Flower's --ssl-* flags), otherwise --insecure (local trials on loopback only); with `node_auth`,
+    only SuperNodes whose public key was registered (`register_supernode`) may connect."""
     port = port or free_port(host)
-    args = [_bin("flower-superlink"), "--insecure", "--host", host, "--port", str(port),
+    security = (["--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.cert), "--ssl-keyfile", str(tls.key)]
+                if tls else ["--insecure"])
+    if node_auth:
+        if tls is None:
+            raise FlowerLaunchError("SuperNode authentication needs TLS (Flower refuses it on an insecure SuperLink)")
+        security.append("--enable-supernode-auth")
+    args = [_bin("flower-superlink"), *security, "--host", host, "--port", str(port),
             "--disable-runtime-dependency-installation"]
     if simulation:
         args.append("--simulation")
@@ -132,10 +157,28 @@ def start_superlink(procs: Processes, env: dict[str, str], logs: Path, simulatio
 
 
 def start_supernode(procs: Processes, env: dict[str, str], logs: Path, superlink: str, node_config: str,
-                    name: str, host: str = "127.0.0.1") -> subprocess.Popen:
-    args = [_bin("flower-supernode"), "--insecure", "--superlink", superlink, "--host", host,
+                    name: str, host: str = "127.0.0.1", root_certificates: Path | None = None,
+                    auth_private_key: Path | None = None) -> subprocess.Popen:
+    """A SuperNode: over TLS when given the CA certificate that signed the SuperLink's
+    (`root_certificates`), else --insecure; authenticated with its private key (OpenSSH format,
+    ECDSA on a NIST curve) when the SuperLink checks node keys."""
+    security = ["--root-certificates", str(root_certificates)] if root_certificates else ["--insecure"]
+    if auth_private_key:
+        security += ["--auth-supernode-private-key", str(auth_private_key)]
+    args = [_bin("flower-supernode"), *security, "--superlink", superlink, "--host", host,
             "--port", str(free_port(host)), "--node-config", node_config]
     return procs.start(name, args, env, logs / f"{name}.log")
+
+
+def register_supernode(public_key: Path, env: dict[str, str]) -> int:
+    """`flwr supernode register`: allow the SuperNode holding this public key's private key (OpenSSH
+    public key, ECDSA on a NIST curve) to connect; returns its node id."""
+    res = _flwr(["supernode", "register", str(public_key), CONNECTION, "--format", "json"], env)
+    try:
+        return int(json.loads(res.stdout[res.stdout.index("{"):])["node-id"])
+    except (ValueError, KeyError, TypeError):
+        raise FlowerLaunchError(f"flwr supernode register {public_key} failed (code {res.returncode}): "
+                                f"{(res.stdout + res.stderr).strip()[-1000:]}") from None
 
 
 def write_connection(home: Path, address: str, insecure: bool, root_certificates: str | None = None) -> None:
@@ -207,6 +250,22 @@ def run_logs(run_id: int, env: dict[str, str]) -> str:
     return res.stdout + res.stderr
 
 
+def failure_text(failure_file: Path, old_signature: tuple[int, int] | None, log_file: Path) -> str:
+    """Why a run failed: the reason the ServerApp left (its own error, or the clients it had to leave
+    out with the generic reasons they sent), else the last error line of its log."""
+    if failure_file.is_file() and _signature(failure_file) != old_signature:
+        try:
+            return str(json.loads(failure_file.read_text())["reason"])
+        except (ValueError, KeyError, TypeError, OSError):
+            pass
+    try:
+        lines = [ln.strip() for ln in log_file.read_text(errors="replace").splitlines()
+                 if "Error" in ln or "ERROR" in ln or "failed" in ln]
+    except OSError:
+        lines = []
+    return lines[-1][-500:] if lines else "the ServerApp gave no reason"
+
+
 def run_fedmkt_flower(cfg: FedMKTConfig) -> dict[str, Any]:
     """The verb: FedMKT over Flower, simulated locally or on a running SuperLink."""
     import importlib.util
@@ -230,6 +289,8 @@ def run_fedmkt_flower(cfg: FedMKTConfig) -> dict[str, Any]:
     # The ServerApp replaces metrics.json when the run ends; the earlier one stays until then, and a
     # file still carrying its old signature afterwards is not this run's.
     old_metrics = _signature(out / "metrics.json")
+    failure_file = out / FAILURE_FILE
+    old_failure = _signature(failure_file)
     app_dir = write_app(out / "flower-app")
     toml = write_run_config(out / "flower-run-config.toml", run_config_from_config(cfg))
     logs = out / "flower-logs"
@@ -257,7 +318,9 @@ def run_fedmkt_flower(cfg: FedMKTConfig) -> dict[str, Any]:
         finally:
             procs.stop_all()
     if status != "finished:completed":
-        raise FlowerLaunchError(f"Flower run {run_id} ended '{status}'; the ServerApp's log is {logs / f'run-{run_id}.log'}")
+        log_file = logs / f"run-{run_id}.log"
+        reason = failure_text(failure_file, old_failure, log_file)
+        raise FlowerLaunchError(f"Flower run {run_id} ended '{status}': {reason} (the ServerApp's log is {log_file})")
     metrics_path = out / "metrics.json"
     fresh = metrics_path.is_file() and _signature(metrics_path) != old_metrics
     metrics = json.loads(metrics_path.read_text()) if fresh else {}

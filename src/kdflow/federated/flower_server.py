@@ -53,14 +53,52 @@ class Transport(Protocol):
 @dataclass
 class Facts:
     """What the server knows itself, against which every reply is checked (never the sender's claims):
-    over Flower every party shares the server's tokenizer, so a client's ids must fit the server's
-    vocabulary and its answer positions must be the server's own tokenization of the public set."""
+    a client's ids must fit the vocabulary of its tokenizer and its answer positions must be that
+    tokenizer's tokenization of the public set — the server's own, or (a client with another
+    tokenizer) the one the server computed itself with the client's tokenizer (`party`, a
+    `fedmkt.remote_party`). `tokenizers` holds the clients' tokenizers received so far."""
 
     server: str
     public_fp: str
     vocab_size: int
     fingerprint: str
     positions: list[int]
+    party: Any = None
+    tokenizers: "TokenizerBook | None" = None
+
+
+class TokenizerBook:
+    """The server's copies of its clients' tokenizers (received once each, by fingerprint), with the
+    facts every reply from a client using one of them is checked against."""
+
+    def __init__(self, cfg: FedMKTConfig, public_rows: Any):
+        self.cfg, self.public_rows = cfg, public_rows
+        self.facts: dict[str, Facts] = {}
+        self.received: dict[str, int] = {}  # client name -> bytes of the tokenizer it sent
+
+    def known(self) -> list[str]:
+        return sorted(self.facts)
+
+    def facts_for(self, reply: Any, m: "Member", server: Facts) -> Facts:
+        from kdflow.federated.fedmkt import remote_party
+        from kdflow.federated.tokenizers import read_tokenizer
+        from kdflow.models import tokenizer_fingerprint
+
+        fp = dict(reply.config_records["client"]).get("fingerprint")
+        if not isinstance(fp, str):
+            raise BadReply(f"client '{m.name}' sent no tokenizer fingerprint")
+        if fp not in self.facts:
+            if "tokenizer" not in reply.array_records:
+                raise BadReply(f"client '{m.name}' uses another tokenizer than the server (fingerprint {fp[:40]}) "
+                               "but sent none")
+            record = reply.array_records["tokenizer"]
+            tok = read_tokenizer(record, f"client '{m.name}'", fp)
+            party = remote_party(m.name, tok, self.public_rows, self.cfg.data)
+            self.facts[tokenizer_fingerprint(tok)] = Facts(server.server, server.public_fp, len(tok), fp,
+                                                           party.positions(), party, self)
+            self.received[m.name] = wire.record_nbytes(record)
+            log(f"client '{m.name}': tokenizer received ({len(tok)} tokens, {self.received[m.name]} bytes)")
+        return self.facts[fp]
 
 
 @dataclass
@@ -73,8 +111,12 @@ class Member:
     facts: Facts
 
     def peer(self) -> Any:
+        from dataclasses import replace
+
         from kdflow.federated.fedmkt import Peer
 
+        if self.facts.party is not None:  # another tokenizer: the server's copy of it, under this client's name
+            return replace(self.facts.party, name=self.name)
         return Peer(self.name, self.facts.vocab_size, self.facts.fingerprint)
 
 
@@ -162,10 +204,12 @@ def check_local(reply: Any, m: Member, cfg: FedMKTConfig) -> dict[str, Any]:
     if c.get("public") != f.public_fp:
         raise BadReply(f"client '{m.name}' holds a different public set (fingerprint {str(c.get('public'))[:40]}, "
                        f"expected {f.public_fp}): every party needs the same data.train and data settings")
+    if c.get("fingerprint") != f.fingerprint and f.tokenizers is not None:
+        f = m.facts = f.tokenizers.facts_for(reply, m, f)
     if c.get("fingerprint") != f.fingerprint or c.get("vocab-size") != f.vocab_size:
         raise BadReply(f"client '{m.name}' uses another tokenizer than the server ({c.get('vocab-size')!r} tokens, "
-                       f"fingerprint {str(c.get('fingerprint'))[:40]}): over Flower every party must share the server's "
-                       "tokenizer; run heterogeneous tokenizers with `kdflow fedmkt`")
+                       f"fingerprint {str(c.get('fingerprint'))[:40]}) than the one the server checks it against "
+                       f"({f.vocab_size} tokens, fingerprint {f.fingerprint[:40]})")
     positions = wire.read_array(reply.array_records["positions"]["positions"], f"answer positions from '{m.name}'",
                                 ("int64",), (len(f.positions),))
     if positions.tolist() != f.positions:
@@ -175,10 +219,11 @@ def check_local(reply: Any, m: Member, cfg: FedMKTConfig) -> dict[str, Any]:
                        "data settings")
     out = wire.from_array_record(reply.array_records["payload"], sender=m.name, vocab_size=f.vocab_size,
                                  k=cfg.fedmkt.top_k, positions=f.positions, max_bytes=cfg.flower.max_payload_bytes,
-                                 finite_support=cfg.fedmkt.divergence == "rkl")
+                                 finite_support=cfg.fedmkt.divergence == "rkl", logp_format=cfg.fedmkt.wire_logprobs)
     metrics = reply.metric_records["metrics"]
     return {"payload": out, "loss": _number(metrics, "loss.private", 0.0, required=False),
-            "eval-before": _eval_record(reply, "eval-before")}
+            "eval-before": _eval_record(reply, "eval-before"),
+            "needs-server-tokenizer": f.party is not None and c.get("has-server-tokenizer") is not True}
 
 
 def check_update(reply: Any, m: Member, cfg: FedMKTConfig) -> dict[str, Any]:
@@ -192,6 +237,7 @@ def check_update(reply: Any, m: Member, cfg: FedMKTConfig) -> dict[str, Any]:
     if unknown:
         raise BadReply(f"'selected' names {unknown[:3]}, expected skipped, own, {m.facts.server}")
     out = {"loss": _number(metrics, "loss.public", 0.0, required=False),
+           "final": dict(reply.config_records["client"]).get("final") is True,
            "selected": {k: _number(sel, k, 0.0, 1.0) for k in sel.keys()}, "eval": _eval_record(reply, "eval")}
     if cfg.fedmkt.fedavg:
         from kdflow.federated.flower_client import adapter_layout
@@ -207,7 +253,7 @@ def check_update(reply: Any, m: Member, cfg: FedMKTConfig) -> dict[str, Any]:
 def check_fedavg(reply: Any, m: Member, cfg: FedMKTConfig) -> dict[str, Any]:
     _size(reply, cfg)
     _same_client(reply, m)
-    return {"eval": _eval_record(reply, "eval")}
+    return {"eval": _eval_record(reply, "eval"), "final": dict(reply.config_records["client"]).get("final") is True}
 
 
 def checked(check: Any, reply: Any, m: Member, cfg: FedMKTConfig) -> dict[str, Any]:
@@ -301,6 +347,8 @@ def local_phase(replies: dict[int, Any], nodes: list[int], cfg: FedMKTConfig, fa
         got[pid] = (m, content)
         left.pop(name, None)  # its earlier node failed this round, but its new node answered
         rec["bytes_up"][name] = wire.record_nbytes(replies[node].array_records["payload"])
+        if "tokenizer" in replies[node].array_records:
+            rec.setdefault("bytes_tokenizer_up", {})[name] = wire.record_nbytes(replies[node].array_records["tokenizer"])
         rec["loss"][f"{name}/private"] = content["loss"]
     errors = "; ".join(f"node {n}: {e}" for n, e in rec["node_errors"].items())
     for pid, spec in enumerate(cfg.clients):
@@ -350,8 +398,9 @@ def run_server(transport: Transport, cfg: FedMKTConfig) -> dict[str, Any]:
     """The FedMKT rounds over `transport`; writes the run folder and returns the metrics."""
     from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
+    from kdflow.federated.tokenizers import tokenizer_record
     from kdflow.data import encode_rows, partition_rows, read_rows, rows_fingerprint
-    from kdflow.federated.fedmkt import check_config, load_base, make_party, public_outputs, server_step
+    from kdflow.federated.fedmkt import Bridges, check_config, load_base, make_party, public_outputs, server_step
     from kdflow.federated.simulation import _load_round, _save_round, evaluate_party
     from kdflow.report import write_json
     from kdflow.training import setup_run
@@ -380,11 +429,18 @@ def run_server(transport: Transport, cfg: FedMKTConfig) -> dict[str, Any]:
         log(f"fedmkt-flower: resuming after round {start}")
     if server_out is None:
         server_out = public_outputs(server, cfg.fedmkt.top_k, cfg.fedmkt.temperature, cfg.eval.batch_size)
-    facts = Facts(server.name, rows_fingerprint(public_rows), server.vocab_size, server.fingerprint, server.positions())
+    server.public_rows = public_rows
+    book = TokenizerBook(cfg, public_rows)
+    bridges = Bridges(cfg.data, cfg.align)
+    server_record = {"name": server.name, "vocab-size": server.vocab_size, "fingerprint": server.fingerprint}
+    facts = Facts(server.name, rows_fingerprint(public_rows), server.vocab_size, server.fingerprint, server.positions(),
+                  tokenizers=book)
     if not history:
         history.append({"round": 0, "eval": {server.name: evaluate_party(server, test_rows, cfg)}})
     wait_for_nodes(transport, cfg)
     f, timeout = cfg.flower, cfg.flower.reply_timeout
+    final_clients: list[str] = []  # clients that said they wrote their final model (after the last round)
+    server_tokenizer = None  # its files as a record, built when a client with another tokenizer first needs them
     refused: dict[int, str] = {}  # nodes that are no client of this run
     known: dict[int, Member] = {}  # node -> the client it was accepted as
     for r in range(start + 1, cfg.fedmkt.rounds + 1):
@@ -395,8 +451,10 @@ def run_server(transport: Transport, cfg: FedMKTConfig) -> dict[str, Any]:
 
         # Steps 1-2 on every connected node; who is who comes with the replies.
         nodes = [n for n in transport.nodes() if n not in refused]
+        rec["nodes"] = len(nodes)
         first = len(history) == 1  # round 0 still lacks the clients' own evaluation
-        request = RecordDict({"task": _task(round=r, **{"evaluate-before": first})})
+        request = RecordDict({"task": _task(round=r, **{"evaluate-before": first}),
+                              "server": ConfigRecord({**server_record, "known-tokenizers": " ".join(book.known())})})
         replies = transport.ask({n: ("train", request) for n in nodes}, timeout, f"{r}.local")
         outs = local_phase(replies, nodes, cfg, facts, refused, left, rec, known)
         if first:
@@ -406,19 +464,28 @@ def run_server(transport: Transport, cfg: FedMKTConfig) -> dict[str, Any]:
         # Steps 4-7, the clients in the config's order.
         order = sorted(outs)
         server_out, info = server_step(server, server_out, [outs[p][0].peer() for p in order],
-                                       [outs[p][1]["payload"] for p in order], cfg, r)
+                                       [outs[p][1]["payload"] for p in order], cfg, r, bridges=bridges)
         rec["selected"][server.name] = info["selected"]
         rec["loss"][f"{server.name}/public"] = info["logs"][-1]["loss"] if info["logs"] else None
 
         # Steps 8-11.
         evaluate = r % cfg.fedmkt.eval_every == 0 or r == cfg.fedmkt.rounds
-        payload = wire.to_array_record(wire.encode(server_out, server.vocab_size), f.chunk_bytes)
-        request = RecordDict({
+        payload = wire.to_array_record(wire.encode(server_out, server.vocab_size, cfg.fedmkt.wire_logprobs), f.chunk_bytes)
+        parts = {
             "task": _task(round=r, evaluate=evaluate and not cfg.fedmkt.fedavg, **{"send-adapter": cfg.fedmkt.fedavg}),
-            "server": ConfigRecord({"name": server.name, "vocab-size": server.vocab_size, "fingerprint": server.fingerprint}),
+            "server": ConfigRecord(server_record),
             "server-positions": ArrayRecord({"positions": Array(np.asarray(server.positions(), dtype=np.int64))}),
-            "payload": payload})
-        requests = {outs[p][0].node: ("train.update", request) for p in order}
+            "payload": payload}
+        requests = {}
+        for p in order:
+            m, content = outs[p]
+            if content["needs-server-tokenizer"]:  # once per client: it keeps the server's tokenizer
+                if server_tokenizer is None:
+                    server_tokenizer = tokenizer_record(server.tok)
+                requests[m.node] = ("train.update", RecordDict({**parts, "server-tokenizer": server_tokenizer}))
+                rec.setdefault("bytes_tokenizer_down", {})[m.name] = wire.record_nbytes(server_tokenizer)
+            else:
+                requests[m.node] = ("train.update", RecordDict(parts))
         replies = transport.ask(requests, timeout, f"{r}.update")
         done = update_phase(replies, [outs[p][0] for p in order], cfg, left, r)
         evals: dict[str, dict[str, float]] = {}
@@ -426,12 +493,14 @@ def run_server(transport: Transport, cfg: FedMKTConfig) -> dict[str, Any]:
             rec["bytes_down"][m.name] = wire.record_nbytes(payload)
             rec["selected"][m.name] = c["selected"]
             rec["loss"][f"{m.name}/public"] = c["loss"]
+            if c["final"]:
+                final_clients.append(m.name)
             if c["eval"] is not None:
                 evals[m.name] = c["eval"]
         _need(len(done), cfg, r, "update", left)
 
         if cfg.fedmkt.fedavg:
-            evals.update(_fedavg(transport, cfg, r, done, evaluate, left))
+            evals.update(_fedavg(transport, cfg, r, done, evaluate, left, final_clients))
         if evaluate:
             rec["eval"] = {server.name: evaluate_party(server, test_rows, cfg), **evals}
         rec["clients"] = [m.name for m, _ in done.values() if m.name not in left]
@@ -443,7 +512,15 @@ def run_server(transport: Transport, cfg: FedMKTConfig) -> dict[str, Any]:
         log(f"fedmkt-flower round {r}/{cfg.fedmkt.rounds}: {rec['seconds']:.0f} s, clients {rec['clients']}"
             + (f", left out {left}" if left else "")
             + f", up {sum(rec['bytes_up'].values()) / 1e6:.2f} MB, down {sum(rec['bytes_down'].values()) / 1e6:.2f} MB")
-    metrics = {"transport": "flower", "rounds": history, "seconds": time.time() - t_start,
+    from kdflow.federated.fedmkt import base_location, save_final
+
+    finals: dict[str, Any] = {server.name: save_final(server, base_location(cfg.server, cfg.data, public_rows),
+                                                      out_dir / "final" / server.name, cfg.fedmkt.save_merged)}
+    for name in final_clients:
+        finals[name] = {"node": f"on client '{name}'s own node, in <state-dir>/final/ (node config state-dir; default "
+                                f"{Path(cfg.flower.state_dir or Path(cfg.output_dir) / 'flower-clients') / name}/final)"}
+    metrics = {"transport": "flower", "rounds": history, "seconds": time.time() - t_start, "final_models": finals,
+               "refused_nodes": {str(n): why for n, why in refused.items()},
                "bytes_per_round": [{"round": h["round"], "up": sum(h["bytes_up"].values()),
                                     "down": sum(h["bytes_down"].values())} for h in history if "bytes_up" in h],
                "left_out": {str(h["round"]): h["left_out"] for h in history if h.get("left_out")}}
@@ -453,8 +530,37 @@ def run_server(transport: Transport, cfg: FedMKTConfig) -> dict[str, Any]:
     return metrics
 
 
+FAILURE_FILE = "flower-failure.json"
+
+
+def failure_reason(err: BaseException, cfg: FedMKTConfig) -> str:
+    """What a failed run tells its launcher: the server's own error, or (too few clients) the clients
+    left out with the generic reasons they sent, each named. The clients' details stay in their logs."""
+    if isinstance(err, FlowerRunError):
+        return str(err)
+    return f"the server '{cfg.server.name}' failed: {type(err).__name__}: {err}"
+
+
+def serve(transport: Transport, cfg: FedMKTConfig) -> dict[str, Any]:
+    """`run_server`; a run that fails leaves its reason in <output_dir>/flower-failure.json, which
+    `kdflow fedmkt-flower` prints (Flower itself only reports 'finished:failed')."""
+    from kdflow.report import write_json
+
+    try:
+        return run_server(transport, cfg)
+    except Exception as e:
+        reason = failure_reason(e, cfg)
+        log(f"fedmkt-flower failed: {reason}")
+        try:
+            Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+            write_json(Path(cfg.output_dir) / FAILURE_FILE, {"reason": reason})
+        except OSError as w:
+            log(f"could not write {FAILURE_FILE}: {w}")
+        raise
+
+
 def _fedavg(transport: Transport, cfg: FedMKTConfig, r: int, done: dict[int, tuple[Member, dict[str, Any]]],
-            evaluate: bool, left: dict[str, str]) -> dict[str, dict[str, float]]:
+            evaluate: bool, left: dict[str, str], final_clients: list[str]) -> dict[str, dict[str, float]]:
     """FedAvg of the adapters the clients sent with their update replies, sent back to them."""
     import torch
     from flwr.app import Array, ArrayRecord, RecordDict
@@ -486,17 +592,20 @@ def _fedavg(transport: Transport, cfg: FedMKTConfig, r: int, done: dict[int, tup
         try:
             if problem:
                 raise BadReply(problem)
-            ev = checked(check_fedavg, rep, m, cfg)["eval"]
+            got = checked(check_fedavg, rep, m, cfg)
         except BadReply as e:
             leave_out(left, m.name, str(e), r, "fedavg")
             continue
+        ev = got["eval"]
+        if got["final"]:
+            final_clients.append(m.name)
         if ev is not None:
             evals[m.name] = ev
     return evals
 
 
 def _write_report(out: Path, cfg: FedMKTConfig, metrics: dict[str, Any]) -> None:
-    from kdflow.federated.simulation import _plots, _table
+    from kdflow.federated.simulation import _plots, _table, final_lines
     from kdflow.report import write_atomic
 
     names = [cfg.server.name] + [c.name for c in cfg.clients]
@@ -516,5 +625,8 @@ def _write_report(out: Path, cfg: FedMKTConfig, metrics: dict[str, Any]) -> None
         lines.append(f"| {h['round']} | {', '.join(h['clients'])} | "
                      + ("; ".join(f"{k}: {v}" for k, v in h["left_out"].items()) or "—")
                      + f" | {sum(h['bytes_up'].values()):,} | {sum(h['bytes_down'].values()):,} | {h['seconds']:.0f} |")
+    lines += ["", "## Final models", ""]
+    for name, w in metrics.get("final_models", {}).items():
+        lines.append(f"- `{name}`: {w['node']}" if "node" in w else final_lines({name: w})[0])
     _plots(out, metrics["rounds"], names)
     write_atomic(out / "report.md", "\n".join(lines) + "\n")

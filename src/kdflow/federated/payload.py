@@ -35,8 +35,45 @@ import numpy as np
 from kdflow.errors import KDFlowError
 
 FIELDS = ("ids", "logp", "tail_logp", "offsets", "ce")
-DTYPES = {"ids": ("uint16", "int32"), "logp": ("float16",), "tail_logp": ("float32",), "offsets": ("int64",),
-          "ce": ("float32",)}
+# fedmkt.wire_logprobs=uint8: `logp` holds 8-bit codes, and each position its offset and scale
+CODE_FIELDS = ("logp_top", "logp_scale")
+DTYPES = {"ids": ("uint16", "int32"), "logp": ("float16", "uint8"), "tail_logp": ("float32",), "offsets": ("int64",),
+          "ce": ("float32",), "logp_top": ("float32",), "logp_scale": ("float32",)}
+LOGP_FORMATS = ("float16", "uint8")
+NEG_INF_CODE = 255  # a code for probability 0; 0..254 are the levels between a position's top and lowest log-prob
+
+
+def fields(logp_format: str = "float16") -> tuple[str, ...]:
+    """The arrays of a payload whose log-probs travel as `logp_format` (float32: local files only)."""
+    return FIELDS + (CODE_FIELDS if logp_format == "uint8" else ())
+
+
+def quantize(logp: np.ndarray, tail_logp: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-k log-probs [P, k] as 8-bit codes with a per-position offset and scale:
+    logp ~ top - code * scale, 255 meaning probability 0. Levels are linear in log-probability
+    between the position's largest and smallest log-prob (254 steps), so the error is at most
+    scale / 2 nats; the offset is then moved so that the decoded top-k plus the (exact, float32)
+    tail sum to 1, as the receiver checks."""
+    lp = logp.astype(np.float64)
+    finite = np.isfinite(lp)
+    top = np.where(finite, lp, -np.inf).max(1) if lp.size else np.zeros(len(lp))
+    low = np.where(finite, lp, np.inf).min(1) if lp.size else np.zeros(len(lp))
+    top = np.where(np.isfinite(top), top, 0.0)
+    low = np.where(np.isfinite(low), low, top)
+    scale = (top - low) / (NEG_INF_CODE - 1)
+    steps = np.where(finite, (top[:, None] - np.where(finite, lp, 0.0)) / np.where(scale > 0, scale, 1.0)[:, None], 0.0)
+    codes = np.where(finite, np.clip(np.rint(steps), 0, NEG_INF_CODE - 1), NEG_INF_CODE).astype(np.uint8)
+    decoded = np.where(finite, top[:, None] - codes * scale[:, None], -np.inf)
+    with np.errstate(divide="ignore"):
+        mass = np.exp(decoded).sum(1)
+        rest = -np.expm1(tail_logp.astype(np.float64))  # 1 - tail mass
+        shift = np.where((mass > 0) & (rest > 0), np.log(np.maximum(rest, 1e-300) / np.maximum(mass, 1e-300)), 0.0)
+    return codes, (top + shift).astype(np.float32), scale.astype(np.float32)
+
+
+def dequantize(codes: np.ndarray, top: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    lp = top[:, None] - codes.astype(np.float32) * scale[:, None]
+    return np.where(codes == NEG_INF_CODE, -np.inf, lp).astype(np.float32)
 
 
 class PayloadError(KDFlowError):
@@ -58,15 +95,20 @@ class PublicOutputs:
         return self.ids[a:b], self.logp[a:b], self.tail_logp[a:b]
 
 
-def encode(out: PublicOutputs, vocab_size: int) -> dict[str, np.ndarray]:
+def encode(out: PublicOutputs, vocab_size: int, logp_format: str = "float16") -> dict[str, np.ndarray]:
+    """The payload's arrays; `logp_format`: float16, uint8 (codes, `quantize`), or float32 (a party's
+    own outputs kept on its disk exactly as decoded)."""
     id_dtype = np.uint16 if vocab_size <= 65536 else np.int32
-    return {
+    arrays = {
         "ids": np.ascontiguousarray(out.ids, dtype=id_dtype),
-        "logp": np.ascontiguousarray(out.logp, dtype=np.float16),
+        "logp": np.ascontiguousarray(out.logp, dtype=np.float32 if logp_format == "float32" else np.float16),
         "tail_logp": np.ascontiguousarray(out.tail_logp, dtype=np.float32),
         "offsets": np.ascontiguousarray(out.offsets, dtype=np.int64),
         "ce": np.ascontiguousarray(out.ce, dtype=np.float32),
     }
+    if logp_format == "uint8":
+        arrays["logp"], arrays["logp_top"], arrays["logp_scale"] = quantize(out.logp, arrays["tail_logp"])
+    return arrays
 
 
 def nbytes(arrays: dict[str, np.ndarray]) -> int:
@@ -78,10 +120,12 @@ MASS_TOLERANCE = 0.05
 
 
 def decode(arrays: dict[str, np.ndarray], *, sender: str, vocab_size: int, k: int, positions: list[int],
-           max_bytes: int = 2**31 - 1, finite_support: bool = False) -> PublicOutputs:
-    """Validate a received payload against what the receiver expects; one clear error if it is not."""
-    missing = [f for f in FIELDS if f not in arrays]
-    extra = [f for f in arrays if f not in FIELDS]
+           max_bytes: int = 2**31 - 1, finite_support: bool = False, logp_format: str = "float16") -> PublicOutputs:
+    """Validate a received payload against what the receiver expects (its own `logp_format`, not the
+    sender's); one clear error if it is not."""
+    expected = fields(logp_format)
+    missing = [f for f in expected if f not in arrays]
+    extra = [f for f in arrays if f not in expected]
     if missing or extra:
         raise PayloadError(f"payload from {sender}: fields {missing} missing, {extra} unexpected")
     size = nbytes(arrays)
@@ -90,8 +134,12 @@ def decode(arrays: dict[str, np.ndarray], *, sender: str, vocab_size: int, k: in
     n = len(positions)
     total = int(sum(positions))
     expect = {"ids": (total, None), "logp": (total, None), "tail_logp": (total,), "offsets": (n + 1,), "ce": (n,)}
-    dtypes = {"ids": (np.uint16, np.int32), "logp": (np.float16,), "tail_logp": (np.float32,), "offsets": (np.int64,),
-              "ce": (np.float32,)}
+    dtypes = {"ids": (np.uint16, np.int32), "logp": {"float16": (np.float16,), "uint8": (np.uint8,),
+                                                     "float32": (np.float32, np.float16)}[logp_format],
+              "tail_logp": (np.float32,), "offsets": (np.int64,), "ce": (np.float32,)}
+    if logp_format == "uint8":
+        expect.update({"logp_top": (total,), "logp_scale": (total,)})
+        dtypes.update({"logp_top": (np.float32,), "logp_scale": (np.float32,)})
     for name, shape in expect.items():
         a = arrays[name]
         if not isinstance(a, np.ndarray) or a.dtype.type not in dtypes[name]:
@@ -109,7 +157,14 @@ def decode(arrays: dict[str, np.ndarray], *, sender: str, vocab_size: int, k: in
         raise PayloadError(f"payload from {sender}: negative token id {int(ids.min())}")
     if not np.array_equal(arrays["offsets"], np.concatenate([[0], np.cumsum(positions)]).astype(np.int64)):
         raise PayloadError(f"payload from {sender}: offsets do not match the public set's answer positions")
-    lp = logp.astype(np.float32)
+    if logp_format == "uint8":
+        top, scale = arrays["logp_top"], arrays["logp_scale"]
+        if not (np.isfinite(top).all() and np.isfinite(scale).all()) or (scale < 0).any():
+            raise PayloadError(f"payload from {sender}: per-position log-prob offsets and scales must be finite, "
+                               "scales >= 0")
+        lp = dequantize(logp, top, scale)
+    else:
+        lp = logp.astype(np.float32)
     if np.isnan(lp).any() or (lp > 1e-3).any() or np.isposinf(lp).any():
         raise PayloadError(f"payload from {sender}: log-probs must be finite or -inf and <= 0")
     tail = arrays["tail_logp"]
@@ -170,7 +225,7 @@ def to_array_record(arrays: dict[str, np.ndarray], chunk_bytes: int = 64 * 2**20
     if chunk_bytes < 1:
         raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
     record = ArrayRecord()
-    for name in FIELDS:
+    for name in FIELDS + tuple(f for f in CODE_FIELDS if f in arrays):
         for i, piece in enumerate(split_rows(arrays[name], chunk_bytes)):
             record[f"{name}.{i}"] = Array(np.ascontiguousarray(piece))
     return record
@@ -211,7 +266,8 @@ _KEY = re.compile(r"^([a-z_]+)\.(0|[1-9][0-9]{0,8})$")
 
 
 def from_array_record(record: Any, *, sender: str, vocab_size: int, k: int, positions: list[int],
-                      max_bytes: int = 2**31 - 1, finite_support: bool = False) -> PublicOutputs:
+                      max_bytes: int = 2**31 - 1, finite_support: bool = False,
+                      logp_format: str = "float16") -> PublicOutputs:
     """Read a received `ArrayRecord` back into `PublicOutputs`, rejecting it (PayloadError) unless every
     chunk is a plain NumPy array of the field's dtype and the right shape, the chunks are complete,
     the total size is within `max_bytes`, and the joined payload passes `decode`'s checks."""
@@ -222,11 +278,11 @@ def from_array_record(record: Any, *, sender: str, vocab_size: int, k: int, posi
     chunks: dict[str, dict[int, Any]] = {}
     for key, arr in record.items():
         m = _KEY.match(key)
-        if not m or m.group(1) not in FIELDS:
+        if not m or m.group(1) not in fields(logp_format):
             raise PayloadError(f"payload from {sender}: unexpected array '{key}' (expected <field>.<chunk> for fields "
-                               f"{', '.join(FIELDS)})")
+                               f"{', '.join(fields(logp_format))})")
         chunks.setdefault(m.group(1), {})[int(m.group(2))] = arr
-    missing = [f for f in FIELDS if f not in chunks]
+    missing = [f for f in fields(logp_format) if f not in chunks]
     if missing:
         raise PayloadError(f"payload from {sender}: fields {missing} missing")
     # Everything below is decided from the declared metadata, before any bytes are read.
@@ -256,7 +312,7 @@ def from_array_record(record: Any, *, sender: str, vocab_size: int, k: int, posi
         pieces = [read_array(parts[i], f"payload from {sender}: '{name}.{i}'", DTYPES[name]) for i in range(len(parts))]
         arrays[name] = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
     return decode(arrays, sender=sender, vocab_size=vocab_size, k=k, positions=positions, max_bytes=max_bytes,
-                  finite_support=finite_support)
+                  finite_support=finite_support, logp_format=logp_format)
 
 
 def record_nbytes(record: Any) -> int:

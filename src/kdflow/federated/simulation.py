@@ -21,9 +21,9 @@ from kdflow.errors import ConfigError
 from kdflow import processes
 from kdflow.evaluate import evaluate_model
 from kdflow.federated import payload as wire
-from kdflow.federated.fedmkt import (Bridges, Party, check_config, client_local_step, client_update_step, fedavg, load_base,
-                                     load_party_state, make_party, public_outputs, save_party_state, send, server_step,
-                                     train_phase)
+from kdflow.federated.fedmkt import (Bridges, Party, base_location, check_config, client_local_step, client_update_step,
+                                     fedavg, final_commands, load_base, load_party_state, make_party, public_outputs,
+                                     save_final, save_party_state, send, server_step, train_phase)
 from kdflow.report import atomic_folder, plot_curves, write_atomic, write_json
 from kdflow.training import setup_run
 
@@ -56,6 +56,7 @@ class World:
                                               public_rows=self.public_rows if offset == 0 else None)
         self.setting = self._setting()
         self.bridges = Bridges(cfg.data, cfg.align)
+        self.final_models: dict[str, dict[str, str]] = {}
 
     def _setting(self) -> str:
         from kdflow.models import tokenizer_fingerprint
@@ -144,7 +145,8 @@ def run_rounds(world: World, out_dir: Path, label: str = "fedmkt", train_server:
         client_outs = []
         for c in clients:
             out, logs = client_local_step(c, cfg, r)
-            out, nbytes = send(out, c, c.positions(), cfg.fedmkt.top_k, cfg.fedmkt.divergence)  # client -> server
+            out, nbytes = send(out, c, c.positions(), cfg.fedmkt.top_k, cfg.fedmkt.divergence,
+                                cfg.fedmkt.wire_logprobs)  # client -> server
             rec["bytes_up"][c.name] = nbytes
             rec["loss"][f"{c.name}/private"] = logs[-1]["loss"] if logs else None
             client_outs.append(out)
@@ -154,7 +156,8 @@ def run_rounds(world: World, out_dir: Path, label: str = "fedmkt", train_server:
             rec["selected"][server.name] = info["selected"]
             rec["loss"][f"{server.name}/public"] = info["logs"][-1]["loss"] if info["logs"] else None
         for c, c_out in zip(clients, client_outs):
-            received, nbytes = send(server_out, server, server.positions(), cfg.fedmkt.top_k, cfg.fedmkt.divergence)  # server -> client
+            received, nbytes = send(server_out, server, server.positions(), cfg.fedmkt.top_k, cfg.fedmkt.divergence,
+                                    cfg.fedmkt.wire_logprobs)  # server -> client
             rec["bytes_down"][c.name] = nbytes
             info_c = client_update_step(c, c_out, server, received, cfg, r, bridges=world.bridges)
             rec["selected"][c.name] = info_c["selected"]
@@ -169,7 +172,20 @@ def run_rounds(world: World, out_dir: Path, label: str = "fedmkt", train_server:
         print(f"[kdflow] {label} round {r}/{cfg.fedmkt.rounds}: {rec['seconds']:.0f} s, "
               f"up {sum(rec['bytes_up'].values()) / 1e6:.2f} MB, down {sum(rec['bytes_down'].values()) / 1e6:.2f} MB"
               + (f", server Rouge-L {rec['eval'][server.name]['rougeL']:.3f}" if "eval" in rec else ""))
+    if label == "fedmkt":
+        world.final_models = processes.on_main(lambda: save_finals(world, parties, out_dir))
     return history
+
+
+def save_finals(world: World, parties: list[Party], out_dir: Path) -> dict[str, dict[str, str]]:
+    """Every party's final model under <out_dir>/final/<name>/ (fedmkt.save_merged adds merged copies)."""
+    cfg = world.cfg
+    written = {}
+    for p, spec in zip(parties, [cfg.server] + cfg.clients):
+        base = base_location(spec, cfg.data, world.public_rows if spec is cfg.server else None)
+        written[p.name] = save_final(p, base, out_dir / "final" / p.name, cfg.fedmkt.save_merged)
+    print(f"[kdflow] final models: {out_dir / 'final'}/<party>/adapter" + (" and /merged" if cfg.fedmkt.save_merged else ""))
+    return written
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,7 +259,7 @@ def run_fedmkt(cfg: FedMKTConfig) -> dict[str, Any]:
         print(f"[kdflow] baseline {b}")
         table[b] = run_baseline(b, world, out)
     metrics = {"setting": world.setting, "rounds": history, "table": table, "fedmkt_seconds": fedmkt_seconds,
-               "bytes_per_round": _bytes_per_round(history)}
+               "bytes_per_round": _bytes_per_round(history), "final_models": world.final_models}
 
     def write_outputs() -> None:
         write_json(out / "metrics.json", metrics)
@@ -271,6 +287,11 @@ def _table(table: dict[str, dict[str, dict[str, float]]], names: list[str], key:
     return "\n".join(lines)
 
 
+def final_lines(final_models: dict[str, dict[str, str]]) -> list[str]:
+    return [f"- `{name}`: adapter `{w['adapter']}` on base `{w['base']}`" + (f", merged `{w['merged']}`" if "merged" in w else "")
+            + "; evaluate with " + " or ".join(final_commands(name, w)) for name, w in final_models.items()]
+
+
 def _plots(out: Path, history: list[dict], names: list[str]) -> None:
     for key, fname, label in (("rougeL", "rounds_rougeL.png", "Rouge-L"), ("answer_nll", "rounds_nll.png", "answer NLL")):
         series = {n: [(h["round"], h["eval"][n][key]) for h in history if "eval" in h and n in h["eval"]] for n in names}
@@ -292,6 +313,7 @@ def _report(cfg: FedMKTConfig, world: World, metrics: dict[str, Any], names: lis
              "## Communication per round", "", "| round | client→server bytes | server→clients bytes |", "|---:|---:|---:|"]
     for b in metrics["bytes_per_round"]:
         lines.append(f"| {b['round']} | {b['up']:,} | {b['down']:,} |")
+    lines += ["", "## Final models", ""] + final_lines(metrics.get("final_models") or {})
     lines += ["", "## Per round", "", "![Rouge-L per round](rounds_rougeL.png)", "", "![NLL per round](rounds_nll.png)", "",
               "## Selection (share of public samples each party learned from)", ""]
     for h in metrics["rounds"]:
