@@ -171,6 +171,7 @@ def test_a_distill_run_with_the_hidden_term(tmp_path, tiny_dirs, tiny_data, caps
 
 @pytest.mark.parametrize("extra,msg", [(["teacher_cache.dir=/nonexistent/cache"], "teacher_cache.hidden=all"),
                                        (["method=sft"], "method sft"),
+                                       (["method=gkd"], "not implemented for on-policy answers"),
                                        (["kd.hidden_layers=1:x"], "no layer pair"),
                                        (["kd.hidden_layers=2:6"], "quote it")])
 def test_hidden_settings_that_cannot_work_are_refused(tmp_path, tiny_dirs, tiny_data, capsys, extra, msg):

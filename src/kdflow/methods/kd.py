@@ -569,6 +569,9 @@ def _check_hidden(cfg: DistillConfig, use_cache: bool) -> None:
     """kd.hidden_weight settings that cannot work, refused before anything loads."""
     if cfg.kd.hidden_weight <= 0:
         return
+    if cfg.method == "gkd":
+        raise ConfigError("kd.hidden_weight > 0 with method gkd: the hidden-state term is not implemented for "
+                          "on-policy answers yet; use method kd, or set kd.hidden_weight=0")
     if cfg.method not in ("kd", "hard_token"):
         raise ConfigError(f"kd.hidden_weight > 0 adds a term to the teacher's KD term; method {cfg.method} has none "
                           "(use method kd or hard_token, or set kd.hidden_weight=0)")
