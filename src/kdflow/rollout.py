@@ -148,10 +148,7 @@ def mixed_sample(student: Any, teacher: Any, prompt_ids: torch.Tensor, prompt_ma
                 log_mix = log_mixture(F.log_softmax(t_logits / temperature, dim=-1),
                                       F.log_softmax(s_logits / temperature, dim=-1), mix_alpha)
             probs = log_mix.exp()
-            if isinstance(generator, (list, tuple)):
-                y = torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generator)])
-            else:
-                y = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            y = _draw(probs, generator)
             live = ~done
             y = torch.where(live, y, torch.full_like(y, pad_id))
             gather = lambda lp: torch.where(live, lp.gather(-1, y[:, None]).squeeze(-1), torch.zeros(()))  # noqa: E731
@@ -188,6 +185,14 @@ def mixed_sample(student: Any, teacher: Any, prompt_ids: torch.Tensor, prompt_ma
         teacher_logprobs=torch.stack(full_p, dim=1) if keep_teacher_logprobs else None,
         reverse_kl=torch.stack(rkl_t, dim=1))
 
+
+
+def _draw(probs: Any, generator: Any) -> Any:
+    """One token per row from `probs` [B, V]: with one generator per row (a list), each row draws
+    from its own stream, so a row's sample does not depend on which rows share its batch."""
+    if isinstance(generator, (list, tuple)):
+        return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generator)])
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 def top_p_filter(logp: torch.Tensor, top_p: float) -> torch.Tensor:
     """Nucleus filtering of log-probs [B, V]: keep the smallest set of most likely tokens whose mass
@@ -229,10 +234,7 @@ def student_sample(model: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tens
                 logq = F.log_softmax(logits, dim=-1)
                 draw = logq if temperature == 1.0 else F.log_softmax(logits / temperature, dim=-1)
                 probs = top_p_filter(draw, top_p).exp()
-                if isinstance(generator, (list, tuple)):
-                    y = torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generator)])
-                else:
-                    y = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+                y = _draw(probs, generator)
                 live = ~done
                 y = torch.where(live, y, torch.full_like(y, pad_id))
                 tokens.append(y)
