@@ -183,10 +183,12 @@ def make_distill_trainer_class() -> type:
                                          self.cfg.multi_teacher.confidence_temperature)
             sums: dict[str, tuple[torch.Tensor, int]] = {}
             kd_total = hidden.new_zeros((), dtype=torch.float32)
+            no_ce = torch.full_like(ce_targets, -100)  # the CE term is the same for every teacher: take it once
             for j, t in enumerate(targets):
                 t.row_weight = w[j].to(t.logp.device if isinstance(t, TopKTargets) else device)
-                part = head_losses(hidden, head, ce_targets, kd_mask[positions], t, self.spec)
-                sums.setdefault("ce", part["ce"])
+                part = head_losses(hidden, head, ce_targets if j == 0 else no_ce, kd_mask[positions], t, self.spec)
+                if j == 0:
+                    sums["ce"] = part["ce"]
                 kd_total = kd_total + part["kd"][0]
             if model.training:
                 for j in range(len(self.slots)):
