@@ -236,10 +236,13 @@ def parse_generations(answer: Any, prompts: list[list[int]], vocab_size: int) ->
 def tail_logp(logp: Any) -> Any:
     """log of the mass outside the k ids, from their log-probs: log(1 - sum p), floored where rounding
     (a bf16 server) makes the k ids cover everything."""
+    import math
+
     import torch
 
-    covered = torch.logsumexp(logp.float(), dim=-1).clamp(max=0.0)
-    return torch.log(torch.clamp(-torch.expm1(covered), min=1e-12))
+    from kdflow.losses import _log1mexp
+
+    return _log1mexp(torch.logsumexp(logp.float(), dim=-1)).clamp(min=math.log(1e-12))
 
 
 # ----------------------------------------------------------------------------------------------
