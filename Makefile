@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-fast test-vllm bench gpu-check fedmkt-demo compress-table clean
+.PHONY: install demo test test-fast test-vllm bench gpu-check fedmkt-bases fedmkt-demo fedmkt-deploy compress-table clean
 
 install: $(STAMP)
 
@@ -31,10 +31,17 @@ demo: install
 
 # FedMKT on this machine: builds the two client bases once (about 10 minutes), then runs the rounds
 # and baselines (about 18 minutes).
-fedmkt-demo: install
+fedmkt-bases: install
 	test -f runs/small_lm/pretrain/student/config.json || $(PY) scripts/make_small_lm.py --out runs/small_lm --steps 500
 	test -f runs/smol10/student/config.json || $(VENV)/bin/kdflow distill --config configs/client_smol10.yaml
+
+fedmkt-demo: fedmkt-bases
 	$(VENV)/bin/kdflow fedmkt --config configs/fedmkt.yaml
+
+# The same config over a Flower deployment on this machine: flower-superlink with TLS and SuperNode
+# authentication, a registered flower-supernode per client (scripts/fedmkt_deploy_local.py).
+fedmkt-deploy: fedmkt-bases
+	$(PY) scripts/fedmkt_deploy_local.py --config configs/fedmkt.yaml output_dir=runs/fedmkt_deploy
 
 # The compression table of docs/compression.md: the pruned students healed by KD and the int4 QAT-KD student
 # (kdflow compare, resumable), layer-kd's student exported int8 and int4 (kdflow export) and scored (kdflow

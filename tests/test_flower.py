@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -24,6 +22,7 @@ from kdflow.config import FedMKTConfig, load_config  # noqa: E402
 from kdflow.errors import ConfigError  # noqa: E402
 from kdflow.federated import flower_launch as launch  # noqa: E402
 from kdflow.federated import payload as wire  # noqa: E402
+from kdflow.federated.flower_local import Deployment  # noqa: E402
 from kdflow.federated.flower_app import (APP_PYPROJECT, RUN_CONFIG_KEYS, config_from_run_config,  # noqa: E402
                                          run_config_from_yaml, write_app, write_run_config)
 from kdflow.federated.flower_client import HANDLERS, ClientState, node_from_config  # noqa: E402
@@ -640,6 +639,73 @@ def test_uint8_wire_over_flower_equals_in_process(reference, tiny_dirs, tmp_path
         f"{p} {fp16[p]['answer_nll']:.4f} -> {ref_hist[-1]['eval'][p]['answer_nll']:.4f}" for p in fp16))
 
 
+def test_baselines_over_flower_equal_in_process(tiny_dirs, unigram_dir, tmp_path):
+    """Zero-shot, standalone (on each client's node), public-only (on the server) and LLM2SLM (rounds
+    in which the server only teaches, their client state apart from FedMKT's) over Flower give the
+    in-process runner's numbers on the heterogeneous config; centralized needs pooled private data
+    and is left to `kdflow fedmkt`, which the report says."""
+    from kdflow.federated.simulation import run_fedmkt
+
+    extra = ("baselines=[zero_shot, standalone, public_only, llm2slm, centralized]",)
+    ref = hetero_cfg(tiny_dirs, unigram_dir, tmp_path / "inproc", 1, *extra)
+    ref_metrics = run_fedmkt(ref)
+    cfg = hetero_cfg(tiny_dirs, unigram_dir, tmp_path / "flower", 1, *extra)
+    metrics = run_server(LocalTransport(cfg, 3), cfg)
+    assert set(metrics["table"]) == {"FedMKT (Flower)", "zero-shot", "standalone", "public_only", "llm2slm"}
+    assert metrics["baselines_not_run"] == ["centralized"]
+    for b in ("zero-shot", "standalone", "public_only", "llm2slm"):
+        assert_same_evals(ref_metrics["table"][b], metrics["table"][b])
+    assert_same_evals(ref_metrics["table"]["FedMKT"], metrics["table"]["FedMKT (Flower)"])
+    assert set(metrics["table"]["standalone"]) == {"c1", "c2", "c3"} and set(metrics["table"]["public_only"]) == {"server"}
+    # LLM2SLM's clients kept their state apart, and wrote no final model over FedMKT's
+    for c in ("c1", "c2", "c3"):
+        assert (client_state_dir(Path(cfg.output_dir), c).parent / "baselines" / "llm2slm" / "CURRENT").is_file()
+    assert set(metrics["final_models"]) == {"server", "c1", "c2", "c3"}
+    report = (Path(cfg.output_dir) / "report.md").read_text()
+    assert "| standalone |" in report and "| llm2slm |" in report and "centralized need" in report
+    # cached: asked again, the server reads the saved result instead of asking the clients
+    from kdflow.federated import flower_server as fs
+
+    class Mute(LocalTransport):
+        def ask(self, requests, timeout, group):
+            raise AssertionError(f"asked the clients again ({group})")
+
+    from kdflow.data import partition_rows, read_rows
+
+    d = cfg.data
+    public = partition_rows(read_rows(d.train, "data.train"), d.public_rows, 3, d.private_rows, d.partition,
+                            d.partition_field, d.dirichlet_alpha, cfg.seed)[0]
+    run = fs.Session(Mute(cfg, 3), cfg, Path(cfg.output_dir), None, None, public, None, None, None, None, {}, {})
+    assert fs.run_baseline(run, "standalone")[0] == metrics["table"]["standalone"]
+
+
+def test_standalone_replies_are_checked_and_a_bad_one_is_left_out():
+    """The standalone baseline's replies: an evaluation out of range, a node speaking for another
+    client, and a failed client are each left out with a reason; the good client is kept."""
+    from kdflow.federated import flower_server as fs
+
+    cfg = load_config(FedMKTConfig, None, ["clients=[{name: c1}, {name: c2}, {name: c3}]"])
+    good = {"answer_nll": 1.2, "perplexity": 3.3, "rougeL": 0.4, "exact_match": 0.1}
+
+    def reply(pid, name, **ev):
+        return RecordDict({"client": ConfigRecord({"name": name, "partition-id": pid, "baseline": "standalone"}),
+                           "eval": MetricRecord({**good, **ev})})
+
+    class Forged:
+        def nodes(self):
+            return [1, 2, 3, 4]
+
+        def ask(self, requests, timeout, group):
+            assert group == "0.standalone" and all(k == "train.baseline" for k, _ in requests.values())
+            return {1: reply(0, "c1"), 2: reply(1, "c2", rougeL=7.0), 3: "failed: out of memory", 4: reply(0, "c1")}
+
+    facts = Facts("server", "P", 300, "f", [1])
+    run = fs.Session(Forged(), cfg, Path("."), None, None, None, None, facts, None, None, {}, {3: Member(3, 2, "c3", facts)})
+    got, why = fs.standalone(run)
+    assert got == {"c1": pytest.approx(good)}
+    assert "rougeL" in why["node 2"] and "out of memory" in why["c3"] and "already answered" in why["node 4"]
+
+
 @pytest.fixture(scope="module")
 def faulty(tiny_dirs, tmp_path_factory):
     """3 clients, 3 rounds: c3 is silent in round 2 (its node died) and back in round 3 on a new node."""
@@ -837,98 +903,6 @@ def test_simulation_with_two_tokenizers_one_round_equals_in_process(hetero_refer
     assert_same_adapters(adapters(ref_out / "rounds/round-001", "server"), adapters(out / "rounds/round-001", "server"))
     for c in ("c1", "c2", "c3"):
         assert_same_adapters(adapters(ref_out / "rounds/round-001", c), adapters(client_state_dir(out, c), c))
-
-
-def make_certificates(folder: Path) -> launch.TLS:
-    """A CA and a SuperLink certificate for 127.0.0.1 signed by it, made for the test (cryptography)."""
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    folder.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
-
-    def cert(subject, issuer, key, signer, ca, san=None):
-        b = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-             .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)])).public_key(key.public_key())
-             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-             .not_valid_after(now + datetime.timedelta(days=1))
-             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-        if san:
-            b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
-        return b.sign(signer, hashes.SHA256())
-
-    def write(path, data):
-        path.write_bytes(data)
-        return path
-
-    ca_key, key = ec.generate_private_key(ec.SECP384R1()), ec.generate_private_key(ec.SECP384R1())
-    ca = cert("kdflow test CA", "kdflow test CA", ca_key, ca_key, True)
-    server = cert("127.0.0.1", "kdflow test CA", key, ca_key, False,
-                  [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")])
-    pem = serialization.Encoding.PEM
-    return launch.TLS(write(folder / "ca.crt", ca.public_bytes(pem)), write(folder / "server.pem", server.public_bytes(pem)),
-                      write(folder / "server.key", key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
-                                                                     serialization.NoEncryption())))
-
-
-def make_node_key(folder: Path, name: str) -> tuple[Path, Path]:
-    """A SuperNode's key pair as Flower reads them: ECDSA P-384 in OpenSSH format (private, public)."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    key = ec.generate_private_key(ec.SECP384R1())
-    private, public = folder / name, folder / f"{name}.pub"
-    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                          serialization.NoEncryption()))
-    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
-    private.chmod(0o600)
-    return private, public
-
-
-class Deployment:
-    """flower-superlink and one flower-supernode per client on 127.0.0.1, free ports, a private FLWR_HOME.
-    `secure`: TLS (certificates made for the test) and SuperNode authentication: the first `clients`
-    SuperNodes' public keys are registered; `unregistered` more SuperNodes start with keys that are not."""
-
-    def __init__(self, root: Path, clients: int, secure: bool = False, unregistered: int = 0):
-        self.root, self.procs = root, launch.Processes()
-        self.home = Path(tempfile.mkdtemp(prefix="flwr-home-"))
-        self.env = launch.flower_env(self.home)
-        self.logs = root / "logs"
-        tls = make_certificates(root / "certs") if secure else None
-        try:
-            self.address = launch.start_superlink(self.procs, self.env, self.logs, simulation=False, tls=tls,
-                                                  node_auth=secure)
-            launch.write_connection(self.home, self.address, insecure=not secure,
-                                    root_certificates=str(tls.ca_cert) if tls else None)
-            self.nodes = []
-            for p in range(clients + unregistered):
-                key = None
-                if secure:
-                    key, public = make_node_key(root / "certs", f"supernode-{p}")
-                    if p < clients:
-                        launch.register_supernode(public, self.env)
-                self.nodes.append(launch.start_supernode(
-                    self.procs, self.env, self.logs, self.address, f"partition-id={p % clients}", f"supernode-{p}",
-                    root_certificates=tls.ca_cert if tls else None, auth_private_key=key))
-        except BaseException:
-            self.close()
-            raise
-
-    def submit(self, cfg: FedMKTConfig) -> int:
-        from kdflow.federated.flower_app import run_config_from_config
-
-        app = write_app(self.root / "app")
-        return launch.submit(app, write_run_config(self.root / "run_config.toml", run_config_from_config(cfg)), self.env)
-
-    def close(self):
-        self.procs.stop_all()
-        shutil.rmtree(self.home, ignore_errors=True)
 
 
 def test_secure_deployment_with_two_tokenizers_equals_in_process_and_refuses_an_unregistered_supernode(

@@ -8,7 +8,7 @@ from its SuperNode's node config: `partition-id` (which entry of `clients:`, and
 partition), optionally `state-dir`, `model`, `data-train`, `data-test`, `private-data`.
 
 Message types: `query` (handshake), `train` (local step), `train.update` (learn from the server),
-`train.fedavg` (take the averaged adapter). Only arrays and scalars travel: top-k payloads, answer
+`train.fedavg` (take the averaged adapter), `train.baseline` (the standalone baseline). Only arrays and scalars travel: top-k payloads, answer
 positions, metrics, and adapters for FedAvg. Nothing is pickled.
 
 The app folder `flwr run` needs (`pyproject.toml` with `[tool.flwr.app]`) is `APP_PYPROJECT`,
@@ -197,6 +197,11 @@ def update(msg: Message, context: Context) -> Message:
 @client_app.train("fedavg")
 def average(msg: Message, context: Context) -> Message:
     return _client("train.fedavg", msg, context)
+
+
+@client_app.train("baseline")
+def baseline(msg: Message, context: Context) -> Message:
+    return _client("train.baseline", msg, context)
 
 
 @server_app.main()

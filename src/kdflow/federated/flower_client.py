@@ -10,6 +10,10 @@ before replying. The steps are the in-process runner's own functions:
                  this node is (partition, tokenizer, answer positions on the public set)
   handle_update  `client_update_step` on the server's payload (+ evaluation, + adapter for FedAvg)
   handle_fedavg  load the averaged adapter (+ evaluation)
+  handle_baseline  the standalone baseline: a fresh adapter on the private rows alone, evaluated
+
+A message's task may name the rounds it belongs to (`run`: "fedmkt", or "llm2slm" for that
+baseline's rounds, whose state is kept apart under <state-dir>/baselines/llm2slm).
 
 Handlers take and return Flower `RecordDict`s and never see a `Message`, so tests call them
 directly; `flower_app.py` wraps them into the ClientApp.
@@ -320,6 +324,23 @@ def _server_tokenizer_dir(node: Node, fingerprint: str) -> Path:
     return node.state_dir / "peer-tokenizers" / "".join(ch for ch in fingerprint if ch.isalnum())[:64]
 
 
+RUN_LABELS = ("fedmkt", "llm2slm")  # the rounds a server may ask for: FedMKT's, or the LLM2SLM baseline's
+
+
+def run_label(task: Mapping[str, Any]) -> str:
+    label = task.get("run", "fedmkt")
+    if label not in RUN_LABELS:
+        raise KDFlowError(f"the server asked for rounds of '{str(label)[:40]}', which this client does not run")
+    return str(label)
+
+
+def state_folder(node: Node, task: Mapping[str, Any]) -> Path:
+    """FedMKT's state lives in the node's state folder; a baseline's rounds (LLM2SLM) in a folder of
+    their own under it, so neither disturbs the other."""
+    label = run_label(task)
+    return node.state_dir if label == "fedmkt" else node.state_dir / "baselines" / label
+
+
 def _open_client(content: Any, cfg: FedMKTConfig, node_config: Mapping[str, Any]) -> tuple[Any, ...]:
     """What every client message starts with: the node, the task and its round, and the client
     rebuilt from its state folder (records module, node, task, round, party, state, saved info)."""
@@ -328,7 +349,7 @@ def _open_client(content: Any, cfg: FedMKTConfig, node_config: Mapping[str, Any]
         task = _task(content)
         r = int(task["round"])
     party = build_client(cfg, node)
-    state = ClientState(node.state_dir)
+    state = ClientState(state_folder(node, task))
     with _stage(node.name, "loading its saved state"):
         info = state.load(party, cfg)
     return _records(), node, task, r, party, state, info
@@ -429,7 +450,7 @@ def handle_update(content: Any, cfg: FedMKTConfig, node_config: Mapping[str, Any
         res = client_update_step(party, own, server, received, cfg, r, bridges=Bridges(cfg.data, cfg.align))
     with _stage(node.name, "saving its state"):
         state.save(party, {**info, "update_round": r})
-    final = r == cfg.fedmkt.rounds and not cfg.fedmkt.fedavg
+    final = r == cfg.fedmkt.rounds and not task.get("send-adapter") and run_label(task) == "fedmkt"
     if final:
         _save_final(party, cfg, node)
     reply = app.RecordDict({
@@ -467,6 +488,41 @@ def handle_fedavg(content: Any, cfg: FedMKTConfig, node_config: Mapping[str, Any
     if task.get("evaluate"):
         reply["eval"] = _evaluate(party, cfg, node)
     return reply
+
+
+def handle_baseline(content: Any, cfg: FedMKTConfig, node_config: Mapping[str, Any]) -> Any:
+    """The standalone baseline on this node: a fresh adapter trained on this client's private rows
+    alone (the epochs FedMKT gives its private phases over all rounds, seeded as in-process), then
+    evaluated; only the evaluation goes back. Kept in <state-dir>/baselines/standalone.json, so a
+    resumed server does not retrain it."""
+    from kdflow.data import read_rows
+    from kdflow.federated.fedmkt import train_phase
+    from kdflow.federated.simulation import evaluate_party
+    from kdflow.report import write_json
+
+    with _stage(None, "reading its node config and the server's request"):
+        node = node_from_config(cfg, node_config)
+        name = str(_task(content).get("baseline"))
+    if name != "standalone":
+        raise ClientFailure(f"client '{node.name}' runs no baseline '{name[:40]}' (only standalone)")
+    saved = node.state_dir / "baselines" / "standalone.json"
+    metrics = None
+    if saved.is_file():
+        with _stage(node.name, "reading its saved baseline"):
+            got = json.loads(saved.read_text())
+            metrics = got["metrics"] if got.get("run") == run_key(cfg) else None
+    if metrics is None:
+        party = build_client(cfg, node)
+        with _stage(node.name, "training the standalone baseline on its private data"):
+            train_phase(party, party.private, cfg, cfg.fedmkt.rounds * cfg.fedmkt.private_epochs, False,
+                        seed=cfg.seed + 7)
+        with _stage(node.name, "evaluating on its test data"):
+            if not node.data_test:
+                raise ConfigError(f"client '{node.name}': no test data (set data.test or node config data-test)")
+            metrics = evaluate_party(party, read_rows(node.data_test, "data.test"), cfg)
+        with _stage(node.name, "saving its baseline"):
+            write_json(saved, {"run": run_key(cfg), "metrics": metrics})
+    return _records().RecordDict({"client": _client_record(node, baseline=name), "eval": _metrics(metrics)})
 
 
 def final_dir(node: Node) -> Path:
@@ -517,5 +573,6 @@ def guarded(kind: str, handler: Any) -> Any:
 
 
 HANDLERS = {kind: guarded(kind, fn) for kind, fn in
-            {"train": handle_local, "train.update": handle_update, "train.fedavg": handle_fedavg}.items()}
+            {"train": handle_local, "train.update": handle_update, "train.fedavg": handle_fedavg,
+             "train.baseline": handle_baseline}.items()}
 

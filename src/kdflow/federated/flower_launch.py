@@ -275,7 +275,7 @@ def run_fedmkt_flower(cfg: FedMKTConfig) -> dict[str, Any]:
     from kdflow.federated.fedmkt import check_config
     from kdflow.federated.flower_app import run_config_from_config, write_app, write_run_config
 
-    check_config(cfg, baselines=False)  # the baselines are not run over Flower
+    check_config(cfg, baselines=False)  # the pooled-data baselines are not run over Flower
     from kdflow import processes
 
     if processes.world() > 1:

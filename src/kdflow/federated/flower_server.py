@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -394,14 +394,41 @@ def _need(got: int, cfg: FedMKTConfig, r: int, phase: str, left_out: dict[str, s
                              f"flower.min_clients={cfg.flower.min_clients} ({why})")
 
 
-def run_server(transport: Transport, cfg: FedMKTConfig) -> dict[str, Any]:
-    """The FedMKT rounds over `transport`; writes the run folder and returns the metrics."""
-    from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+@dataclass
+class Session:
+    """What every set of rounds of one Flower run shares (FedMKT, then the LLM2SLM baseline): the
+    transport, the server's own facts and base model, and which node holds which client."""
 
-    from kdflow.federated.tokenizers import tokenizer_record
-    from kdflow.data import encode_rows, partition_rows, read_rows, rows_fingerprint
-    from kdflow.federated.fedmkt import Bridges, check_config, load_base, make_party, public_outputs, server_step
-    from kdflow.federated.simulation import _load_round, _save_round, evaluate_party
+    transport: Transport
+    cfg: FedMKTConfig
+    out_dir: Path
+    base: Any
+    tok: Any
+    public_rows: Any
+    test_rows: Any
+    facts: Facts
+    book: TokenizerBook
+    bridges: Any
+    refused: dict[int, str]  # nodes that are no client of this run
+    known: dict[int, Member]  # node -> the client it was accepted as
+    server_tokenizer: Any = None  # its files as a record, built when a client with another tokenizer first needs them
+
+    def fresh_server(self) -> Any:
+        """The server with a new adapter, as `World.server()` makes it in-process."""
+        from kdflow.data import encode_rows
+        from kdflow.federated.fedmkt import make_party
+
+        server = make_party(self.cfg.server, self.base, self.tok, self.cfg.seed)
+        server.public = encode_rows(self.public_rows, self.tok, self.cfg.data)
+        server.public_rows = self.public_rows
+        return server
+
+
+def run_server(transport: Transport, cfg: FedMKTConfig) -> dict[str, Any]:
+    """The FedMKT rounds over `transport`, then the baselines that need no pooled private data;
+    writes the run folder and returns the metrics."""
+    from kdflow.data import partition_rows, read_rows, rows_fingerprint
+    from kdflow.federated.fedmkt import Bridges, base_location, check_config, load_base, save_final
     from kdflow.report import write_json
     from kdflow.training import setup_run
 
@@ -412,37 +439,90 @@ def run_server(transport: Transport, cfg: FedMKTConfig) -> dict[str, Any]:
         raise FlowerRunError(f"flower.min_clients={cfg.flower.min_clients} exceeds the {len(cfg.clients)} clients")
     out_dir = setup_run(cfg.output_dir, cfg, cfg.seed, cfg.train.num_threads)
     t_start = time.time()
-    if [b for b in cfg.baselines if b != "zero_shot"]:
-        log(f"baselines {cfg.baselines} are not run over Flower (they need every party's data in one place); "
-            "`kdflow fedmkt` runs them from the same config")
+    skipped = [b for b in cfg.baselines if b in POOLED_BASELINES]
+    if skipped:
+        log(f"baselines {skipped} are not run over Flower (they need the parties' private data in one place, or "
+            "fedavg: set fedmkt.fedavg for the protocol); `kdflow fedmkt` runs them from the same config")
     rows = read_rows(cfg.data.train, "data.train").head(cfg.data.max_train_rows)
     public_rows, _ = partition_rows(rows, cfg.data.public_rows, len(cfg.clients), cfg.data.private_rows,
                                     cfg.data.partition, cfg.data.partition_field, cfg.data.dirichlet_alpha, cfg.seed)
     test_rows = read_rows(cfg.data.test, "data.test").head(cfg.eval.max_rows)
     base, tok = load_base(cfg.server, {}, seed=cfg.seed, data=cfg.data, public_rows=public_rows)
-    server = make_party(cfg.server, base, tok, cfg.seed)
-    server.public = encode_rows(public_rows, tok, cfg.data)
-    ckpt = out_dir / "rounds"
+    book = TokenizerBook(cfg, public_rows)
+    run = Session(transport, cfg, out_dir, base, tok, public_rows, test_rows, None, book, Bridges(cfg.data, cfg.align),
+                  {}, {})
+    server = run.fresh_server()
+    run.facts = Facts(server.name, rows_fingerprint(public_rows), server.vocab_size, server.fingerprint,
+                      server.positions(), tokenizers=book)
+    wait_for_nodes(transport, cfg)
+    t_rounds = time.time()
+    history, final_clients = run_rounds(run, server, out_dir / "rounds", "fedmkt")
+    fedmkt_seconds = time.time() - t_rounds
+
+    finals: dict[str, Any] = {server.name: save_final(server, base_location(cfg.server, cfg.data, public_rows),
+                                                      out_dir / "final" / server.name, cfg.fedmkt.save_merged)}
+    for name in final_clients:
+        finals[name] = {"node": f"on client '{name}'s own node, in <state-dir>/final/ (node config state-dir; default "
+                                f"{Path(cfg.flower.state_dir or Path(cfg.output_dir) / 'flower-clients') / name}/final)"}
+    last = next((h["eval"] for h in reversed(history) if "eval" in h), {})
+    table: dict[str, dict[str, dict[str, float]]] = {"FedMKT (Flower)": last}
+    baselines: dict[str, Any] = {}
+    for b in cfg.baselines:
+        if b == "zero_shot":
+            table["zero-shot"] = history[0]["eval"]
+        elif b not in POOLED_BASELINES:
+            log(f"baseline {b} over Flower")
+            t0 = time.time()
+            table[b], info = run_baseline(run, b)
+            baselines[b] = {**info, "seconds": time.time() - t0}
+    metrics = {"transport": "flower", "rounds": history, "seconds": time.time() - t_start,
+               "fedmkt_seconds": fedmkt_seconds, "final_models": finals, "table": table, "baselines": baselines,
+               "baselines_not_run": skipped,
+               "refused_nodes": {str(n): why for n, why in run.refused.items()},
+               "bytes_per_round": [{"round": h["round"], "up": sum(h["bytes_up"].values()),
+                                    "down": sum(h["bytes_down"].values())} for h in history if "bytes_up" in h],
+               "left_out": {str(h["round"]): h["left_out"] for h in history if h.get("left_out")}}
+    write_json(out_dir / "metrics.json", metrics)
+    _write_report(out_dir, cfg, metrics)
+    log(f"fedmkt-flower done in {metrics['seconds']:.0f} s; run folder {out_dir}")
+    return metrics
+
+
+# Baselines that need the parties' private data in one place (or, fedavg, a protocol of its own).
+POOLED_BASELINES = ("centralized", "private_public", "fedavg")
+
+
+def run_rounds(run: Session, server: Any, ckpt: Path, label: str, train_server: bool = True,
+               average: bool | None = None) -> tuple[list[dict], list[str]]:
+    """FedMKT's rounds over the transport (label "fedmkt"), or LLM2SLM's (train_server=False, no
+    FedAvg: the server only teaches), resumed from `ckpt`. Returns the per-round history and the
+    clients that wrote their final model. A baseline's messages carry its label: the clients keep its
+    state apart from FedMKT's and write no final model."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+    from kdflow.federated.fedmkt import public_outputs, server_step
+    from kdflow.federated.simulation import _load_round, _save_round, evaluate_party
+    from kdflow.federated.tokenizers import tokenizer_record
+
+    cfg, transport, facts, book = run.cfg, run.transport, run.facts, run.book
+    avg = cfg.fedmkt.fedavg if average is None else average
+    checks = cfg if avg == cfg.fedmkt.fedavg else replace(cfg, fedmkt=replace(cfg.fedmkt, fedavg=avg))
+    suffix = "" if label == "fedmkt" else f".{label}"
     ckpt.mkdir(parents=True, exist_ok=True)
     start, server_out, history = _load_round(ckpt, [server], cfg)
     if start:
-        log(f"fedmkt-flower: resuming after round {start}")
+        log(f"fedmkt-flower {label}: resuming after round {start}")
     if server_out is None:
         server_out = public_outputs(server, cfg.fedmkt.top_k, cfg.fedmkt.temperature, cfg.eval.batch_size)
-    server.public_rows = public_rows
-    book = TokenizerBook(cfg, public_rows)
-    bridges = Bridges(cfg.data, cfg.align)
     server_record = {"name": server.name, "vocab-size": server.vocab_size, "fingerprint": server.fingerprint}
-    facts = Facts(server.name, rows_fingerprint(public_rows), server.vocab_size, server.fingerprint, server.positions(),
-                  tokenizers=book)
     if not history:
-        history.append({"round": 0, "eval": {server.name: evaluate_party(server, test_rows, cfg)}})
-    wait_for_nodes(transport, cfg)
+        # FedMKT's round 0 is the zero-shot evaluation (the clients add theirs with their first reply);
+        # a baseline reports its last round only.
+        history.append({"round": 0, "eval": {server.name: evaluate_party(server, run.test_rows, cfg)}
+                        if label == "fedmkt" else {}})
     f, timeout = cfg.flower, cfg.flower.reply_timeout
     final_clients: list[str] = []  # clients that said they wrote their final model (after the last round)
-    server_tokenizer = None  # its files as a record, built when a client with another tokenizer first needs them
-    refused: dict[int, str] = {}  # nodes that are no client of this run
-    known: dict[int, Member] = {}  # node -> the client it was accepted as
+    refused, known = run.refused, run.known
     for r in range(start + 1, cfg.fedmkt.rounds + 1):
         t0 = time.time()
         rec: dict[str, Any] = {"round": r, "bytes_up": {}, "bytes_down": {}, "selected": {}, "loss": {},
@@ -452,10 +532,10 @@ def run_server(transport: Transport, cfg: FedMKTConfig) -> dict[str, Any]:
         # Steps 1-2 on every connected node; who is who comes with the replies.
         nodes = [n for n in transport.nodes() if n not in refused]
         rec["nodes"] = len(nodes)
-        first = len(history) == 1  # round 0 still lacks the clients' own evaluation
-        request = RecordDict({"task": _task(round=r, **{"evaluate-before": first}),
+        first = label == "fedmkt" and len(history) == 1  # round 0 still lacks the clients' own evaluation
+        request = RecordDict({"task": _task(round=r, run=label, **{"evaluate-before": first}),
                               "server": ConfigRecord({**server_record, "known-tokenizers": " ".join(book.known())})})
-        replies = transport.ask({n: ("train", request) for n in nodes}, timeout, f"{r}.local")
+        replies = transport.ask({n: ("train", request) for n in nodes}, timeout, f"{r}.local{suffix}")
         outs = local_phase(replies, nodes, cfg, facts, refused, left, rec, known)
         if first:
             history[0]["eval"].update({m.name: c["eval-before"] for m, c in outs.values() if c["eval-before"] is not None})
@@ -464,15 +544,17 @@ def run_server(transport: Transport, cfg: FedMKTConfig) -> dict[str, Any]:
         # Steps 4-7, the clients in the config's order.
         order = sorted(outs)
         server_out, info = server_step(server, server_out, [outs[p][0].peer() for p in order],
-                                       [outs[p][1]["payload"] for p in order], cfg, r, bridges=bridges)
-        rec["selected"][server.name] = info["selected"]
-        rec["loss"][f"{server.name}/public"] = info["logs"][-1]["loss"] if info["logs"] else None
+                                       [outs[p][1]["payload"] for p in order], cfg, r, train_server=train_server,
+                                       bridges=run.bridges)
+        if train_server:
+            rec["selected"][server.name] = info["selected"]
+            rec["loss"][f"{server.name}/public"] = info["logs"][-1]["loss"] if info["logs"] else None
 
         # Steps 8-11.
         evaluate = r % cfg.fedmkt.eval_every == 0 or r == cfg.fedmkt.rounds
         payload = wire.to_array_record(wire.encode(server_out, server.vocab_size, cfg.fedmkt.wire_logprobs), f.chunk_bytes)
         parts = {
-            "task": _task(round=r, evaluate=evaluate and not cfg.fedmkt.fedavg, **{"send-adapter": cfg.fedmkt.fedavg}),
+            "task": _task(round=r, run=label, evaluate=evaluate and not avg, **{"send-adapter": avg}),
             "server": ConfigRecord(server_record),
             "server-positions": ArrayRecord({"positions": Array(np.asarray(server.positions(), dtype=np.int64))}),
             "payload": payload}
@@ -480,14 +562,14 @@ def run_server(transport: Transport, cfg: FedMKTConfig) -> dict[str, Any]:
         for p in order:
             m, content = outs[p]
             if content["needs-server-tokenizer"]:  # once per client: it keeps the server's tokenizer
-                if server_tokenizer is None:
-                    server_tokenizer = tokenizer_record(server.tok)
-                requests[m.node] = ("train.update", RecordDict({**parts, "server-tokenizer": server_tokenizer}))
-                rec.setdefault("bytes_tokenizer_down", {})[m.name] = wire.record_nbytes(server_tokenizer)
+                if run.server_tokenizer is None:
+                    run.server_tokenizer = tokenizer_record(server.tok)
+                requests[m.node] = ("train.update", RecordDict({**parts, "server-tokenizer": run.server_tokenizer}))
+                rec.setdefault("bytes_tokenizer_down", {})[m.name] = wire.record_nbytes(run.server_tokenizer)
             else:
                 requests[m.node] = ("train.update", RecordDict(parts))
-        replies = transport.ask(requests, timeout, f"{r}.update")
-        done = update_phase(replies, [outs[p][0] for p in order], cfg, left, r)
+        replies = transport.ask(requests, timeout, f"{r}.update{suffix}")
+        done = update_phase(replies, [outs[p][0] for p in order], checks, left, r)
         evals: dict[str, dict[str, float]] = {}
         for m, c in done.values():
             rec["bytes_down"][m.name] = wire.record_nbytes(payload)
@@ -499,35 +581,97 @@ def run_server(transport: Transport, cfg: FedMKTConfig) -> dict[str, Any]:
                 evals[m.name] = c["eval"]
         _need(len(done), cfg, r, "update", left)
 
-        if cfg.fedmkt.fedavg:
+        if avg:
             evals.update(_fedavg(transport, cfg, r, done, evaluate, left, final_clients))
         if evaluate:
-            rec["eval"] = {server.name: evaluate_party(server, test_rows, cfg), **evals}
+            rec["eval"] = {server.name: evaluate_party(server, run.test_rows, cfg), **evals}
         rec["clients"] = [m.name for m, _ in done.values() if m.name not in left]
         if not rec["node_errors"]:
             del rec["node_errors"]
         rec["seconds"] = time.time() - t0
         history.append(rec)
         _save_round(ckpt, r, [server], server_out, history)
-        log(f"fedmkt-flower round {r}/{cfg.fedmkt.rounds}: {rec['seconds']:.0f} s, clients {rec['clients']}"
+        log(f"fedmkt-flower {label} round {r}/{cfg.fedmkt.rounds}: {rec['seconds']:.0f} s, clients {rec['clients']}"
             + (f", left out {left}" if left else "")
             + f", up {sum(rec['bytes_up'].values()) / 1e6:.2f} MB, down {sum(rec['bytes_down'].values()) / 1e6:.2f} MB")
-    from kdflow.federated.fedmkt import base_location, save_final
+    return history, final_clients
 
-    finals: dict[str, Any] = {server.name: save_final(server, base_location(cfg.server, cfg.data, public_rows),
-                                                      out_dir / "final" / server.name, cfg.fedmkt.save_merged)}
-    for name in final_clients:
-        finals[name] = {"node": f"on client '{name}'s own node, in <state-dir>/final/ (node config state-dir; default "
-                                f"{Path(cfg.flower.state_dir or Path(cfg.output_dir) / 'flower-clients') / name}/final)"}
-    metrics = {"transport": "flower", "rounds": history, "seconds": time.time() - t_start, "final_models": finals,
-               "refused_nodes": {str(n): why for n, why in refused.items()},
-               "bytes_per_round": [{"round": h["round"], "up": sum(h["bytes_up"].values()),
-                                    "down": sum(h["bytes_down"].values())} for h in history if "bytes_up" in h],
-               "left_out": {str(h["round"]): h["left_out"] for h in history if h.get("left_out")}}
-    write_json(out_dir / "metrics.json", metrics)
-    _write_report(out_dir, cfg, metrics)
-    log(f"fedmkt-flower done in {metrics['seconds']:.0f} s; run folder {out_dir}")
-    return metrics
+
+def run_baseline(run: Session, name: str) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
+    """(metrics per party, what else the report shows) of one baseline that needs no pooled private
+    data, as `simulation.run_baseline` computes it in-process: `public_only` on the server alone,
+    `standalone` on each client's node (its own private rows), `llm2slm` as rounds in which the server
+    only teaches. Cached in <output_dir>/baselines/<name>.json (llm2slm also resumes from its rounds)."""
+    import json
+
+    from kdflow.config import to_dict
+    from kdflow.data import rows_fingerprint
+    from kdflow.federated.fedmkt import train_phase
+    from kdflow.federated.simulation import evaluate_party
+    from kdflow.report import write_json
+
+    cfg = run.cfg
+    path = run.out_dir / "baselines" / f"{name}.json"
+    key = {"config": to_dict(replace(cfg, flower=type(cfg.flower)(), output_dir="")),
+           "data": rows_fingerprint(run.public_rows)}
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key:
+            return saved["metrics"], saved.get("info", {})
+    info: dict[str, Any] = {}
+    if name == "public_only":
+        server = run.fresh_server()
+        train_phase(server, list(server.public), cfg, cfg.fedmkt.rounds * cfg.fedmkt.server_epochs, False,
+                    seed=cfg.seed + 7)
+        metrics = {server.name: evaluate_party(server, run.test_rows, cfg)}
+    elif name == "standalone":
+        metrics, info["left_out"] = standalone(run)
+    elif name == "llm2slm":
+        history, _ = run_rounds(run, run.fresh_server(), run.out_dir / "baselines" / "llm2slm" / "rounds", "llm2slm",
+                                train_server=False, average=False)
+        metrics = history[-1]["eval"]
+        info["left_out"] = {str(h["round"]): h["left_out"] for h in history if h.get("left_out")}
+    else:
+        raise FlowerRunError(f"baseline '{name}' cannot run over Flower")
+    write_json(path, {"key": key, "metrics": metrics, "info": info})
+    return metrics, info
+
+
+def standalone(run: Session) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
+    """Each client trains a fresh adapter on its own private rows alone (the epochs FedMKT gives its
+    private phases over all rounds) on its own node, and reports its evaluation: (client -> metrics,
+    client -> why it has none)."""
+    cfg, timeout = run.cfg, run.cfg.flower.reply_timeout
+    nodes = [n for n in run.transport.nodes() if n not in run.refused]
+    from flwr.app import RecordDict
+
+    request = RecordDict({"task": _task(baseline="standalone", round=0)})
+    replies = run.transport.ask({n: ("train.baseline", request) for n in nodes}, timeout, "0.standalone")
+    got: dict[str, dict[str, float]] = {}
+    why: dict[str, str] = {}
+    for node in nodes:
+        rep = replies.get(node)
+        problem = reply_problem(rep, timeout)
+        who = run.known[node].name if node in run.known else f"node {node}"
+        try:
+            if problem:
+                raise BadReply(problem)
+            pid, name = checked(lambda rep_, m_, cfg_: (_size(rep_, cfg_), identify(rep_, cfg_))[1], rep, None, cfg)
+            if node in run.known and run.known[node].partition != pid:
+                raise BadReply(f"node {node} answered as client '{run.known[node].name}' before and now claims '{name}'")
+            if name in got:
+                raise BadReply(f"client '{name}' already answered from another node")
+            ev = checked(lambda rep_, m_, cfg_: _eval_record(rep_, "eval"), rep, None, cfg)
+            if ev is None:
+                raise BadReply("the reply carries no evaluation")
+            got[name] = ev
+        except BadReply as e:
+            why[who] = str(e)[:REASON_CHARS]
+            log(f"baseline standalone: {who}: {why[who]}")
+    for spec in cfg.clients:
+        if spec.name not in got and spec.name not in why:
+            why[spec.name] = "no reply"
+    return {c.name: got[c.name] for c in cfg.clients if c.name in got}, why
 
 
 FAILURE_FILE = "flower-failure.json"
@@ -609,18 +753,24 @@ def _write_report(out: Path, cfg: FedMKTConfig, metrics: dict[str, Any]) -> None
     from kdflow.report import write_atomic
 
     names = [cfg.server.name] + [c.name for c in cfg.clients]
-    last = next((h["eval"] for h in reversed(metrics["rounds"]) if "eval" in h), {})
-    table = {"FedMKT (Flower)": last, "zero-shot": metrics["rounds"][0]["eval"]}
+    table = metrics["table"]
     f = cfg.fedmkt
     lines = ["# kdflow fedmkt-flower", "",
              f"- server `{cfg.server.name}`, clients " + ", ".join(f"`{c.name}`" for c in cfg.clients),
-             f"- {f.rounds} rounds, top-k {f.top_k}, selection `{f.selection}`; min clients {cfg.flower.min_clients}, "
-             f"reply timeout {cfg.flower.reply_timeout:g} s",
-             f"- wall time {metrics['seconds']:.0f} s", "",
-             "## Rouge-L on the test split", "", _table(table, names, "rougeL"), "",
-             "## Answer NLL on the test split", "", _table(table, names, "answer_nll"), "",
-             "## Per round", "", "| round | clients | left out | client→server bytes | server→clients bytes | seconds |",
-             "|---:|---|---|---:|---:|---:|"]
+             f"- {f.rounds} rounds, top-k {f.top_k}, selection `{f.selection}`, wire log-probs `{f.wire_logprobs}`; "
+             f"min clients {cfg.flower.min_clients}, reply timeout {cfg.flower.reply_timeout:g} s",
+             f"- wall time {metrics['seconds']:.0f} s (FedMKT rounds {metrics['fedmkt_seconds']:.0f} s"
+             + "".join(f", {b} {v['seconds']:.0f} s" for b, v in metrics["baselines"].items()) + ")", ""]
+    if metrics["baselines_not_run"]:
+        lines += [f"Baselines {', '.join(metrics['baselines_not_run'])} need the parties' private data in one place "
+                  "(or, fedavg, are a protocol setting): `kdflow fedmkt` runs them from the same config.", ""]
+    for b, v in metrics["baselines"].items():
+        if v.get("left_out"):
+            lines += [f"Baseline {b}: without " + "; ".join(f"{k} ({w})" for k, w in v["left_out"].items()), ""]
+    lines += ["## Rouge-L on the test split", "", _table(table, names, "rougeL"), "",
+              "## Answer NLL on the test split", "", _table(table, names, "answer_nll"), "",
+              "## Per round", "", "| round | clients | left out | client→server bytes | server→clients bytes | seconds |",
+              "|---:|---|---|---:|---:|---:|"]
     for h in metrics["rounds"][1:]:
         lines.append(f"| {h['round']} | {', '.join(h['clients'])} | "
                      + ("; ".join(f"{k}: {v}" for k, v in h["left_out"].items()) or "—")
