@@ -87,6 +87,7 @@ bench: install
 	$(PY) bench/bench_rollout.py
 	$(PY) bench/bench_payload.py
 	$(PY) bench/bench_processes.py
+	$(PY) bench/bench_bf16_cpu.py
 
 # Every verb but fedmkt-flower once on this machine's GPU (sized for under 4 minutes): device, dtype,
 # peak GPU memory and tokens/s per verb. No install needed: any Python with torch, transformers, peft and

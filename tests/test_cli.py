@@ -155,9 +155,13 @@ def test_generation_uses_only_the_eval_settings(bpe_tok, one_thread):
     assert model.generation_config.repetition_penalty == 50.0  # the model's own config is left as it was
 
 
-def test_bf16_run_reports_what_eval_of_the_saved_student_reports(tmp_path, tiny_dirs, tiny_data, one_thread):
+def test_bf16_run_reports_what_eval_of_the_saved_student_reports(tmp_path, tiny_dirs, tiny_data, one_thread,
+                                                                monkeypatch):
     """train.bf16: the report's "student (after)" is the saved student scored like `kdflow eval` scores it
     (float32 weights, no autocast), not the Trainer's autocast-wrapped model."""
+    from kdflow import models
+
+    monkeypatch.setattr(models, "cpu_bf16_fast", lambda: True)  # autocast even on a CPU that emulates bf16
     out = tmp_path / "bf16"
     settings = ["eval.max_new_tokens=4", "eval.max_rows=4", "eval.batch_size=4"]
     assert main(["distill", *base_args(tiny_dirs, tiny_data, out), "method=sft", "train.max_steps=1", "train.bf16=true",

@@ -309,3 +309,29 @@ def test_a_student_pruned_from_a_bf16_teacher_copies_the_stored_weights_exactly(
     torch.testing.assert_close(student.model.layers[1].mlp.up_proj.weight, stored.model.layers[3].mlp.up_proj.weight,
                                rtol=0, atol=0)
     torch.testing.assert_close(student.model.embed_tokens.weight, stored.model.embed_tokens.weight, rtol=0, atol=0)
+
+
+def test_bf16_on_a_cpu_without_native_bf16_trains_in_float32_and_says_so(monkeypatch, capsys, tmp_path):
+    """bf16 autocast on a CPU without native bf16 (oneDNN emulates it, ~30x slower) becomes float32,
+    with one line naming the setting; where the CPU has it, or the setting is off, nothing changes."""
+    from kdflow import models
+    from kdflow.config import TrainConfig
+    from kdflow.loop import Loop
+    from kdflow.training import training_arguments
+
+    monkeypatch.setattr(models, "_BF16_SAID", set())
+    monkeypatch.setattr(models, "cpu_bf16_fast", lambda: False)
+    assert models.use_bf16(True, "train.bf16", "cpu") is False
+    assert models.use_bf16(True, "train.bf16", "cpu") is False
+    out = capsys.readouterr().out
+    assert out.count("NOTE: train.bf16=true") == 1 and "float32 instead" in out
+    assert models.use_bf16(False, "train.bf16", "cpu") is False
+    assert models.use_bf16(True, "x.bf16", "cuda") is True  # accelerators are not second-guessed
+    assert Loop(True, "minillm.bf16").accelerator.mixed_precision == "no"
+    assert "minillm.bf16=true" in capsys.readouterr().out
+    assert training_arguments(TrainConfig(bf16=True), tmp_path, 0, False, device="cpu").bf16 is False
+    monkeypatch.setattr(models, "cpu_bf16_fast", lambda: True)
+    assert models.use_bf16(True, "train.bf16", "cpu") is True
+    assert Loop(True).accelerator.mixed_precision == "bf16"
+    assert training_arguments(TrainConfig(bf16=True), tmp_path, 0, False, device="cpu").bf16 is True
+    Loop(False)  # leave accelerate's shared state as the other tests expect it

@@ -44,10 +44,12 @@ PARTIAL = ".partial"
 class Loop:
     """One accelerate.Accelerator for a custom training loop (see the module docstring)."""
 
-    def __init__(self, bf16: bool = False):
+    def __init__(self, bf16: bool = False, setting: str = "train.bf16"):
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState
         from accelerate.utils import DistributedDataParallelKwargs, DistributedType
+
+        from kdflow.models import use_bf16
 
         # Mixed precision is fixed when accelerate's shared state is first built; a run that trains
         # several loops in one process (baselines, FedMKT phases, `kdflow compare`) sets it per loop,
@@ -58,7 +60,7 @@ class Loop:
         # model's buffers (rotary frequencies, masks) are constants every process builds alike, and
         # the broadcast would make each micro-batch of each model wait for the slowest process.
         ddp = DistributedDataParallelKwargs(gradient_as_bucket_view=True, broadcast_buffers=False)
-        self.accelerator = Accelerator(cpu=processes.use_cpu(), mixed_precision="bf16" if bf16 else "no",
+        self.accelerator = Accelerator(cpu=processes.use_cpu(), mixed_precision="bf16" if use_bf16(bf16, setting) else "no",
                                        step_scheduler_with_optimizer=False, kwargs_handlers=[ddp])
         if self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
             # Sampling and evaluation here run each process's own rows through its own whole model;

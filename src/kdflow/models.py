@@ -318,6 +318,43 @@ def run_device(spec: ModelSpec | None = None, setting: str = "model") -> Any:
     return device
 
 
+def cpu_bf16_fast() -> bool:
+    """Whether this CPU computes bf16 matmuls natively (oneDNN's bf16 path: x86 with AVX-512 or AMX,
+    Arm with BF16). Without it oneDNN emulates them: a SmolLM2-135M training step under bf16 autocast
+    took 146 s against 5 s in float32 on an AVX2-only EPYC (bench/bench_bf16_cpu.py)."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN: nothing to say, leave bf16 as asked
+        return True
+
+
+_BF16_SAID: set[str] = set()
+
+
+def use_bf16(requested: bool, setting: str, device: Any = None) -> bool:
+    """bf16 autocast as `setting` asks, except on a CPU without native bf16 (`cpu_bf16_fast`), where
+    float32 is used instead and one line per setting says so: the same training, more precise, and
+    tens of times faster there. `device` is where the model runs (default: where this process's
+    models go)."""
+    if not requested:
+        return False
+    import torch
+
+    from kdflow import processes
+
+    kind = torch.device(device).type if device is not None else ("cpu" if processes.use_cpu() else "accelerator")
+    if kind != "cpu" or cpu_bf16_fast():
+        return True
+    if setting not in _BF16_SAID:
+        _BF16_SAID.add(setting)
+        print(f"[kdflow] NOTE: {setting}=true, but this CPU has no native bf16 arithmetic ({torch.backends.cpu.get_cpu_capability()}: "
+              "bf16 matmuls are emulated, about 30x slower than float32 here): training in float32 instead; set "
+              f"{setting}=false to silence this", flush=True)
+    return False
+
+
 def dtype_name(spec: ModelSpec, setting: str = "model") -> str:
     """`spec.dtype` with auto resolved: bfloat16 where the model runs on a CUDA GPU that supports it,
     else float32 (CPUs and MPS: bf16 matmuls there are slow or partial)."""

@@ -80,7 +80,9 @@ def log_mixture(teacher_logp: torch.Tensor, student_logp: torch.Tensor, mix_alph
 
 
 def _autocast(device: torch.device, bf16: bool) -> Any:
-    if not bf16:
+    from kdflow.models import use_bf16
+
+    if not use_bf16(bf16, "bf16 (rollouts)", device):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 

@@ -317,7 +317,8 @@ def _adapt(spec: TeacherSpec, data: DataConfig, rows: Rows, folder: Path) -> Non
             return head_losses(hidden, head, inputs["labels"][:, 1:][ce_mask], ce_mask[ce_mask], None, HeadLossSpec())
 
     trainer = AdaptTrainer(model=model, args=training_arguments(train, work, a.seed, has_eval=False,
-                                                                 device=run_device(spec, "teacher")),
+                                                                 device=run_device(spec, "teacher"),
+                                                                 bf16_setting="teacher.adapt.bf16"),
                            train_dataset=ListDataset(examples), data_collator=Collator(tok.pad_token_id))
     loss, _ = train_or_restore(trainer, last_checkpoint(work))
 

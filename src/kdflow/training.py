@@ -87,10 +87,13 @@ def resolve_resume(train: TrainConfig, output_dir: str | os.PathLike) -> str | N
 
 
 def training_arguments(train: TrainConfig, output_dir: str | os.PathLike, seed: int, has_eval: bool,
-                       device: Any = None) -> Any:
+                       device: Any = None, bf16_setting: str = "train.bf16") -> Any:
     """TrainingArguments for `train`; `device` (models.run_device of the trained model) cpu keeps the
-    Trainer on the CPU even where a GPU is present."""
+    Trainer on the CPU even where a GPU is present. `train.bf16` (named `bf16_setting` in the notice)
+    goes through `models.use_bf16`: float32 on a CPU without native bf16."""
     from transformers import TrainingArguments
+
+    from kdflow.models import use_bf16
 
     report_to = [r for r in train.report_to if r != "none"] or "none"
     args = TrainingArguments(
@@ -116,7 +119,7 @@ def training_arguments(train: TrainConfig, output_dir: str | os.PathLike, seed: 
         eval_strategy="steps" if (has_eval and train.eval_steps > 0) else "no",
         eval_steps=train.eval_steps if train.eval_steps > 0 else None,
         prediction_loss_only=True,
-        bf16=train.bf16,
+        bf16=use_bf16(train.bf16, bf16_setting, device),
         report_to=report_to,
         remove_unused_columns=False,
         seed=seed,

@@ -37,7 +37,8 @@ from kdflow.loop import Loop, adamw, prune, resume_step
 from kdflow.losses import (DenseTeacher, HeadLossSpec, TopKTargets, get_divergence, head_losses,
                            shifted_masks)
 from kdflow.models import (apply_lora, build_student, check_student, count_parameters, load_model, load_tokenizer,
-                           model_identity, place, run_device, save_model, selected_hidden, tokenizer_fingerprint)
+                           model_identity, place, run_device, save_model, selected_hidden, tokenizer_fingerprint,
+                           use_bf16)
 from kdflow.report import examples_markdown, plot_curves, write_atomic, write_json
 from kdflow.training import setup_run, step_normalized, step_rows
 
@@ -228,7 +229,7 @@ def micro_batch_losses(peers: list[Peer], rows: list[int], counts: list[dict[str
     spec = loss_spec(cfg, peers, kd_weight)
     weights = term_weights(peers, kd_weight)
     batches = _batches(peers, rows)
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16):
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16(cfg.train.bf16, "train.bf16", device)):
         outs = [forward_peer(p, batches[p.group], rows, cfg.kd.token_scope, device) for p in peers]
         return [step_normalized(peer_loss_sums(i, peers, outs, spec, cfg.align.top_k), counts[i], weights)
                 for i in range(len(peers))]

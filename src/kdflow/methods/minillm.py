@@ -152,7 +152,10 @@ def _check_finite(loss: torch.Tensor, what: str) -> None:
 def _autocast(device: torch.device, bf16: bool) -> Any:
     import contextlib
 
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    from kdflow.models import use_bf16
+
+    return (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if use_bf16(bf16, "minillm.bf16", device)
+            else contextlib.nullcontext())
 
 
 def rollout_statistics(rollout: Rollout, eos_id: int, loop: Loop | None = None) -> dict[str, float]:
@@ -235,7 +238,7 @@ def train(cfg: MiniLLMConfig, student: Any, teacher: Any, tok: Any, prompts: lis
     from transformers import get_scheduler
 
     s = cfg.minillm
-    loop = Loop(s.bf16)
+    loop = Loop(s.bf16, "minillm.bf16")
     P, rank, R = loop.world, loop.rank, s.rollout_batch_size
     pad_id, eos_id, vocab = tok.pad_token_id, tok.eos_token_id, len(tok)
     updates_per_rollout = s.inner_epochs * (R // s.batch_size)
