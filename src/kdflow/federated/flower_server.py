@@ -762,8 +762,8 @@ def _write_report(out: Path, cfg: FedMKTConfig, metrics: dict[str, Any]) -> None
              f"- wall time {metrics['seconds']:.0f} s (FedMKT rounds {metrics['fedmkt_seconds']:.0f} s"
              + "".join(f", {b} {v['seconds']:.0f} s" for b, v in metrics["baselines"].items()) + ")", ""]
     if metrics["baselines_not_run"]:
-        lines += [f"Baselines {', '.join(metrics['baselines_not_run'])} need the parties' private data in one place "
-                  "(or, fedavg, are a protocol setting): `kdflow fedmkt` runs them from the same config.", ""]
+        lines += [f"Left to `kdflow fedmkt` (the same config runs them there): {', '.join(metrics['baselines_not_run'])} "
+                  "— they need the parties' private data in one place (fedavg: the fedmkt.fedavg protocol setting).", ""]
     for b, v in metrics["baselines"].items():
         if v.get("left_out"):
             lines += [f"Baseline {b}: without " + "; ".join(f"{k} ({w})" for k, w in v["left_out"].items()), ""]
