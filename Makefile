@@ -39,9 +39,10 @@ fedmkt-demo: fedmkt-bases
 	$(VENV)/bin/kdflow fedmkt --config configs/fedmkt.yaml
 
 # The same config over a Flower deployment on this machine: flower-superlink with TLS and SuperNode
-# authentication, a registered flower-supernode per client (scripts/fedmkt_deploy_local.py).
+# authentication, a registered flower-supernode per client (scripts/fedmkt_deploy_local.py); one torch
+# thread per process, as the server and clients share the cores here.
 fedmkt-deploy: fedmkt-bases
-	$(PY) scripts/fedmkt_deploy_local.py --config configs/fedmkt.yaml output_dir=runs/fedmkt_deploy
+	$(PY) scripts/fedmkt_deploy_local.py --config configs/fedmkt.yaml output_dir=runs/fedmkt_deploy train.num_threads=1
 
 # The compression table of docs/compression.md: the pruned students healed by KD and the int4 QAT-KD student
 # (kdflow compare, resumable), layer-kd's student exported int8 and int4 (kdflow export) and scored (kdflow
