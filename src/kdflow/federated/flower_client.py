@@ -285,14 +285,18 @@ def _client_record(node: Node, **extra: Any) -> Any:
     return _records().ConfigRecord({"name": node.name, "partition-id": node.partition, **extra})
 
 
-def _evaluate(party: Any, cfg: FedMKTConfig, node: Node) -> Any:
+def _test_metrics(party: Any, cfg: FedMKTConfig, node: Node) -> dict[str, float]:
     from kdflow.data import read_rows
     from kdflow.federated.simulation import evaluate_party
 
     with _stage(node.name, "evaluating on its test data"):
         if not node.data_test:
             raise ConfigError(f"client '{node.name}': no test data (set data.test or node config data-test)")
-        return _metrics(evaluate_party(party, read_rows(node.data_test, "data.test"), cfg))
+        return evaluate_party(party, read_rows(node.data_test, "data.test"), cfg)
+
+
+def _evaluate(party: Any, cfg: FedMKTConfig, node: Node) -> Any:
+    return _metrics(_test_metrics(party, cfg, node))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -495,9 +499,7 @@ def handle_baseline(content: Any, cfg: FedMKTConfig, node_config: Mapping[str, A
     alone (the epochs FedMKT gives its private phases over all rounds, seeded as in-process), then
     evaluated; only the evaluation goes back. Kept in <state-dir>/baselines/standalone.json, so a
     resumed server does not retrain it."""
-    from kdflow.data import read_rows
     from kdflow.federated.fedmkt import train_phase
-    from kdflow.federated.simulation import evaluate_party
     from kdflow.report import write_json
 
     with _stage(None, "reading its node config and the server's request"):
@@ -516,10 +518,7 @@ def handle_baseline(content: Any, cfg: FedMKTConfig, node_config: Mapping[str, A
         with _stage(node.name, "training the standalone baseline on its private data"):
             train_phase(party, party.private, cfg, cfg.fedmkt.rounds * cfg.fedmkt.private_epochs, False,
                         seed=cfg.seed + 7)
-        with _stage(node.name, "evaluating on its test data"):
-            if not node.data_test:
-                raise ConfigError(f"client '{node.name}': no test data (set data.test or node config data-test)")
-            metrics = evaluate_party(party, read_rows(node.data_test, "data.test"), cfg)
+        metrics = _test_metrics(party, cfg, node)
         with _stage(node.name, "saving its baseline"):
             write_json(saved, {"run": run_key(cfg), "metrics": metrics})
     return _records().RecordDict({"client": _client_record(node, baseline=name), "eval": _metrics(metrics)})
