@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import yaml
+
 import pytest
 
 from kdflow.cli import main
@@ -133,7 +135,8 @@ def test_teacher_check_warns_or_stops_before_training(tmp_path, tiny_dirs, tiny_
 
 
 def test_hidden_and_several_teacher_variants_in_compare(tmp_path, tiny_dirs, tiny_data):
-    """Both run with their own teachers (online), not from the shared top-k cache, and reach the board."""
+    """The hidden-state variant trains from a shared cache that also holds the teacher's hidden states (its
+    own, not the logit-only one); several teachers run with their own teachers online; both reach the board."""
     out = tmp_path / "cmp"
     two = f"teachers=[{{name: {tiny_dirs['teacher']}, label: a}}, {{name: {tiny_dirs['student']}, label: b}}]"
     args = [f"teacher.name={tiny_dirs['teacher']}", "student.init=prune_teacher", "student.keep_layers=[0, 2]",
@@ -144,7 +147,11 @@ def test_hidden_and_several_teacher_variants_in_compare(tmp_path, tiny_dirs, tin
             "variants=[{name: sft, method: sft}, {name: hid, method: kd, overrides: ['kd.hidden_weight=1.0']}, "
             f"{{name: mt, method: kd, overrides: ['{two}', 'multi_teacher.rule=min_ce']}}]"]
     assert main(["compare", *args]) == 0
-    assert not [p for p in (out / "shared").iterdir() if p.name.startswith("teacher-cache-")]
+    caches = [p for p in (out / "shared").iterdir() if p.name.startswith("teacher-cache-")]
+    assert len(caches) == 1
+    assert json.loads((caches[0] / "manifest.json").read_text())["key"]["hidden_layers"] == [1, 2, 3, 4]
+    hid_cfg = yaml.safe_load((out / "hid" / "seed-0" / "config.yaml").read_text())
+    assert hid_cfg["teacher_cache"]["dir"] == str(caches[0]) and hid_cfg["teacher_cache"]["hidden"] == "all"
     board = json.loads((out / "leaderboard.json").read_text())
     assert {"sft", "hid", "mt"} <= set(board["variants"])
     assert json.loads((out / "hid" / "seed-0" / "metrics.json").read_text())["hidden"]["pairs"] == [[1, 1], [2, 3]]

@@ -151,6 +151,10 @@ def _share_teacher(plans: list[Planned], teacher: Any) -> None:
         p.cfg = dataclasses.replace(p.cfg, teacher=teacher)
 
 
+def _complete(cache: Path) -> bool:
+    return (cache / "manifest.json").is_file() and bool(json.loads((cache / "manifest.json").read_text()).get("complete"))
+
+
 def _share_caches(cfg: CompareConfig, plans: list[Planned], build: Callable[[DistillConfig], Any]) -> None:
     """One teacher cache per distinct (temperature, k, token scope, ...) among kd/hard_token variants."""
     out = Path(cfg.output_dir)
@@ -164,20 +168,29 @@ def _share_caches(cfg: CompareConfig, plans: list[Planned], build: Callable[[Dis
             p.cfg = dataclasses.replace(c, seqkd=dataclasses.replace(
                 c.seqkd, cache_file=c.seqkd.cache_file or str(out / "shared" / f"seqkd-{_digest(gen)}.jsonl")))
         elif (cfg.share_teacher_cache and c.method in ("kd", "hard_token") and c.kd.kd_weight > 0
-              and not c.teacher_cache.dir and c.kd.hidden_weight <= 0 and not c.teachers):
-            # (a hidden-state variant runs its teacher online: the cache holds no hidden states; several teachers
-            # use their own `cache` entries)
+              and not c.teacher_cache.dir and not c.teachers):
+            # (several teachers use their own `cache` entries.) A hidden-state variant shares a cache that also
+            # holds the teacher's hidden states (every block unless teacher_cache.hidden names some), so it
+            # differs from its logit-only sibling by the hidden term alone, not by an online teacher
+            tc = c.teacher_cache
+            if c.kd.hidden_weight > 0 and str(tc.hidden) == "none":
+                tc = dataclasses.replace(tc, hidden="all")
             temp = 1.0 if c.method == "hard_token" else c.kd.temperature
-            key = {"t": temp, "scope": c.kd.token_scope, "cache": {k: v for k, v in to_dict(c.teacher_cache).items()
-                                                                  if k != "dir"}}
+            key = {"t": temp, "scope": c.kd.token_scope, "cache": {k: v for k, v in to_dict(tc).items() if k != "dir"}}
             folder = out / "shared" / f"teacher-cache-{_digest(key)}"
-            p.cfg = dataclasses.replace(c, teacher_cache=dataclasses.replace(c.teacher_cache, dir=str(folder)))
+            p.cfg = dataclasses.replace(c, teacher_cache=dataclasses.replace(tc, dir=str(folder)))
     built = set()
     for p in plans:
         c = p.cfg
+        if isinstance(c, DistillConfig) and c.teachers:  # several teachers: each entry's own cache, built once
+            for e in c.teachers:
+                if e.cache and e.cache not in built:
+                    if not _complete(Path(e.cache)):
+                        print(f"[kdflow] compare: building the teacher cache {e.cache}")
+                        build(dataclasses.replace(c, teachers=[e]))
+                    built.add(e.cache)
         if isinstance(c, DistillConfig) and c.teacher_cache.dir and c.teacher_cache.dir not in built:
-            if not (Path(c.teacher_cache.dir) / "manifest.json").is_file() or not json.loads(
-                    (Path(c.teacher_cache.dir) / "manifest.json").read_text()).get("complete"):
+            if not _complete(Path(c.teacher_cache.dir)):
                 print(f"[kdflow] compare: building the shared teacher cache {c.teacher_cache.dir}")
                 build(c)
             built.add(c.teacher_cache.dir)
