@@ -1,6 +1,7 @@
 """Every verb in 2 CPU processes (torchrun, gloo) against the same commands in 1 process.
 
-One launch (`distributed_worker.py`) runs cache-teacher, eval, distill (kd from that cache, and
+One launch (`distributed_worker.py`) runs cache-teacher, eval, distill (kd from that cache, kd with the
+hidden-state term and its projection (teacher online), and
 seqkd), codistill and minillm in 2 processes; this process runs the same commands with the same
 global batch (batch_size doubled). Checked: each optimizer's gradient at the first step equals the
 1-process gradient, to TOL (the processes sum their halves in another order); both processes hold
@@ -70,6 +71,12 @@ def commands(tiny_dirs, tiny_data, w: Path, world: int) -> dict[str, list[str]]:
                     f"output_dir={w / ('distill_' + tag)}", "train.max_steps=2", f"train.batch_size={b}",
                     "train.grad_accum=2", "train.max_grad_norm=0", "train.save_steps=1", "train.eval_steps=2",
                     "train.report_to=[none]", *ev],
+        # kd with the hidden-state term, the teacher online: the tiny student is narrower than the teacher, so a
+        # projection trains beside it, outside DDP (its gradient must still be the 1-process one)
+        "hidden": ["distill", "method=kd", f"teacher.name={t}", f"student.name={s}", *data, "kd.hidden_weight=1.0",
+                   f"output_dir={w / ('hidden_' + tag)}", "train.max_steps=1", f"train.batch_size={b}",
+                   "train.grad_accum=2", "train.max_grad_norm=0", "train.save_steps=1", "train.report_to=[none]",
+                   "evaluate_teacher=false", "evaluate_before=false", "eval.max_rows=2", "eval.max_new_tokens=2"],
         "seqkd": ["distill", "method=seqkd", f"teacher.name={t}", f"student.name={s}", *data,
                   f"output_dir={w / ('seqkd_' + tag)}", "train.max_steps=1", f"train.batch_size={b}",
                   "seqkd.batch_size=4", "seqkd.max_new_tokens=4", "train.report_to=[none]", "evaluate_teacher=false",
@@ -85,14 +92,14 @@ def commands(tiny_dirs, tiny_data, w: Path, world: int) -> dict[str, list[str]]:
     }
 
 
-GRADS = ("distill", "codistill", "minillm")
+GRADS = ("distill", "hidden", "codistill", "minillm")
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_dirs, tiny_data):
     w = tmp_path_factory.mktemp("distributed")
     two = commands(tiny_dirs, tiny_data, w, 2)
-    order = ["cache-teacher", "eval", "distill", "seqkd", "codistill", "minillm"]
+    order = ["cache-teacher", "eval", "distill", "hidden", "seqkd", "codistill", "minillm"]
     proc = launch([{"argv": two[v], "grads": str(w / f"grads_{v}_p2") if v in GRADS else None} for v in order], w, "two")
     # meanwhile, nothing: two processes already use both cores. Then the 1-process runs here.
     out, err = finish(proc)
@@ -117,7 +124,7 @@ def files(folder: Path) -> set[str]:
 def test_every_verb_runs_in_two_processes_and_writes_each_output_once(runs):
     w, out = runs["dir"], runs["stdout"]
     assert "kdflow: error" not in runs["stderr"]
-    for verb in ("distill", "seqkd", "codistill", "minillm"):
+    for verb in ("distill", "hidden", "seqkd", "codistill", "minillm"):
         one, two = w / f"{verb}_p1", w / f"{verb}_p2"
         assert out.count(f"[kdflow] run folder: {two}") == 1, verb  # the main process alone prints
         metrics = json.loads((two / "metrics.json").read_text())
@@ -131,7 +138,8 @@ def test_every_verb_runs_in_two_processes_and_writes_each_output_once(runs):
                              in ({"rng_state_0.pth", "rng_state_1.pth"}, {"random_states_0.pkl", "random_states_1.pkl"})
                              for c in ckpts), verb
         assert not [p for p in two.rglob("*") if p.name.endswith((".partial", ".tmp"))]
-    assert out.count("| student (after) |") == 3  # distill, seqkd, minillm: one table each
+    assert (w / "hidden_p2" / "checkpoint-1" / "hidden_projection.safetensors").is_file()  # written once, by the main process
+    assert out.count("| student (after) |") == 4  # distill, hidden, seqkd, minillm: one table each
     assert out.count("[kdflow] metrics written to") == 1  # eval
     assert sorted(p.name for p in (w / "codistill_p2" / "peers").iterdir()) == [
         "checkpoint-3", "checkpoint-4", "full", "lora"]
@@ -150,6 +158,9 @@ def test_one_optimizer_step_has_the_one_process_gradient(runs):
         for k in ref:
             assert torch.allclose(r0[k], ref[k], **TOL), (verb, k, (r0[k] - ref[k]).abs().max())
         assert any(ref[k].abs().max() > 1e-4 for k in ref), verb  # a gradient, not zeros
+    # the hidden-state run's optimizer has the projection's group beside the student's
+    hid = load_file(str(w / "grads_hidden_p1" / "rank0.safetensors"))
+    assert "2" in {k.split(".")[1] for k in hid}  # groups 0 and 1: the student's (decay, no decay); 2: the projection
     # codistill: two peers, two optimizers; the LoRA peer's are its adapter's only
     assert {k.split(".")[0] for k in ref} == {"0"}  # minillm: one optimizer
     assert {k.split(".")[0] for k in load_file(str(w / "grads_codistill_p1" / "rank0.safetensors"))} == {"0", "1"}

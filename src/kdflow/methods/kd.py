@@ -79,9 +79,6 @@ def make_distill_trainer_class() -> type:
                 if teacher_width is not None and teacher_width != width:
                     from kdflow.hidden import HiddenProjection
 
-                    if processes.world() > 1:
-                        raise ConfigError("kd.hidden_weight with a student narrower than the teacher trains a projection "
-                                          "that data-parallel processes would not keep in step; run it in one process")
                     self.projection = HiddenProjection(self.hidden_pairs, width, teacher_width,
                                                        seed=cfg.seed).to(self.args.device)
             self.spec = HeadLossSpec(
@@ -99,6 +96,20 @@ def make_distill_trainer_class() -> type:
                 opt.add_param_group({"params": list(self.projection.parameters()), "weight_decay": 0.0})
                 self._projection_in_optimizer = True
             return opt
+
+        def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            if self.projection is not None and self.args.world_size > 1:
+                # The projection lives outside the DDP-wrapped student, so DDP does not average its gradient:
+                # do it here, after every backward (linear, so accumulated micro-batches stay right). Each
+                # process's loss is scaled by the world size (compute_loss), hence sum / world.
+                import torch.distributed as dist
+
+                for p in self.projection.parameters():
+                    if p.grad is not None:
+                        dist.all_reduce(p.grad)
+                        p.grad.div_(self.args.world_size)
+            return loss
 
         def _save_checkpoint(self, model: Any, trial: Any) -> None:
             super()._save_checkpoint(model, trial)
