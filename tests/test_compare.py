@@ -139,13 +139,16 @@ def test_hidden_and_several_teacher_variants_in_compare(tmp_path, tiny_dirs, tin
     own, not the logit-only one); several teachers run with their own teachers online; both reach the board."""
     out = tmp_path / "cmp"
     two = f"teachers=[{{name: {tiny_dirs['teacher']}, label: a}}, {{name: {tiny_dirs['student']}, label: b}}]"
+    cached = (f"teachers=[{{name: {tiny_dirs['teacher']}, label: a, cache: {tmp_path / 'ca'}}}, "
+              f"{{name: {tiny_dirs['student']}, label: b, cache: {tmp_path / 'cb'}}}]")
     args = [f"teacher.name={tiny_dirs['teacher']}", "student.init=prune_teacher", "student.keep_layers=[0, 2]",
             f"data.train={tiny_data['train']}", f"data.test={tiny_data['test']}", f"output_dir={out}",
             "train.batch_size=4", "train.max_steps=2", "train.report_to=[none]", "train.save_steps=0",
             "eval.max_new_tokens=3", "eval.batch_size=8", "eval.bootstrap_resamples=100", "data.max_train_rows=8",
             "seeds=[0]", "metrics=[exact_match, answer_nll]",
             "variants=[{name: sft, method: sft}, {name: hid, method: kd, overrides: ['kd.hidden_weight=1.0']}, "
-            f"{{name: mt, method: kd, overrides: ['{two}', 'multi_teacher.rule=min_ce']}}]"]
+            f"{{name: mt, method: kd, overrides: ['{two}', 'multi_teacher.rule=min_ce']}}, "
+            f"{{name: mtc, method: kd, overrides: ['{cached}', 'multi_teacher.rule=confidence']}}]"]
     assert main(["compare", *args]) == 0
     caches = [p for p in (out / "shared").iterdir() if p.name.startswith("teacher-cache-")]
     assert len(caches) == 1
@@ -153,7 +156,12 @@ def test_hidden_and_several_teacher_variants_in_compare(tmp_path, tiny_dirs, tin
     hid_cfg = yaml.safe_load((out / "hid" / "seed-0" / "config.yaml").read_text())
     assert hid_cfg["teacher_cache"]["dir"] == str(caches[0]) and hid_cfg["teacher_cache"]["hidden"] == "all"
     board = json.loads((out / "leaderboard.json").read_text())
-    assert {"sft", "hid", "mt"} <= set(board["variants"])
+    assert {"sft", "hid", "mt", "mtc"} <= set(board["variants"])
     assert json.loads((out / "hid" / "seed-0" / "metrics.json").read_text())["hidden"]["pairs"] == [[1, 1], [2, 3]]
     mt = json.loads((out / "mt" / "seed-0" / "metrics.json").read_text())["teachers"]
     assert set(mt["selected_share"]) == {"a", "b"}
+    # the cached pair: compare built each entry's cache before the runs, and the run trained from them
+    for c in ("ca", "cb"):
+        assert json.loads((tmp_path / c / "manifest.json").read_text())["complete"]
+    mtc = json.loads((out / "mtc" / "seed-0" / "metrics.json").read_text())["teachers"]
+    assert [e["cache"] for e in mtc["teachers"]] == [str(tmp_path / "ca"), str(tmp_path / "cb")]
