@@ -84,6 +84,7 @@ bench: install
 	$(PY) bench/bench_kd_memory.py
 	$(PY) bench/bench_vs_trl.py
 	$(PY) bench/bench_onpolicy_vs_trl.py
+	$(PY) bench/bench_cache_server.py
 	$(PY) bench/bench_vocab_map.py
 	$(PY) bench/bench_align.py
 	$(PY) bench/bench_rollout.py

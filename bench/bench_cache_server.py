@@ -1,0 +1,114 @@
+"""`kdflow cache-teacher` through a teacher server against the same command with the teacher loaded locally.
+
+Same machine, same rows, same k, one run side by side: the bundled SmolLM2-135M-Instruct teacher (float32),
+N rows of WordNet definitions. The server is `kdflow serve-teacher` on 127.0.0.1 in its own process,
+started (and its model loaded) before the clock starts, as a user's long-running server would be; the
+client side is the real `kdflow cache-teacher` with teacher.server.url. Each command runs in a fresh
+process, timed from its start to its exit (model or tokenizer loading included). Prints the wall times,
+their ratio (server / local), and how far the two caches agree: the share of top-k ids in common
+and the largest difference of their log-probs over common ids.
+
+    python bench/bench_cache_server.py [--rows 256] [--k 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from common import ROOT, TRAIN
+
+TEACHER = "bundled:smollm2-135m-instruct"
+
+
+def kdflow(*args: str) -> list[str]:
+    return [sys.executable, "-m", "kdflow", *args]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def timed(cmd: list[str], env: dict[str, str]) -> float:
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+    return time.perf_counter() - t
+
+
+def compare(a: Path, b: Path) -> tuple[float, float, int]:
+    from kdflow.teacher_cache import TeacherCache
+
+    ma, mb = (json.loads((p / "manifest.json").read_text()) for p in (a, b))
+    ea, eb = (dict(TeacherCache(p, m["key"]).load().items()) for p, m in ((a, ma), (b, mb)))
+    assert ea.keys() == eb.keys(), "the two caches hold different examples"
+    common = total = 0
+    worst = 0.0
+    positions = 0
+    for i in ea:
+        ia, ib = ea[i]["ids"].long(), eb[i]["ids"].long()
+        la, lb = ea[i]["logp"].float(), eb[i]["logp"].float()
+        positions += ia.shape[0]
+        for p in range(ia.shape[0]):
+            sa = {int(t): float(v) for t, v in zip(ia[p], la[p]) if t >= 0}
+            sb = {int(t): float(v) for t, v in zip(ib[p], lb[p]) if t >= 0}
+            both = sa.keys() & sb.keys()
+            common += len(both)
+            total += len(sa)
+            if both:
+                worst = max(worst, max(abs(sa[t] - sb[t]) for t in both))
+    return common / max(total, 1), worst, positions
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=256)
+    ap.add_argument("--k", type=int, default=64)
+    args = ap.parse_args()
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), PYTHONWARNINGS="ignore")
+    work = Path(tempfile.mkdtemp(prefix="bench_cache_server_"))
+    common = [f"teacher.name={TEACHER}", f"data.train={TRAIN}", f"data.max_train_rows={args.rows}",
+              f"teacher_cache.k={args.k}", "teacher.check.mode=off", "teacher.dtype=float32"]
+    port = free_port()
+    server = subprocess.Popen(kdflow("serve-teacher", f"teacher.name={TEACHER}", "teacher.dtype=float32",
+                                     f"serve.port={port}", f"serve.max_logprobs={args.k}", "serve.model_name=teacher",
+                                     "serve.idle_timeout=600"),
+                              env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        line = ""
+        while "serving teacher" not in line:
+            line = server.stdout.readline()
+            if not line and server.poll() is not None:
+                sys.exit("serve-teacher did not start")
+        url = re.search(r"http://[\d.]+:\d+", line).group(0)
+        with urllib.request.urlopen(url + "/health", timeout=30):
+            pass
+        local = timed(kdflow("cache-teacher", *common, f"teacher_cache.dir={work / 'local'}"), env)
+        served = timed(kdflow("cache-teacher", *common, f"teacher_cache.dir={work / 'served'}",
+                              f"teacher.server.url={url}", "teacher.server.model=teacher"), env)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    overlap, worst, positions = compare(work / "local", work / "served")
+    print(f"cache-teacher, {args.rows} rows ({positions} answer positions), k={args.k}, {TEACHER} float32, "
+          f"{os.cpu_count()} CPUs")
+    print(f"  local teacher:            {local:7.1f} s")
+    print(f"  through serve-teacher:    {served:7.1f} s")
+    print(f"  served / local:           {served / local:7.2f}x")
+    print(f"  top-k ids in common: {overlap:.2%}; largest log-prob difference on common ids: {worst:.2e}")
+
+
+if __name__ == "__main__":
+    main()
