@@ -79,8 +79,8 @@ def main() -> None:
     args = ap.parse_args()
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), PYTHONWARNINGS="ignore")
     work = Path(tempfile.mkdtemp(prefix="bench_cache_server_"))
-    common = [f"teacher.name={TEACHER}", f"data.train={TRAIN}", f"data.max_train_rows={args.rows}",
-              f"teacher_cache.k={args.k}", "teacher.check.mode=off", "teacher.dtype=float32"]
+    common = [f"teacher.name={TEACHER}", f"student.name={TEACHER}", f"data.train={TRAIN}", f"data.max_train_rows={args.rows}",
+              f"teacher_cache.k={args.k}", "teacher.check.mode='off'", "teacher.dtype=float32", "kd.temperature=1"]
     port = free_port()
     server = subprocess.Popen(kdflow("serve-teacher", f"teacher.name={TEACHER}", "teacher.dtype=float32",
                                      f"serve.port={port}", f"serve.max_logprobs={args.k}", "serve.model_name=teacher",
