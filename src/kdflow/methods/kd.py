@@ -105,8 +105,15 @@ def make_distill_trainer_class() -> type:
                 # process's loss is scaled by the world size (compute_loss), hence sum / world.
                 import torch.distributed as dist
 
-                for p in self.projection.parameters():
-                    if p.grad is not None:
+                params = list(self.projection.parameters())
+                # a micro-batch without KD positions leaves a process without a gradient; every process must join
+                # the same collectives, and where none has one the step stays as one process would leave it
+                has = torch.tensor([float(any(p.grad is not None for p in params))], device=params[0].device)
+                dist.all_reduce(has, op=dist.ReduceOp.MAX)
+                if has.item() > 0:
+                    for p in params:
+                        if p.grad is None:
+                            p.grad = torch.zeros_like(p)
                         dist.all_reduce(p.grad)
                         p.grad.div_(self.args.world_size)
             return loss
