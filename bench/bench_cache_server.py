@@ -14,7 +14,6 @@ and the largest difference of their log-probs over common ids.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import socket
@@ -48,30 +47,6 @@ def timed(cmd: list[str], env: dict[str, str]) -> float:
     return time.perf_counter() - t
 
 
-def compare(a: Path, b: Path) -> tuple[float, float, int]:
-    from kdflow.teacher_cache import TeacherCache
-
-    ma, mb = (json.loads((p / "manifest.json").read_text()) for p in (a, b))
-    ea, eb = (dict(TeacherCache(p, m["key"]).load().items()) for p, m in ((a, ma), (b, mb)))
-    assert ea.keys() == eb.keys(), "the two caches hold different examples"
-    common = total = 0
-    worst = 0.0
-    positions = 0
-    for i in ea:
-        ia, ib = ea[i]["ids"].long(), eb[i]["ids"].long()
-        la, lb = ea[i]["logp"].float(), eb[i]["logp"].float()
-        positions += ia.shape[0]
-        for p in range(ia.shape[0]):
-            sa = {int(t): float(v) for t, v in zip(ia[p], la[p]) if t >= 0}
-            sb = {int(t): float(v) for t, v in zip(ib[p], lb[p]) if t >= 0}
-            both = sa.keys() & sb.keys()
-            common += len(both)
-            total += len(sa)
-            if both:
-                worst = max(worst, max(abs(sa[t] - sb[t]) for t in both))
-    return common / max(total, 1), worst, positions
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=256)
@@ -101,7 +76,10 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(timeout=60)
-    overlap, worst, positions = compare(work / "local", work / "served")
+    from kdflow.teacher_cache import cache_agreement
+
+    agree = cache_agreement(work / "served", work / "local")
+    overlap, worst, positions = agree["overlap"], agree["max_abs_logp_diff"], agree["positions"]
     print(f"cache-teacher, {args.rows} rows ({positions} answer positions), k={args.k}, {TEACHER} float32, "
           f"{os.cpu_count()} CPUs")
     print(f"  local teacher:            {local:7.1f} s")

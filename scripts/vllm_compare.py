@@ -14,13 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 
 def main() -> int:
-    import torch
-
-    from kdflow.teacher_cache import TeacherCache
+    from kdflow.teacher_cache import cache_agreement
 
     ap = argparse.ArgumentParser()
     ap.add_argument("served")
@@ -30,33 +27,8 @@ def main() -> int:
     ap.add_argument("--max-mean-diff", type=float, default=0.05)
     a = ap.parse_args()
 
-    def load(folder: str) -> dict:
-        key = json.loads((Path(folder) / "manifest.json").read_text())["key"]
-        return TeacherCache(folder, key).load()
-
-    served, local = load(a.served), load(a.local)
-    assert served.keys() == local.keys(), "the caches hold different examples"
-    shared = positions = 0
-    diffs, top1 = [], []
-    for row in sorted(local):
-        s, l = served[row], local[row]
-        assert s["ids"].shape == l["ids"].shape, f"example {row}: {tuple(s['ids'].shape)} vs {tuple(l['ids'].shape)}"
-        for ids_s, lp_s, ids_l, lp_l in zip(s["ids"].tolist(), s["logp"].tolist(), l["ids"].tolist(), l["logp"].tolist()):
-            ms, ml = dict(zip(ids_s, lp_s)), dict(zip(ids_l, lp_l))
-            both = set(ms) & set(ml)
-            shared += len(both)
-            positions += 1
-            diffs += [abs(ms[t] - ml[t]) for t in both]
-            if ids_l[0] in ms:
-                top1.append(abs(ms[ids_l[0]] - ml[ids_l[0]]))
-    k = next(iter(local.values()))["ids"].shape[1]
-    d = torch.tensor(diffs)
-    t1 = torch.tensor(top1)
-    overlap = shared / (positions * k)
-    report = {"examples": len(local), "positions": positions, "k": k, "overlap": overlap,
-              "mean_abs_logp_diff": float(d.mean()), "max_abs_logp_diff": float(d.max()),
-              "p99_abs_logp_diff": float(d.quantile(0.99)), "top1_max_abs_diff": float(t1.max()),
-              "top1_in_both": len(top1) / positions}
+    report = cache_agreement(a.served, a.local)
+    k, overlap = report["k"], report["overlap"]
     print(json.dumps(report, indent=1))
     ok = (overlap >= a.min_overlap and report["mean_abs_logp_diff"] <= a.max_mean_diff
           and report["top1_max_abs_diff"] <= a.max_top1_diff)

@@ -179,21 +179,23 @@ def _share_caches(cfg: CompareConfig, plans: list[Planned], build: Callable[[Dis
             key = {"t": temp, "scope": c.kd.token_scope, "cache": {k: v for k, v in to_dict(tc).items() if k != "dir"}}
             folder = out / "shared" / f"teacher-cache-{_digest(key)}"
             p.cfg = dataclasses.replace(c, teacher_cache=dataclasses.replace(tc, dir=str(folder)))
-    built = set()
+    built: set[str] = set()
+
+    def ensure(folder: str, c: DistillConfig, what: str) -> None:
+        if folder not in built:
+            if not _complete(Path(folder)):
+                print(f"[kdflow] compare: building {what} {folder}")
+                build(c)
+            built.add(folder)
+
     for p in plans:
         c = p.cfg
-        if isinstance(c, DistillConfig) and c.teachers:  # several teachers: each entry's own cache, built once
-            for e in c.teachers:
-                if e.cache and e.cache not in built:
-                    if not _complete(Path(e.cache)):
-                        print(f"[kdflow] compare: building the teacher cache {e.cache}")
-                        build(dataclasses.replace(c, teachers=[e]))
-                    built.add(e.cache)
-        if isinstance(c, DistillConfig) and c.teacher_cache.dir and c.teacher_cache.dir not in built:
-            if not _complete(Path(c.teacher_cache.dir)):
-                print(f"[kdflow] compare: building the shared teacher cache {c.teacher_cache.dir}")
-                build(c)
-            built.add(c.teacher_cache.dir)
+        if isinstance(c, DistillConfig):
+            for e in c.teachers:  # several teachers: each entry's own cache
+                if e.cache:
+                    ensure(e.cache, dataclasses.replace(c, teachers=[e]), "the teacher cache")
+            if c.teacher_cache.dir:
+                ensure(c.teacher_cache.dir, c, "the shared teacher cache")
 
 
 def run_compare(cfg: CompareConfig) -> dict[str, Any]:

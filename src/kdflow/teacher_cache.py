@@ -393,3 +393,35 @@ def batch_targets(batch: dict[str, Any]) -> TopKTargets:
     valid = torch.cat(batch["teacher_valid"]) if "teacher_valid" in batch else None
     weight = torch.cat(batch["teacher_weight"]) if "teacher_weight" in batch else None
     return TopKTargets(ids, logp, valid, tail, weight)
+
+
+def cache_agreement(a: str | Path, b: str | Path) -> dict[str, Any]:
+    """How far two caches of the same examples agree (e.g. one built through a server, one locally): per
+    position the share of top-k ids both hold, and the |difference| of the log-probs they give the same ids
+    (`top1`: at cache b's top-1 token, where cache a holds it too)."""
+    def load(folder: str | Path) -> dict[int, dict[str, torch.Tensor]]:
+        return TeacherCache(folder, json.loads((Path(folder) / "manifest.json").read_text())["key"]).load()
+
+    ca, cb = load(a), load(b)
+    if ca.keys() != cb.keys():
+        raise DataError(f"the caches {a} and {b} hold different examples")
+    shared = positions = 0
+    diffs, top1 = [], []
+    for row in sorted(cb):
+        x, y = ca[row], cb[row]
+        if x["ids"].shape != y["ids"].shape:
+            raise DataError(f"example {row}: {tuple(x['ids'].shape)} in {a} against {tuple(y['ids'].shape)} in {b}")
+        for ids_a, lp_a, ids_b, lp_b in zip(x["ids"].tolist(), x["logp"].tolist(), y["ids"].tolist(), y["logp"].tolist()):
+            ma, mb = dict(zip(ids_a, lp_a)), dict(zip(ids_b, lp_b))
+            both = set(ma) & set(mb)
+            shared += len(both)
+            positions += 1
+            diffs += [abs(ma[t] - mb[t]) for t in both]
+            if ids_b[0] in ma:
+                top1.append(abs(ma[ids_b[0]] - mb[ids_b[0]]))
+    k = next(iter(cb.values()))["ids"].shape[1]
+    d, t1 = torch.tensor(diffs), torch.tensor(top1)
+    return {"examples": len(cb), "positions": positions, "k": k, "overlap": shared / (positions * k),
+            "mean_abs_logp_diff": float(d.mean()), "max_abs_logp_diff": float(d.max()),
+            "p99_abs_logp_diff": float(d.quantile(0.99)), "top1_max_abs_diff": float(t1.max()),
+            "top1_in_both": len(top1) / positions}
