@@ -47,6 +47,17 @@ def test_plan_is_validated_before_anything_runs(tmp_path):
     assert plans[2].cfg.student.name == str(tmp_path / "sft" / "seed-0" / "student")  # minillm starts from its sft
 
 
+def test_chart_says_when_variants_have_fewer_seeds(tmp_path):
+    from kdflow.compare import plot_labels
+
+    cfg = load_config(CompareConfig, None, [f"output_dir={tmp_path}", "seeds=[0,1,2]"])
+    full = {"variants": {"sft": {"seeds_done": 3}, "kd": {"seeds_done": 3}}}
+    assert plot_labels(full, cfg) == (["sft", "kd"], "kdflow compare: 3 seed(s), 95% row-bootstrap intervals")
+    part = {"variants": {"sft": {"seeds_done": 3}, "gkd": {"seeds_done": 1}}}
+    labels, title = plot_labels(part, cfg)
+    assert labels == ["sft (3 seeds)", "gkd (1 seed)"] and "per variant" in title and "3 seed(s)" not in title
+
+
 def test_compare_two_variants_two_seeds_resumes(tmp_path, tiny_dirs, tiny_data, monkeypatch, capsys):
     import kdflow.methods.kd as kd
 

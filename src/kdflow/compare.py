@@ -412,6 +412,18 @@ def leaderboard_markdown(board: dict[str, Any], cfg: CompareConfig) -> str:
     return "\n".join(lines)
 
 
+def plot_labels(board: dict[str, Any], cfg: CompareConfig) -> tuple[list[str], str]:
+    """The chart's variant labels and title: the number of seeds when every variant has them all, else
+    each variant's finished seeds beside its name (a variant with fewer seeds is not averaged like the
+    others)."""
+    names = list(board["variants"])
+    done = [board["variants"][n].get("seeds_done", len(cfg.seeds)) for n in names]
+    if all(d == len(cfg.seeds) for d in done):
+        return names, f"kdflow compare: {len(cfg.seeds)} seed(s), 95% row-bootstrap intervals"
+    return ([f"{n} ({d} seed{'s' if d != 1 else ''})" for n, d in zip(names, done)],
+            f"kdflow compare: seeds finished per variant in brackets (of {len(cfg.seeds)}), 95% row-bootstrap intervals")
+
+
 def plot_leaderboard(path: Path, board: dict[str, Any], cfg: CompareConfig) -> None:
     """Bars of the first two leaderboard metrics with 95% intervals; the baseline hatched, the
     teacher as a dashed line."""
@@ -424,6 +436,7 @@ def plot_leaderboard(path: Path, board: dict[str, Any], cfg: CompareConfig) -> N
     names = list(board["variants"])
     if not names:
         return
+    labels, title = plot_labels(board, cfg)
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics) + 1, 4), dpi=110, squeeze=False)
     for ax, m in zip(axes[0], metrics):
         means, lo, hi = [], [], []
@@ -445,10 +458,10 @@ def plot_leaderboard(path: Path, board: dict[str, Any], cfg: CompareConfig) -> N
             ax.axhline(t[m] * scale, color="#c44e52", linestyle="--", linewidth=1, label="teacher")
             ax.legend(loc="best", fontsize=8)
         ax.set_xticks(range(len(names)))
-        ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+        ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
         ax.set_ylabel(f"{m} (%)" if m == "exact_match" else m + (" (lower is better)" if m in LOWER_IS_BETTER else ""))
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(f"kdflow compare: {len(cfg.seeds)} seed(s), 95% row-bootstrap intervals", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     import os
 
