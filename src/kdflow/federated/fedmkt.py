@@ -423,6 +423,16 @@ def select_targets(receiver: Party, receiver_out: wire.PublicOutputs, senders: l
 # Training phases
 
 
+def train_baseline(party: Party, examples: list[dict[str, Any]], cfg: FedMKTConfig, role: str) -> list[dict[str, float]]:
+    """A CE-only baseline (standalone, private_public, public_only, centralized): the epochs the party
+    trains in the whole FedMKT run (rounds x server_epochs for the server's role, rounds x
+    private_epochs for a client's), under a seed apart from the rounds' (cfg.seed + 7). The in-process
+    simulation and the Flower server and clients all call this, so their baselines are the same runs."""
+    f = cfg.fedmkt
+    epochs = f.rounds * (f.server_epochs if role == "server" else f.private_epochs)
+    return train_phase(party, examples, cfg, epochs, False, seed=cfg.seed + 7)
+
+
 def train_phase(party: Party, examples: list[dict[str, Any]], cfg: FedMKTConfig, epochs: int, with_kd: bool,
                 seed: int) -> list[dict[str, float]]:
     """Train the party's adapter: CE only, or ce_weight*CE + (1 - ce_weight)*KD(selected targets)."""

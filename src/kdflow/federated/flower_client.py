@@ -499,7 +499,7 @@ def handle_baseline(content: Any, cfg: FedMKTConfig, node_config: Mapping[str, A
     alone (the epochs FedMKT gives its private phases over all rounds, seeded as in-process), then
     evaluated; only the evaluation goes back. Kept in <state-dir>/baselines/standalone.json, so a
     resumed server does not retrain it."""
-    from kdflow.federated.fedmkt import train_phase
+    from kdflow.federated.fedmkt import train_baseline
     from kdflow.report import write_json
 
     with _stage(None, "reading its node config and the server's request"):
@@ -516,8 +516,7 @@ def handle_baseline(content: Any, cfg: FedMKTConfig, node_config: Mapping[str, A
     if metrics is None:
         party = build_client(cfg, node)
         with _stage(node.name, "training the standalone baseline on its private data"):
-            train_phase(party, party.private, cfg, cfg.fedmkt.rounds * cfg.fedmkt.private_epochs, False,
-                        seed=cfg.seed + 7)
+            train_baseline(party, party.private, cfg, "client")
         metrics = _test_metrics(party, cfg, node)
         with _stage(node.name, "saving its baseline"):
             write_json(saved, {"run": run_key(cfg), "metrics": metrics})

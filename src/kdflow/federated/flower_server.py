@@ -606,7 +606,7 @@ def run_baseline(run: Session, name: str) -> tuple[dict[str, dict[str, float]], 
 
     from kdflow.config import to_dict
     from kdflow.data import rows_fingerprint
-    from kdflow.federated.fedmkt import train_phase
+    from kdflow.federated.fedmkt import train_baseline
     from kdflow.federated.simulation import evaluate_party
     from kdflow.report import write_json
 
@@ -621,8 +621,7 @@ def run_baseline(run: Session, name: str) -> tuple[dict[str, dict[str, float]], 
     info: dict[str, Any] = {}
     if name == "public_only":
         server = run.fresh_server()
-        train_phase(server, list(server.public), cfg, cfg.fedmkt.rounds * cfg.fedmkt.server_epochs, False,
-                    seed=cfg.seed + 7)
+        train_baseline(server, list(server.public), cfg, "server")
         metrics = {server.name: evaluate_party(server, run.test_rows, cfg)}
     elif name == "standalone":
         metrics, info["left_out"] = standalone(run)

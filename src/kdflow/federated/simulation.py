@@ -23,7 +23,8 @@ from kdflow.evaluate import evaluate_model
 from kdflow.federated import payload as wire
 from kdflow.federated.fedmkt import (Bridges, Party, base_location, check_config, client_local_step, client_update_step,
                                      fedavg, final_commands, load_base, load_party_state, make_party, public_outputs,
-                                     save_final, save_party_state, send, server_step, train_phase)
+                                     save_final, save_party_state, send, server_step, train_baseline,
+                                     train_phase)
 from kdflow.report import atomic_folder, plot_curves, write_atomic, write_json
 from kdflow.training import setup_run
 
@@ -201,15 +202,13 @@ def run_baseline(name: str, world: World, out_dir: Path) -> dict[str, dict[str, 
         saved = json.loads(path.read_text())
         if saved.get("key") == key:
             return saved["metrics"]
-    epochs_server = cfg.fedmkt.rounds * cfg.fedmkt.server_epochs
-    epochs_client = cfg.fedmkt.rounds * cfg.fedmkt.private_epochs
     if name == "zero_shot":
         metrics = evaluate_parties([world.server()] + world.clients(), world)
     elif name in ("standalone", "private_public"):
         clients = world.clients()
         for c in clients:
             data = c.private + (c.public if name == "private_public" else [])
-            train_phase(c, data, cfg, epochs_client, False, seed=cfg.seed + 7)
+            train_baseline(c, data, cfg, "client")
         metrics = evaluate_parties(clients, world)
     elif name in ("public_only", "centralized"):
         server = world.server()
@@ -217,7 +216,7 @@ def run_baseline(name: str, world: World, out_dir: Path) -> dict[str, dict[str, 
         if name == "centralized":
             for rows in world.private_rows:
                 data += encode_rows(rows, server.tok, cfg.data)
-        train_phase(server, data, cfg, epochs_server, False, seed=cfg.seed + 7)
+        train_baseline(server, data, cfg, "server")
         metrics = evaluate_parties([server], world)
     elif name == "llm2slm":
         history = run_rounds(world, out_dir, label="llm2slm", train_server=False, average_clients=False)
