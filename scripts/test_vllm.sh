@@ -12,7 +12,7 @@
 #    compares it with the local one (scripts/vllm_compare.py: float32 must agree to rounding; bfloat16
 #    within what local bfloat16 costs), and stops the server by its pid (also when a step fails);
 # 4. distils a few steps from the served cache (the cache alone: the server is down by then).
-# About 6 minutes on the 2-core CPU once the venv exists (the install adds about 2.5 minutes).
+# About 4 minutes on the 2-core CPU once the venv exists (the install adds about 2.5 minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
