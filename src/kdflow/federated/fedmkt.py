@@ -428,6 +428,8 @@ def train_baseline(party: Party, examples: list[dict[str, Any]], cfg: FedMKTConf
     trains in the whole FedMKT run (rounds x server_epochs for the server's role, rounds x
     private_epochs for a client's), under a seed apart from the rounds' (cfg.seed + 7). The in-process
     simulation and the Flower server and clients all call this, so their baselines are the same runs."""
+    if role not in ("server", "client"):
+        raise ValueError(f"train_baseline: role must be 'server' or 'client', not {role!r}")
     f = cfg.fedmkt
     epochs = f.rounds * (f.server_epochs if role == "server" else f.private_epochs)
     return train_phase(party, examples, cfg, epochs, False, seed=cfg.seed + 7)
