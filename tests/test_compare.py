@@ -176,3 +176,35 @@ def test_hidden_and_several_teacher_variants_in_compare(tmp_path, tiny_dirs, tin
         assert json.loads((tmp_path / c / "manifest.json").read_text())["complete"]
     mtc = json.loads((out / "mtc" / "seed-0" / "metrics.json").read_text())["teachers"]
     assert [e["cache"] for e in mtc["teachers"]] == [str(tmp_path / "ca"), str(tmp_path / "cb")]
+
+
+def test_kept_of_teacher_follows_the_headline_metric(tmp_path):
+    """On a task scored by Rouge-L (answers are sentences, exact match near 0) the "kept of teacher"
+    column divides Rouge-L, the first score in `metrics`; on exact-match tasks it stays exact match."""
+    from kdflow.compare import headline_metric, leaderboard, leaderboard_markdown, plan
+
+    rows = 4
+    per_row = {"sft": [0.1, 0.2, 0.3, 0.2], "kd": [0.2, 0.2, 0.3, 0.3]}
+    for metrics, head in ((["rougeL", "answer_nll", "exact_match"], "rougeL"), (["answer_nll", "exact_match", "rougeL"], "exact_match")):
+        cfg = load_config(CompareConfig, None, [f"output_dir={tmp_path / head}", "seeds=[0]", f"metrics=[{', '.join(metrics)}]",
+                                                "variants=[{name: sft, method: sft}, {name: kd, method: kd}]"])
+        assert headline_metric(cfg) == head
+        for p in plan(cfg):
+            (p.folder / "eval").mkdir(parents=True)
+            r = per_row[p.variant.name]
+            em = [0.0, 0.0, 1.0, 0.0] if p.variant.name == "kd" else [0.0, 0.0, 0.0, 0.0]
+            (p.folder / "metrics.json").write_text(json.dumps({"train": {"seconds": 10.0, "steps": 2}}))
+            (p.folder / "eval" / "student_after.json").write_text(json.dumps({
+                "metrics": {"rougeL": sum(r) / rows, "exact_match": sum(em) / rows, "answer_nll": 2.0},
+                "per_row": {"rougeL": r, "exact_match": em}}))
+        teacher = {"metrics": {"rougeL": 0.4, "exact_match": 0.5, "answer_nll": 1.0}, "per_row": {}}
+        board = leaderboard(cfg, plan(cfg), teacher, None)
+        kd = board["variants"]["kd"]["teacher_kept"]
+        assert kd["metric"] == head
+        want = (0.25 / 0.4) if head == "rougeL" else (0.25 / 0.5)
+        assert kd["fraction"] == pytest.approx(want)
+        assert board["variants"]["sft"]["teacher_kept"]["fraction"] == pytest.approx(0.2 / 0.4 if head == "rougeL" else 0.0)
+        text = leaderboard_markdown(board, cfg)
+        assert (f"kept of teacher {'rougeL' if head == 'rougeL' else 'EM'} |") in text
+        kd_line = next(line for line in text.splitlines() if line.startswith("| kd ("))
+        assert f"| {want:.0%} |" in kd_line and "1 seed)" in kd_line

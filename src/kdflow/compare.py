@@ -351,8 +351,20 @@ def leaderboard(cfg: CompareConfig, plans: list[Planned], teacher: dict[str, Any
         entry["steps"] = rs[0]["steps"]
         if teacher and "exact_match" in entry["metrics"] and teacher["metrics"].get("exact_match"):
             entry["teacher_exact_match_kept"] = entry["metrics"]["exact_match"]["mean"] / teacher["metrics"]["exact_match"]
+        head = headline_metric(cfg)
+        if teacher and head in entry["metrics"] and teacher["metrics"].get(head):
+            entry["teacher_kept"] = {"metric": head, "fraction": entry["metrics"][head]["mean"] / teacher["metrics"][head]}
         board["variants"][v.name] = entry
     return board
+
+
+KEPT_SCORES = ("exact_match", "rougeL", "sampled_rougeL")  # higher is better and 0 means nothing learnt
+
+
+def headline_metric(cfg: CompareConfig) -> str:
+    """The score the "kept of teacher" column divides: the first of `metrics` that is a score
+    (exact match for short answers, Rouge-L where answers are sentences and exact match is near 0)."""
+    return next((m for m in cfg.metrics if m in KEPT_SCORES), "exact_match")
 
 
 def _fmt(m: str, v: float) -> str:
@@ -375,12 +387,14 @@ def leaderboard_markdown(board: dict[str, Any], cfg: CompareConfig) -> str:
                      + (f" — below thresholds: {'; '.join(tc['below_thresholds'])}" if tc["below_thresholds"] else ""))
         lines.append("")
     metrics = cfg.metrics
-    head = "| variant | " + " | ".join(f"{m} | Δ {m}" for m in metrics) + " | kept of teacher EM | train s | tokens/s |"
+    kept_of = headline_metric(cfg)
+    head = ("| variant | " + " | ".join(f"{m} | Δ {m}" for m in metrics)
+            + f" | kept of teacher {'EM' if kept_of == 'exact_match' else kept_of} | train s | tokens/s |")
     lines += [head, "|---|" + "---:|---:|" * len(metrics) + "---:|---:|---:|"]
     if board.get("teacher"):
         t = board["teacher"]
         cells = [c for m in metrics for c in ((_fmt(m, t[m]) if m in t else ""), "")]
-        lines.append("| teacher | " + " | ".join(cells + ["100%" if t.get("exact_match") else "", "", ""]) + " |")
+        lines.append("| teacher | " + " | ".join(cells + ["100%" if t.get(kept_of) else "", "", ""]) + " |")
     for name, e in board["variants"].items():
         cells = []
         for m in metrics:
@@ -401,10 +415,10 @@ def leaderboard_markdown(board: dict[str, Any], cfg: CompareConfig) -> str:
                 cells += [c, f"{d['estimate'] * scale:+.2f}{unit} [{d['low'] * scale:+.2f}, {d['high'] * scale:+.2f}]{tag}"]
             else:
                 cells += [c, "—" if name == cfg.baseline else ""]
-        kept = f"{e['teacher_exact_match_kept']:.0%}" if e.get("teacher_exact_match_kept") is not None else ""
+        kept = f"{e['teacher_kept']['fraction']:.0%}" if e.get("teacher_kept") else ""
         secs = f"{e['train_seconds']:.0f}" if e.get("train_seconds") else ""
         tps = f"{e['tokens_per_second']:.0f}" if e.get("tokens_per_second") else ""
-        label = f"{name} ({e['method']}{', ' + ' '.join(e['overrides']) if e['overrides'] else ''}; {e['seeds_done']} seeds)"
+        label = f"{name} ({e['method']}{', ' + ' '.join(e['overrides']) if e['overrides'] else ''}; {e['seeds_done']} seed{'s' if e['seeds_done'] != 1 else ''})"
         if e["method"] == "minillm":
             label += f" — after the {cfg.baseline} student's {board['variants'].get(cfg.baseline, {}).get('steps')} steps"
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {kept} | {secs} | {tps} |")
