@@ -84,3 +84,20 @@ def test_stall_watch_warns_once_with_what_to_do(capsys):
     assert out.count("WARNING: training stalled") == 1
     assert "steps 20–60" in out and "kd.kd_weight below 1" in out
     assert "steps 20–90" in stall_message(find_stall(history), advice)  # the report states the whole stretch
+
+
+def test_unended_watch_warns_once_when_sampled_answers_stop_ending():
+    from kdflow.diagnostics import UnendedWatch, unended_message
+
+    w = UnendedWatch(window=4, share=0.9, after=0.5)
+    assert [w.add(False, step=2, max_steps=10) for _ in range(4)] == [None] * 4  # all cut, but too early in the run
+    assert w.add(True, step=5, max_steps=10) is None  # 3 of the last 4 cut: 75% < 90%
+    assert [w.add(False, step=6, max_steps=10) for _ in range(4)] == [None, None, None, 1.0]  # the ended one leaves the window
+    assert w.warned_at == 6
+    assert w.add(False, step=7, max_steps=10) is None  # once
+    mixed = UnendedWatch(window=4, share=0.9, after=0.0)
+    assert [mixed.add(i % 2 == 0, step=9, max_steps=10) for i in range(8)] == [None] * 8
+    msg = unended_message(1.0, 64, 120, 40, "rkl", 1.0)
+    assert "gkd.max_new_tokens=40" in msg and "kd.kd_weight=0.9" in msg and "rkl" in msg and "\n" not in msg
+    assert "kd.kd_weight=0.9" not in unended_message(0.95, 64, 120, 40, "rkl", 0.9)
+    assert "gradient" not in unended_message(0.95, 64, 120, 40, "fkl", 1.0)

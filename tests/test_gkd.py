@@ -179,3 +179,18 @@ def test_a_resumed_gkd_run_equals_an_uninterrupted_one(tmp_path, tiny_dirs, tiny
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_gkd_warns_when_the_students_answers_stop_ending(tmp_path, tiny_dirs, tiny_data, capsys, monkeypatch):
+    """A tiny random student never samples EOS within 4 tokens: the run says so once, and records the step."""
+    from kdflow.diagnostics import UnendedWatch
+    from kdflow.methods import gkd
+
+    monkeypatch.setattr(gkd, "UnendedWatch", lambda: UnendedWatch(window=4, share=0.5, after=0.0))
+    out = tmp_path / "run"
+    assert main(gkd_args(tiny_dirs["teacher"], tiny_dirs["student"], tiny_data, out, "gkd.lmbda=1", "train.max_steps=2",
+                         "train.save_steps=0", "kd.divergence=rkl")) == 0
+    text = capsys.readouterr().out
+    assert text.count("without EOS") == 1 and "kd.kd_weight=0.9" in text
+    st = json.loads((out / "metrics.json").read_text())["gkd"]["this_run"]
+    assert st["cut_answers"] >= 4 and st["unended_warning_step"] == 0

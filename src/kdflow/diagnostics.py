@@ -72,3 +72,47 @@ def make_stall_watch(advice: str, norm_below: float = 0.05, min_logs: int = 5) -
                 print(f"[kdflow] {stall_message(stall, advice)}", flush=True)
 
     return StallWatch()
+
+
+class UnendedWatch:
+    """On-policy runs (method gkd): warns once when the answers the student samples have stopped
+    ending — at least `share` of the last `window` sampled answers reached gkd.max_new_tokens
+    without EOS — after the first `after` of the run (a fresh student rambles at first).
+
+    Mode-seeking divergences meet the stall's mechanism from the other side here: once the student's
+    EOS probability is near 0, reverse KL's gradient on it is near 0 however much the teacher wants
+    to stop, and every sampled answer, cut without an end, scores the student where the teacher
+    wants more words. Measured on the define task (docs/results.md): gkd with rkl from a pruned
+    student sampled 1,652 of 1,656 answers to the 40-token limit and answered in loops ("a strong or
+    strong or strong or ..."), where the teacher put 0.77 on EOS and the student 0.000.
+    """
+
+    def __init__(self, window: int = 64, share: float = 0.9, after: float = 0.25):
+        from collections import deque
+
+        self.recent: Any = deque(maxlen=window)
+        self.share, self.after = share, after
+        self.warned_at: int | None = None
+
+    def add(self, ended: bool, step: int, max_steps: int) -> float | None:
+        """Record one sampled answer; the share of unended answers the first time it crosses the
+        threshold (the caller warns once), else None."""
+        self.recent.append(bool(ended))
+        if self.warned_at is not None or len(self.recent) < (self.recent.maxlen or 0) or step < self.after * max_steps:
+            return None
+        unended = 1.0 - sum(self.recent) / len(self.recent)
+        if unended < self.share:
+            return None
+        self.warned_at = step
+        return unended
+
+
+def unended_message(unended: float, window: int, step: int, max_new_tokens: int, divergence: str,
+                    kd_weight: float) -> str:
+    why = (f"with {divergence} a student whose end-of-answer probability is near 0 gets almost no gradient back "
+           "towards it, however much the teacher wants to stop; " if divergence in MODE_SEEKING else "")
+    ce = "" if kd_weight < 1 else "set kd.kd_weight=0.9 so the dataset's batches keep a CE target on the end, "
+    return (f"WARNING: {unended:.0%} of the last {window} answers the student sampled (step {step}) reached "
+            f"gkd.max_new_tokens={max_new_tokens} without EOS: the student may have stopped ending its answers "
+            f"(answers that loop). {why}{ce}start from an SFT student (student.init=pretrained), or use "
+            "kd.divergence=fkl; raise gkd.max_new_tokens only if the task's answers are that long")

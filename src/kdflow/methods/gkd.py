@@ -25,6 +25,7 @@ import torch
 
 from kdflow.config import DistillConfig
 from kdflow.data import IGNORE_INDEX, Encoder, Rows, Turns, collate, left_pad, row_turns
+from kdflow.diagnostics import UnendedWatch, unended_message
 from kdflow.errors import ConfigError
 
 SOURCES = ("student", "teacher", "data")
@@ -80,7 +81,9 @@ def make_gkd_trainer_class() -> type:
             self.tok = tokenizer
             self.rows = rows
             self.encoder = Encoder(tokenizer, self.cfg.data)
-            self.gkd_stats = {**{s: 0 for s in SOURCES}, "sampled_answers": 0, "cut_answers": 0, "sampled_tokens": 0}
+            self.gkd_stats = {**{s: 0 for s in SOURCES}, "sampled_answers": 0, "cut_answers": 0, "sampled_tokens": 0,
+                              "unended_warning_step": None}
+            self.unended = UnendedWatch()
 
         # -- the step's batches
         def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list, Any]:
@@ -109,11 +112,23 @@ def make_gkd_trainer_class() -> type:
                 ended = bool(answer) and answer[-1] == self.tok.eos_token_id
                 self.gkd_stats["sampled_answers"] += 1
                 self.gkd_stats["cut_answers"] += 0 if ended else 1
+                if source == "student":
+                    self.watch_ending(ended, step)
                 examples.append(self._example(prompt, answer, ended, r))
             self.gkd_stats["sampled_tokens"] += sum(len(e["input_ids"]) - e["prompt_len"] for e in examples)
             new = collate(examples, self.tok.pad_token_id)
             new["kdflow_source"] = source
             return new
+
+        def watch_ending(self, ended: bool, step: int) -> None:
+            unended = self.unended.add(ended, step, self.state.max_steps or self.args.max_steps)
+            if unended is None:
+                return
+            self.gkd_stats["unended_warning_step"] = step
+            if self.is_world_process_zero():
+                kd = self.cfg.kd
+                print("[kdflow] " + unended_message(unended, self.unended.recent.maxlen, step, self.cfg.gkd.max_new_tokens,
+                                                    kd.divergence, kd.kd_weight), flush=True)
 
         def _example(self, prompt: list[int], answer: list[int], ended: bool, row: int) -> dict[str, Any]:
             limit = self.cfg.data.max_length
