@@ -101,3 +101,4 @@ def test_unended_watch_warns_once_when_sampled_answers_stop_ending():
     assert "gkd.max_new_tokens=40" in msg and "kd.kd_weight=0.9" in msg and "rkl" in msg and "\n" not in msg
     assert "kd.kd_weight=0.9" not in unended_message(0.95, 64, 120, 40, "rkl", 0.9)
     assert "gradient" not in unended_message(0.95, 64, 120, 40, "fkl", 1.0)
+    assert "gkd.lmbda below 1" in unended_message(1.0, 64, 120, 40, "rkl", 0.9, lmbda=1.0)  # no dataset batches: no CE

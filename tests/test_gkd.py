@@ -191,6 +191,6 @@ def test_gkd_warns_when_the_students_answers_stop_ending(tmp_path, tiny_dirs, ti
     assert main(gkd_args(tiny_dirs["teacher"], tiny_dirs["student"], tiny_data, out, "gkd.lmbda=1", "train.max_steps=2",
                          "train.save_steps=0", "kd.divergence=rkl")) == 0
     text = capsys.readouterr().out
-    assert text.count("without EOS") == 1 and "kd.kd_weight=0.9" in text
+    assert text.count("without EOS") == 1 and "gkd.lmbda below 1" in text and "kd.kd_weight=0.9" in text
     st = json.loads((out / "metrics.json").read_text())["gkd"]["this_run"]
     assert st["cut_answers"] >= 4 and st["unended_warning_step"] == 0

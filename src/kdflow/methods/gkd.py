@@ -128,7 +128,7 @@ def make_gkd_trainer_class() -> type:
             if self.is_world_process_zero():
                 kd = self.cfg.kd
                 print("[kdflow] " + unended_message(unended, self.unended.recent.maxlen, step, self.cfg.gkd.max_new_tokens,
-                                                    kd.divergence, kd.kd_weight), flush=True)
+                                                    kd.divergence, kd.kd_weight, self.cfg.gkd.lmbda), flush=True)
 
         def _example(self, prompt: list[int], answer: list[int], ended: bool, row: int) -> dict[str, Any]:
             limit = self.cfg.data.max_length
