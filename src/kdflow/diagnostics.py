@@ -98,7 +98,7 @@ class UnendedWatch:
         """Record one sampled answer; the share of unended answers the first time it crosses the
         threshold (the caller warns once), else None."""
         self.recent.append(bool(ended))
-        if self.warned_at is not None or len(self.recent) < (self.recent.maxlen or 0) or step < self.after * max_steps:
+        if self.warned_at is not None or len(self.recent) < self.recent.maxlen or step < self.after * max_steps:
             return None
         unended = 1.0 - sum(self.recent) / len(self.recent)
         if unended < self.share:
@@ -111,9 +111,11 @@ def unended_message(unended: float, window: int, step: int, max_new_tokens: int,
                     kd_weight: float, lmbda: float = 0.5) -> str:
     why = (f"with {divergence} a student whose end-of-answer probability is near 0 gets almost no gradient back "
            "towards it, however much the teacher wants to stop; " if divergence in MODE_SEEKING else "")
-    ce = ("" if kd_weight < 1 and lmbda < 1 else
-          "set kd.kd_weight=0.9 so the dataset's batches keep a CE target on the end, " if lmbda < 1 else
-          "set gkd.lmbda below 1 (e.g. 0.5) and kd.kd_weight=0.9 so the dataset's batches keep a CE target on the end, ")
+    keep_ce = "kd.kd_weight=0.9 so the dataset's batches keep a CE target on the end, "
+    if lmbda >= 1:  # no dataset batches at all: CE needs some
+        ce = "set gkd.lmbda below 1 (e.g. 0.5) and " + keep_ce
+    else:
+        ce = "" if kd_weight < 1 else "set " + keep_ce
     return (f"WARNING: {unended:.0%} of the last {window} answers the student sampled (step {step}) reached "
             f"gkd.max_new_tokens={max_new_tokens} without EOS: the student may have stopped ending its answers "
             f"(answers that loop). {why}{ce}start from an SFT student (student.init=pretrained), or use "
