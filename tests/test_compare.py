@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import torch
 import yaml
 
 import pytest
@@ -31,13 +32,15 @@ def test_plan_is_validated_before_anything_runs(tmp_path):
            ["variants=[{name: sft, method: sft}, {name: kd, method: kd, overrides: ['kd.divergnce=rkl']}]"],
            ["variants=[{name: sft, method: sft}, {name: kd, method: kd, overrides: ['seed=3']}]"],
            ["variants=[{name: sft, method: kd}, {name: m, method: minillm}]"],
-           ["variants=[{name: sft, method: sft}]", "metrics=[exact_matc]"]]
+           ["variants=[{name: sft, method: sft}]", "metrics=[exact_matc]"],
+           ["variants=[{name: sft, method: sft, start: baseline}]"],  # the baseline cannot continue itself
+           ["variants=[{name: sft, method: kd}, {name: g, method: gkd, start: baseline}]"],  # needs an sft baseline
+           ["variants=[{name: sft, method: sft}, {name: g, method: gkd, start: basline}]"]]
     from kdflow.compare import plan
 
     for overrides in bad:
-        cfg = load_config(CompareConfig, None, [f"output_dir={tmp_path}", *overrides])
-        with pytest.raises(ConfigError):
-            plan(cfg)
+        with pytest.raises(ConfigError):  # on loading (a misspelt choice) or on planning
+            plan(load_config(CompareConfig, None, [f"output_dir={tmp_path}", *overrides]))
     cfg = load_config(CompareConfig, None, [f"output_dir={tmp_path}", "seeds=[0,1]", "variants=[{name: sft, method: sft}, "
                                             "{name: m, method: minillm}, {name: rkl, method: kd, overrides: "
                                             "['kd.divergence=rkl']}]"])
@@ -45,6 +48,44 @@ def test_plan_is_validated_before_anything_runs(tmp_path):
     assert [(p.variant.name, p.seed) for p in plans] == [("sft", 0), ("rkl", 0), ("m", 0), ("sft", 1), ("rkl", 1), ("m", 1)]
     assert plans[1].cfg.kd.divergence == "rkl" and plans[1].cfg.seed == 0
     assert plans[2].cfg.student.name == str(tmp_path / "sft" / "seed-0" / "student")  # minillm starts from its sft
+
+
+def test_variant_can_continue_from_the_baseline_student(tmp_path):
+    """start: baseline (SFT then distill, as in the GKD paper): the variant runs after the same seed's
+    baseline and loads its saved student instead of pruning the teacher again; the other shared
+    student settings (dtype, LoRA) stay, and its own overrides (fewer steps) apply."""
+    from kdflow.compare import leaderboard_markdown, plan
+
+    cfg = load_config(CompareConfig, None, [
+        f"output_dir={tmp_path}", "seeds=[0,1]", "student.init=prune_teacher", "student.num_layers=4",
+        "student.dtype=bfloat16", "student.lora.enabled=true", "train.max_steps=40",
+        "variants=[{name: g, method: gkd, start: baseline, overrides: ['train.max_steps=10', 'kd.divergence=rkl']}, "
+        "{name: sft, method: sft}, {name: more, method: sft, start: baseline, overrides: ['train.max_steps=10']}, "
+        "{name: kd, method: kd}]"])
+    plans = plan(cfg)
+    assert [(p.variant.name, p.seed) for p in plans] == [("sft", 0), ("kd", 0), ("g", 0), ("more", 0),
+                                                          ("sft", 1), ("kd", 1), ("g", 1), ("more", 1)]
+    by = {(p.variant.name, p.seed): p.cfg for p in plans}
+    for name in ("g", "more"):
+        for seed in (0, 1):
+            st = by[(name, seed)].student
+            assert (st.init, st.name) == ("pretrained", str(tmp_path / "sft" / f"seed-{seed}" / "student"))
+            assert st.num_layers is None and st.dtype == "bfloat16" and st.lora.enabled
+            assert by[(name, seed)].train.max_steps == 10
+    assert by[("g", 0)].kd.divergence == "rkl" and by[("g", 0)].method == "gkd"
+    for name in ("sft", "kd"):
+        st = by[(name, 0)].student
+        assert (st.init, st.num_layers, st.name) == ("prune_teacher", 4, None) and by[(name, 0)].train.max_steps == 40
+
+    board = {"baseline": "sft", "seeds": [0, 1], "bootstrap": {"resamples": 10, "seed": 0}, "teacher": None,
+             "teacher_check": None, "variants": {
+                 n: {"method": m, "overrides": [], "seeds_done": 2, "metrics": {}, "start": s, "steps": k}
+                 for n, m, s, k in [("sft", "sft", "student", 40), ("g", "gkd", "baseline", 10),
+                                    ("kd", "kd", "student", 40)]}}
+    rows = {line.split(" (")[0].lstrip("| "): line for line in leaderboard_markdown(board, cfg).splitlines()
+            if line.startswith("| ")}
+    assert "after the sft student's 40 steps" in rows["g"]
+    assert "after the" not in rows["kd"] and "after the" not in rows["sft"]
 
 
 def test_chart_says_when_variants_have_fewer_seeds(tmp_path):
@@ -208,3 +249,30 @@ def test_kept_of_teacher_follows_the_headline_metric(tmp_path):
         assert (f"kept of teacher {'rougeL' if head == 'rougeL' else 'EM'} |") in text
         kd_line = next(line for line in text.splitlines() if line.startswith("| kd ("))
         assert f"| {want:.0%} |" in kd_line and "1 seed)" in kd_line
+
+
+def test_continued_variant_trains_the_baselines_saved_student(tmp_path, tiny_dirs, tiny_data):
+    """End to end: a start: baseline variant loads the same seed's saved sft student. With a learning
+    rate of 1e-9 its one step leaves that student's weights in place, which a fresh pruned student
+    (the shared `student` section) would not match."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "cmp"
+    args = compare_args(tiny_dirs, tiny_data, out, tmp_path / "adapted") + [
+        "seeds=[0]", "teacher.adapt.method=none", "train.learning_rate=1e-2",
+        "variants=[{name: sft, method: sft}, {name: more, method: sft, start: baseline, "
+        "overrides: ['train.max_steps=1', 'train.learning_rate=1e-9']}]"]
+    assert main(["compare", *args]) == 0
+    base = load_file(str(out / "sft" / "seed-0" / "student" / "model.safetensors"))
+    cont = load_file(str(out / "more" / "seed-0" / "student" / "model.safetensors"))
+    assert base.keys() == cont.keys()
+    from pathlib import Path
+
+    teacher = load_file(str(Path(tiny_dirs["teacher"]) / "model.safetensors"))
+    emb = "model.embed_tokens.weight"  # pruning copies it from the teacher; ten sft steps at 1e-2 move it
+    assert (base[emb] - teacher[emb]).abs().max() > 1e-3
+    for k in base:
+        torch.testing.assert_close(cont[k], base[k], atol=1e-6, rtol=0)
+    board = json.loads((out / "leaderboard.json").read_text())
+    assert board["variants"]["more"]["start"] == "baseline" and board["variants"]["more"]["steps"] == 1
+    assert "after the sft student's 2 steps" in (out / "leaderboard.md").read_text()

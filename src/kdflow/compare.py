@@ -67,6 +67,13 @@ def _check(cfg: CompareConfig) -> None:
     if any(v.method == "minillm" for v in cfg.variants) and base.method != "sft":
         raise ConfigError(f"minillm variants start from the baseline's student, so the baseline ({cfg.baseline}) must "
                           "be an sft variant")
+    if base.start == "baseline":
+        raise ConfigError(f"variants: the baseline ({cfg.baseline}) has start: baseline; it cannot start from itself "
+                          "(set start: student on it)")
+    starts = [v.name for v in cfg.variants if v.start == "baseline"]
+    if starts and base.method != "sft":
+        raise ConfigError(f"variant {starts[0]} has start: baseline, so the baseline ({cfg.baseline}) must be an sft "
+                          "variant (the student it continues from)")
     for m in cfg.metrics:
         if m not in PER_ROW | {"ece", "exaccerr", "distinct_2"}:
             raise ConfigError(f"compare.metrics: unknown metric {m!r}; choose from exact_match, answer_nll, rougeL, "
@@ -91,12 +98,13 @@ def plan(cfg: CompareConfig) -> list[Planned]:
     plans = []
     base = next(v for v in cfg.variants if v.name == cfg.baseline)
     for seed in cfg.seeds:
-        for i, v in enumerate(sorted(cfg.variants, key=lambda v: v.method == "minillm")):  # minillm after its sft
+        for i, v in enumerate(sorted(cfg.variants, key=_from_baseline)):  # those that continue it after the baseline
             folder = out / v.name / f"seed-{seed}"
             where = f"variants[{cfg.variants.index(v)}] ({v.name})"
+            base_student = out / base.name / f"seed-{seed}" / "student"
             if v.method == "minillm":
                 tree = {"output_dir": str(folder), "seed": seed, "teacher": shared["teacher"],
-                        "student": {"init": "pretrained", "name": str(out / base.name / f"seed-{seed}" / "student"),
+                        "student": {"init": "pretrained", "name": str(base_student),
                                     "dtype": shared["student"]["dtype"]},
                         "data": shared["data"], "minillm": to_dict(cfg.minillm), "eval": shared["eval"],
                         "evaluate_teacher": False, "evaluate_before": False}
@@ -104,6 +112,8 @@ def plan(cfg: CompareConfig) -> list[Planned]:
             else:
                 tree = {**shared, "method": v.method, "seed": seed, "output_dir": str(folder),
                         "evaluate_teacher": False, "evaluate_before": False}
+                if v.start == "baseline":
+                    tree["student"] = _continued_student(shared["student"], base_student)
                 cls = DistillConfig
             try:
                 run_cfg = from_dict(cls, _apply(tree, v.overrides, where))
@@ -112,6 +122,19 @@ def plan(cfg: CompareConfig) -> list[Planned]:
                 raise ConfigError(f"{where}: {e}") from None
             plans.append(Planned(v, seed, folder, run_cfg))
     return plans
+
+
+def _from_baseline(v: VariantSpec) -> bool:
+    return v.method == "minillm" or v.start == "baseline"
+
+
+def _continued_student(shared: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """The shared student section for a variant that continues from the baseline's saved student: the
+    saved folder loaded as a pretrained model (LoRA merged on saving), with the shared dtype, device,
+    LoRA and loading settings, and none of the settings that make a student (pruning, config)."""
+    made = {"init", "name", "revision", "gguf_file", "keep_layers", "keep_every", "num_layers", "layer_selection",
+            "width", "calibration_rows", "config_overrides"}
+    return {**{k: v for k, v in shared.items() if k not in made}, "init": "pretrained", "name": str(folder)}
 
 
 def _is_done(p: Planned) -> bool:
@@ -329,7 +352,8 @@ def leaderboard(cfg: CompareConfig, plans: list[Planned], teacher: dict[str, Any
         rs = runs.get(v.name, [])
         if not rs:
             continue
-        entry: dict[str, Any] = {"method": v.method, "overrides": v.overrides, "seeds_done": len(rs), "metrics": {}}
+        entry: dict[str, Any] = {"method": v.method, "overrides": v.overrides, "seeds_done": len(rs), "metrics": {},
+                                 "start": "baseline" if _from_baseline(v) else "student"}
         for m in cfg.metrics:
             vals = [r["metrics"][m] for r in rs if m in r["metrics"]]
             if not vals:
@@ -419,7 +443,7 @@ def leaderboard_markdown(board: dict[str, Any], cfg: CompareConfig) -> str:
         secs = f"{e['train_seconds']:.0f}" if e.get("train_seconds") else ""
         tps = f"{e['tokens_per_second']:.0f}" if e.get("tokens_per_second") else ""
         label = f"{name} ({e['method']}{', ' + ' '.join(e['overrides']) if e['overrides'] else ''}; {e['seeds_done']} seed{'s' if e['seeds_done'] != 1 else ''})"
-        if e["method"] == "minillm":
+        if e["method"] == "minillm" or e.get("start") == "baseline":
             label += f" — after the {cfg.baseline} student's {board['variants'].get(cfg.baseline, {}).get('steps')} steps"
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {kept} | {secs} | {tps} |")
     lines += ["", "![leaderboard](leaderboard.png)", ""]

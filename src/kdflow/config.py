@@ -612,6 +612,12 @@ class VariantSpec:
               "`baseline` variant's student, which must be an sft variant)")
     overrides: list[str] = opt(factory=list, help="key=value settings on top of the shared ones, e.g. "
                                                  "['kd.divergence=rkl', 'kd.kd_weight=1.0']")
+    start: Literal["student", "baseline"] = opt(
+        "student", "student: the variant's student is made by the shared `student` section (as the baseline's is); "
+                   "baseline: it continues from the same seed's `baseline` student (which must be an sft variant), "
+                   "for SFT-then-distill recipes such as the GKD paper's. Its steps (train.max_steps, overridable) come "
+                   "on top of the baseline's, so compare it with an sft variant that also starts from the baseline. "
+                   "minillm variants always start from the baseline")
 
 
 @dataclass

@@ -632,6 +632,7 @@ def build_student(spec: StudentSpec, teacher: Any | None, teacher_spec: ModelSpe
         model = model.to(dtype)
         if scores is not None:  # recorded in the student's config.json, beside the kept layers
             model.config.kdflow_layer_importance = [round(x, 6) for x in scores]
+            model.config.kdflow_layer_selection = spec.layer_selection
     else:  # random weights from a config
         cfg = student_config(spec, teacher.config if teacher is not None else None, teacher_spec)
         try:

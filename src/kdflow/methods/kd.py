@@ -976,7 +976,9 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
         "student_parameters": total,
         "student_layers": getattr(student.config, "kdflow_pruned_from_layers", None),
         "layer_importance": getattr(student.config, "kdflow_layer_importance", None),
-        "layer_selection": cfg.student.layer_selection if cfg.student.num_layers else None,
+        # a student pruned by an earlier run and loaded from its folder keeps that run's record
+        "layer_selection": (cfg.student.layer_selection if cfg.student.init == "prune_teacher" and cfg.student.num_layers
+                            else getattr(student.config, "kdflow_layer_selection", None)),
         "width_pruned": getattr(student.config, "kdflow_width_pruned", None),
         "width_importance_kept": pruning.get("width", {}).get("importance_kept"),
         "quantized": export,
@@ -1035,14 +1037,15 @@ def _report(cfg: DistillConfig, metrics: dict[str, Any], results: dict[str, Eval
     lines.append(f"- teacher: `{cfg.teacher.name}`")
     lines.append(f"- student: init `{cfg.student.init}` {('from `' + cfg.student.name + '`') if cfg.student.name else ''}"
                  f"{(' keeping layers ' + str(metrics['student_layers'])) if metrics.get('student_layers') else ''}"
-                 f"{(' (by ' + _SELECTION[metrics['layer_selection']] + ')') if metrics.get('layer_importance') else ''}"
+                 f"{(' (by ' + _SELECTION[metrics['layer_selection']] + ')') if metrics.get('layer_selection') in _SELECTION else ''}"
                  f" — {metrics['student_parameters'] / 1e6:.1f}M parameters"
                  f"{' + LoRA' if cfg.student.lora.enabled else ''}")
     if metrics.get("layer_importance"):
         imp = ", ".join(f"{i}: {x:.3f}" for i, x in enumerate(metrics["layer_importance"]))
         what = {"importance": "1 − cos of each layer's input and output",
                 "loss": "answer-loss increase of the calibration rows when the layer alone is skipped"}
-        lines.append(f"- layer importance ({what[metrics['layer_selection']]}; the highest are kept): {imp}")
+        how = what.get(metrics["layer_selection"], "recorded when the student was pruned")
+        lines.append(f"- layer importance ({how}; the highest are kept): {imp}")
     if metrics.get("width_pruned"):
         sizes = ", ".join(f"{k} {a} → {b}" for k, (a, b) in metrics["width_pruned"].items())
         kept = metrics.get("width_importance_kept") or {}
