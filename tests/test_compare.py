@@ -4,6 +4,7 @@ interruption, the leaderboard's paired intervals; the teacher adaptation it shar
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 import yaml
@@ -266,8 +267,6 @@ def test_continued_variant_trains_the_baselines_saved_student(tmp_path, tiny_dir
     base = load_file(str(out / "sft" / "seed-0" / "student" / "model.safetensors"))
     cont = load_file(str(out / "more" / "seed-0" / "student" / "model.safetensors"))
     assert base.keys() == cont.keys()
-    from pathlib import Path
-
     teacher = load_file(str(Path(tiny_dirs["teacher"]) / "model.safetensors"))
     emb = "model.embed_tokens.weight"  # pruning copies it from the teacher; ten sft steps at 1e-2 move it
     assert (base[emb] - teacher[emb]).abs().max() > 1e-3

@@ -64,16 +64,13 @@ def _check(cfg: CompareConfig) -> None:
     if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds):
         raise ConfigError(f"compare: seeds={cfg.seeds} must be a non-empty list of distinct integers")
     base = next(v for v in cfg.variants if v.name == cfg.baseline)
-    if any(v.method == "minillm" for v in cfg.variants) and base.method != "sft":
-        raise ConfigError(f"minillm variants start from the baseline's student, so the baseline ({cfg.baseline}) must "
-                          "be an sft variant")
     if base.start == "baseline":
         raise ConfigError(f"variants: the baseline ({cfg.baseline}) has start: baseline; it cannot start from itself "
                           "(set start: student on it)")
-    starts = [v.name for v in cfg.variants if v.start == "baseline"]
+    starts = [v for v in cfg.variants if _from_baseline(v)]
     if starts and base.method != "sft":
-        raise ConfigError(f"variant {starts[0]} has start: baseline, so the baseline ({cfg.baseline}) must be an sft "
-                          "variant (the student it continues from)")
+        raise ConfigError(f"variant {starts[0].name} ({starts[0].method}) starts from the baseline's student, so the "
+                          f"baseline ({cfg.baseline}) must be an sft variant")
     for m in cfg.metrics:
         if m not in PER_ROW | {"ece", "exaccerr", "distinct_2"}:
             raise ConfigError(f"compare.metrics: unknown metric {m!r}; choose from exact_match, answer_nll, rougeL, "
@@ -443,7 +440,7 @@ def leaderboard_markdown(board: dict[str, Any], cfg: CompareConfig) -> str:
         secs = f"{e['train_seconds']:.0f}" if e.get("train_seconds") else ""
         tps = f"{e['tokens_per_second']:.0f}" if e.get("tokens_per_second") else ""
         label = f"{name} ({e['method']}{', ' + ' '.join(e['overrides']) if e['overrides'] else ''}; {e['seeds_done']} seed{'s' if e['seeds_done'] != 1 else ''})"
-        if e["method"] == "minillm" or e.get("start") == "baseline":
+        if e.get("start") == "baseline":
             label += f" — after the {cfg.baseline} student's {board['variants'].get(cfg.baseline, {}).get('steps')} steps"
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {kept} | {secs} | {tps} |")
     lines += ["", "![leaderboard](leaderboard.png)", ""]

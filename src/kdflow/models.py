@@ -630,9 +630,12 @@ def build_student(spec: StudentSpec, teacher: Any | None, teacher_spec: ModelSpe
         if spec.width.any():
             model = _prune_width(model, spec, teacher, keep, calibration, record, "student")
         model = model.to(dtype)
-        if scores is not None:  # recorded in the student's config.json, beside the kept layers
-            model.config.kdflow_layer_importance = [round(x, 6) for x in scores]
+        # recorded in the student's config.json, beside the kept layers, so a run that loads this
+        # folder later reports how it was made
+        if spec.num_layers:
             model.config.kdflow_layer_selection = spec.layer_selection
+        if scores is not None:
+            model.config.kdflow_layer_importance = [round(x, 6) for x in scores]
     else:  # random weights from a config
         cfg = student_config(spec, teacher.config if teacher is not None else None, teacher_spec)
         try:

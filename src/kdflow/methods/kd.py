@@ -976,9 +976,7 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
         "student_parameters": total,
         "student_layers": getattr(student.config, "kdflow_pruned_from_layers", None),
         "layer_importance": getattr(student.config, "kdflow_layer_importance", None),
-        # a student pruned by an earlier run and loaded from its folder keeps that run's record
-        "layer_selection": (cfg.student.layer_selection if cfg.student.init == "prune_teacher" and cfg.student.num_layers
-                            else getattr(student.config, "kdflow_layer_selection", None)),
+        "layer_selection": getattr(student.config, "kdflow_layer_selection", None),
         "width_pruned": getattr(student.config, "kdflow_width_pruned", None),
         "width_importance_kept": pruning.get("width", {}).get("importance_kept"),
         "quantized": export,
